@@ -1,0 +1,130 @@
+"""The array backend: NumPy on the CPU, CuPy on a GPU, chosen at run time.
+
+Every computation in the package takes its array module from its inputs,
+``xp = xp_of(x, W)``, so the same code runs on either backend. New arrays
+(parameters, data batches) are made on the *default* backend, which is NumPy
+unless ``set_backend("cupy")`` was called or the environment variable
+``LFS_BACKEND=cupy`` is set. CuPy is imported lazily, never at import time,
+so the package works on machines without a GPU.
+
+Host <-> device copies happen only at the edges (``to_numpy`` for plotting,
+saving and metrics; ``asarray`` for loading); never inside a forward or
+backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import numpy as np
+
+_VALID = ("numpy", "cupy")
+_default_name: str | None = None
+
+
+def _cupy():
+    """Import CuPy on first use, with an error that says how to get it."""
+    try:
+        import cupy  # noqa: PLC0415  (lazy on purpose)
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "backend 'cupy' needs CuPy and an NVIDIA GPU: pip install 'lora_from_scratch[gpu]'"
+        ) from e
+    return cupy
+
+
+def set_backend(name: str) -> None:
+    """Choose the default backend for new arrays: ``"numpy"`` or ``"cupy"``."""
+    global _default_name
+    if name not in _VALID:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {list(_VALID)}")
+    if name == "cupy":
+        _cupy()
+    _default_name = name
+
+
+def get_backend_name() -> str:
+    """The default backend's name (reads ``LFS_BACKEND`` the first time)."""
+    global _default_name
+    if _default_name is None:
+        env = os.environ.get("LFS_BACKEND", "numpy").strip().lower() or "numpy"
+        set_backend(env)
+    return _default_name
+
+
+def get_xp() -> types.ModuleType:
+    """The default array module (``numpy`` or ``cupy``)."""
+    return _cupy() if get_backend_name() == "cupy" else np
+
+
+def is_cupy_array(a) -> bool:
+    """True for a CuPy array, without importing CuPy."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def xp_of(*arrays) -> types.ModuleType:
+    """The array module of the inputs: ``cupy`` if any is a CuPy array, else ``numpy``."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return _cupy()
+    return np
+
+
+def to_numpy(a) -> np.ndarray:
+    """A NumPy copy (or view) of an array of either backend; Python scalars pass through ``np.asarray``."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def asarray(a, dtype=None):
+    """Move ``a`` onto the default backend (no copy when it is already there)."""
+    xp = get_xp()
+    if xp is np:
+        return np.asarray(to_numpy(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with repeated indices accumulated, on either backend.
+
+    NumPy spells it ``np.add.at``; CuPy spells it ``cupyx.scatter_add``.
+    """
+    if is_cupy_array(target):
+        import cupyx  # noqa: PLC0415
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
+def rng(seed: int | None = None) -> np.random.Generator:
+    """A seeded host random generator: random data is made on the host, then moved."""
+    return np.random.default_rng(seed)
+
+
+_GLOBAL_RNG = np.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the host generator that initializes new layers when none is passed."""
+    global _GLOBAL_RNG
+    _GLOBAL_RNG = np.random.default_rng(seed)
+
+
+def global_rng() -> np.random.Generator:
+    """The package-wide host generator (seeded with 0 at import; see ``manual_seed``)."""
+    return _GLOBAL_RNG
+
+
+def device_rng(xp, seed: int | None = None):
+    """A random generator that draws directly on the backend ``xp`` (for dropout masks)."""
+    return xp.random.default_rng(seed)
+
+
+def like(reference, a):
+    """``a`` moved onto the backend of ``reference`` (no copy when already there)."""
+    if is_cupy_array(reference):
+        return _cupy().asarray(a)
+    return np.asarray(to_numpy(a))

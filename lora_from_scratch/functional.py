@@ -1,0 +1,268 @@
+"""Pure forward/backward pairs for every operation of a GPT-2 style transformer.
+
+Each operation comes as two functions with no hidden state:
+
+    y, cache = op_forward(x, ...)      # cache holds exactly what the backward needs
+    dx, ...  = op_backward(dy, cache)  # gradients of a scalar loss w.r.t. every input
+
+This is the "computational graph by hand" view of backpropagation (the chain
+rule applied layer by layer, as in cs231n's layers.py). Weights use the paper
+orientation of LoRA (Hu et al., 2021, section 4.1): a linear map has
+W of shape (out, in) = (d, k) and computes y = x W^T + b.
+
+The GPT-2 specifics implemented here (Radford et al., 2019; the GPT-2 code):
+the tanh approximation of GELU, layer norm with eps = 1e-5, and causal
+scaled dot-product attention (Vaswani et al., 2017, eq. 1) with the mask
+applied before the softmax.
+
+All functions take their array module from their inputs (``xp_of``), so
+they run unchanged on NumPy or CuPy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backend import scatter_add, xp_of
+
+IGNORE_INDEX = -100
+GELU_C = math.sqrt(2.0 / math.pi)  # the constant in GPT-2's tanh approximation of GELU
+
+
+# --------------------------------------------------------------------- linear
+def linear_forward(x, W, b=None):
+    """y = x W^T + b for x of shape (..., in), W of shape (out, in), b of shape (out,)."""
+    # flattening the leading axes makes this one 2-D matrix product (a single BLAS call)
+    y = (x.reshape(-1, x.shape[-1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])  # (..., in) -> (..., out)
+    if b is not None:
+        y = y + b  # (..., out) + (out,) -> (..., out)
+    return y, (x, W, b is not None)
+
+
+def linear_backward(dy, cache, need_dW=True, need_db=True, need_dx=True):
+    """Gradients of y = x W^T + b. Returns (dx, dW, db).
+
+    ``need_dW=False`` is how a frozen weight saves work: the (out, in) weight
+    gradient, a full matrix multiplication over every token, is never formed.
+    That skipped product is where LoRA's compute savings come from.
+    """
+    x, W, has_bias = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (..., out) -> (N, out)
+    dx = None
+    if need_dx:
+        dx = (dy2 @ W).reshape(*dy.shape[:-1], W.shape[1])  # (N, out) @ (out, in) -> (..., in)
+    dW = db = None
+    if need_dW:
+        x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (N, in)
+        dW = dy2.T @ x2  # (out, N) @ (N, in) -> (out, in)
+    if need_db and has_bias:
+        db = dy2.sum(axis=0)  # (N, out) -> (out,)
+    return dx, dW, db
+
+
+# ------------------------------------------------------------------ embedding
+def check_ids(ids, num_embeddings):
+    """Raise ValueError naming the first id outside [0, num_embeddings).
+
+    CuPy does not raise on out-of-bounds indices (they wrap around), so the
+    check must be explicit; it costs one reduction and one scalar transfer.
+    """
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise ValueError(f"token id {lo} is negative; ids must lie in [0, {num_embeddings})")
+    if hi >= num_embeddings:
+        raise ValueError(f"token id {hi} is out of range for a vocabulary of size {num_embeddings}")
+
+
+def embedding_forward(ids, W):
+    """Row lookup: out[b, t] = W[ids[b, t]]; ids (B, T) integers, W (V, C)."""
+    check_ids(ids, W.shape[0])
+    out = W[ids]  # (B, T) -> (B, T, C)
+    return out, (ids, W.shape)
+
+
+def embedding_backward(dout, cache):
+    """dW[v] = sum of dout over every position whose id is v (a scatter-add)."""
+    ids, wshape = cache
+    xp = xp_of(dout)
+    dW = xp.zeros(wshape, dtype=dout.dtype)  # (V, C)
+    scatter_add(dW, ids.reshape(-1), dout.reshape(-1, wshape[1]))  # (B*T, C) summed into (V, C)
+    return dW
+
+
+# ----------------------------------------------------------------- layer norm
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (biased variance)."""
+    mu = x.mean(axis=-1, keepdims=True)  # (..., C) -> (..., 1)
+    xc = x - mu  # (..., C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / (var + eps) ** 0.5  # (..., 1)
+    xhat = xc * rstd  # (..., C)
+    y = xhat * gamma + beta  # (..., C)
+    return y, (xhat, rstd, gamma)
+
+
+def layernorm_backward(dy, cache, need_params=True):
+    """Returns (dx, dgamma, dbeta); dgamma and dbeta are None when ``need_params`` is False."""
+    xhat, rstd, gamma = cache
+    dxhat = dy * gamma  # (..., C)
+    C = xhat.shape[-1]
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    m1 = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
+    m2 = (dxhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
+    dx = rstd * (dxhat - m1 - xhat * m2)  # (..., C)
+    dgamma = dbeta = None
+    if need_params:
+        dgamma = (dy * xhat).reshape(-1, C).sum(axis=0)  # (N, C) -> (C,)
+        dbeta = dy.reshape(-1, C).sum(axis=0)  # (N, C) -> (C,)
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------- GELU
+def gelu_forward(x):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    xp = xp_of(x)
+    t = xp.tanh(GELU_C * (x + 0.044715 * x * x * x))  # (...) elementwise
+    y = 0.5 * x * (1.0 + t)  # (...)
+    return y, (x, t)
+
+
+def gelu_backward(dy, cache):
+    """d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    x, t = cache
+    inner = GELU_C * (1.0 + 3 * 0.044715 * x * x)  # (...)
+    dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)  # (...)
+    return dx
+
+
+# -------------------------------------------------------------------- dropout
+def dropout_forward(x, p, mask=None, rng=None):
+    """Inverted dropout: keep each element with probability 1 - p and scale it by 1 / (1 - p).
+
+    ``mask`` (same shape as x, values in {0, 1}) may be given, which makes the
+    operation deterministic for gradient checks; otherwise it is drawn from
+    ``rng`` (a generator of x's backend, e.g. ``xp.random.default_rng(seed)``).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if p == 0.0:
+        return x, None
+    if mask is None:
+        if rng is None:
+            raise ValueError("dropout with p > 0 needs a mask or a random generator")
+        mask = rng.random(x.shape, dtype=x.dtype) >= p  # (...) booleans, kept with prob 1 - p
+    scale = 1.0 / (1.0 - p)
+    keep = mask.astype(x.dtype) * scale  # (...)
+    return x * keep, keep
+
+
+def dropout_backward(dy, cache):
+    """The same mask (and scale) applied to the upstream gradient."""
+    return dy if cache is None else dy * cache
+
+
+# -------------------------------------------------------------------- softmax
+def softmax_forward(x):
+    """Softmax over the last axis, shifted by the row max for stability."""
+    xp = xp_of(x)
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))  # (..., N)
+    y = e / e.sum(axis=-1, keepdims=True)  # (..., N)
+    return y, y
+
+
+def softmax_backward(dy, cache):
+    """dx = y * (dy - sum(dy * y)) : the Jacobian-vector product of the softmax."""
+    y = cache
+    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))  # (..., N)
+
+
+# ----------------------------------------------------------- causal attention
+def causal_attention_forward(q, k, v, n_head):
+    """Multi-head causal scaled dot-product attention on already projected q, k, v.
+
+    q, k, v: (B, T, C) with C = n_head * hs. Each head computes
+    softmax(q k^T / sqrt(hs) + mask) v, where the mask is -inf above the
+    diagonal so that position t attends only to positions <= t.
+    The projections Wq, Wk, Wv, Wo are separate Linear layers around this
+    function (that is where LoRA attaches); this is the parameter-free core.
+    """
+    xp = xp_of(q, k, v)
+    B, T, C = q.shape
+    if C % n_head:
+        raise ValueError(f"embedding width {C} is not divisible by n_head={n_head}")
+    hs = C // n_head
+    # contiguous copies per head: NumPy's stacked matmul is fast only when the right operand's
+    # matrices are C-contiguous, so K is also laid out pre-transposed for q k^T
+    qh = xp.ascontiguousarray(q.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
+    kh = xp.ascontiguousarray(k.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
+    vh = xp.ascontiguousarray(v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
+    kt = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))  # (B, H, T, hs) -> (B, H, hs, T)
+    scale = 1.0 / math.sqrt(hs)
+    att = qh @ kt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
+    att *= scale  # (B, H, T, T)
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T), True above the diagonal
+    att[..., future] = -xp.inf  # (B, H, T, T), masked: position t sees only positions <= t
+    p, _ = softmax_forward(att)  # (B, H, T, T)
+    yh = p @ vh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, hs) -> (B, T, C)
+    return y, (qh, kh, vh, p, scale)
+
+
+def causal_attention_backward(dy, cache):
+    """Returns (dq, dk, dv), each (B, T, C)."""
+    xp = xp_of(dy)
+    qh, kh, vh, p, scale = cache
+    B, H, T, hs = qh.shape
+    dyh = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
+    vt = xp.ascontiguousarray(vh.transpose(0, 1, 3, 2))  # (B, H, T, hs) -> (B, H, hs, T)
+    dp = dyh @ vt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
+    dvh = p.transpose(0, 1, 3, 2) @ dyh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    datt = softmax_backward(dp, p)  # (B, H, T, T); masked entries have p = 0, so 0 here
+    datt *= scale  # (B, H, T, T)
+    dqh = datt @ kh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    dkh = datt.transpose(0, 1, 3, 2) @ qh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+
+    def merge(a):
+        return a.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # (B, H, T, hs) -> (B, T, C)
+
+    return merge(dqh), merge(dkh), merge(dvh)
+
+
+# -------------------------------------------------------------- cross-entropy
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
+    """Mean cross-entropy over the positions whose target is not ``ignore_index``.
+
+    logits: (B, T, V) (or (N, V)); targets: integer array of the leading shape.
+    Returns (loss, dlogits) where loss is a 0-d array on the logits' backend and
+    dlogits = (softmax(logits) - onehot(target)) / n_valid at valid positions,
+    0 elsewhere. A batch with no valid position raises ValueError (its mean
+    would be 0/0).
+    """
+    xp = xp_of(logits, targets)
+    V = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
+    lg = logits.reshape(-1, V)  # (..., V) -> (N, V)
+    tg = targets.reshape(-1)  # (...) -> (N,)
+    valid = tg != ignore_index  # (N,)
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError("cross_entropy: every target equals ignore_index; the mean loss is undefined")
+    bad = valid & ((tg < 0) | (tg >= V))
+    if bool(bad.any()):
+        first = int(tg[xp.argmax(bad)])
+        raise ValueError(f"target id {first} is out of range for {V} classes")
+    safe_t = xp.where(valid, tg, 0)  # (N,)
+    shifted = lg - lg.max(axis=-1, keepdims=True)  # (N, V)
+    e = xp.exp(shifted)  # (N, V)
+    s = e.sum(axis=-1, keepdims=True)  # (N, 1)
+    logp_t = shifted[xp.arange(lg.shape[0]), safe_t] - xp.log(s[:, 0])  # (N,)
+    loss = -(logp_t * valid).sum() / n_valid  # scalar
+    dl = e / s  # (N, V) softmax
+    dl[xp.arange(lg.shape[0]), safe_t] -= 1.0  # (N, V) minus one-hot
+    dl *= (valid / n_valid).astype(lg.dtype)[:, None]  # (N, V), zero rows where ignored
+    return loss, dl.reshape(logits.shape)

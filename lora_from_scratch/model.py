@@ -1,0 +1,177 @@
+"""A GPT-2-architecture transformer with a hand-written backward pass.
+
+The layout is GPT-2's (Radford et al., 2019), so Hugging Face's
+``GPT2LMHeadModel`` can check it number for number:
+
+    x = wte[idx] + wpe[:T]                       token + position embeddings
+    for each block (pre-LN):
+        x = x + Wo( attention( Wq ln_1(x), Wk ln_1(x), Wv ln_1(x) ) )
+        x = x + proj( gelu( fc( ln_2(x) ) ) )
+    logits = ln_f(x) @ wte^T                     LM head tied to the token embedding
+
+The attention projections are four separate ``Linear`` layers named
+``q, k, v, o`` and the MLP's two matrices are ``fc`` (up) and ``proj``
+(down): these are the six matrices that LoRA adapts (SEED section 3;
+Hu et al., 2021, section 4.2). GPT-2 itself stores q, k, v fused in one
+``c_attn`` Conv1D; ``io.load_hf_gpt2`` splits it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from . import functional as F
+from .backend import global_rng, xp_of
+from .backend import rng as host_rng
+from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+
+
+@dataclass
+class GPTConfig:
+    """Sizes of the model. ``n_embd`` must be divisible by ``n_head``."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention with separate Wq, Wk, Wv, Wo (the four LoRA targets)."""
+
+    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32"):
+        C, std = cfg.n_embd, 0.02
+        self.n_head = cfg.n_head
+        self.q = Linear(C, C, std=std, rng=rng, dtype=dtype)
+        self.k = Linear(C, C, std=std, rng=rng, dtype=dtype)
+        self.v = Linear(C, C, std=std, rng=rng, dtype=dtype)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init
+        self.o = Linear(C, C, std=std / math.sqrt(2 * cfg.n_layer), rng=rng, dtype=dtype)
+        self.attn_drop = Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
+        self._cache = None
+
+    def forward(self, x):
+        q = self.q(x)  # (B, T, C) -> (B, T, C)
+        k = self.k(x)  # (B, T, C) -> (B, T, C)
+        v = self.v(x)  # (B, T, C) -> (B, T, C)
+        y, self._cache = F.causal_attention_forward(q, k, v, self.n_head)  # (B, T, C)
+        y = self.attn_drop(y)  # (B, T, C); dropout on the attention output
+        return self.resid_drop(self.o(y))  # (B, T, C) -> (B, T, C)
+
+    def backward(self, dy):
+        dy = self.o.backward(self.resid_drop.backward(dy))  # (B, T, C)
+        dy = self.attn_drop.backward(dy)  # (B, T, C)
+        dq, dk, dv = F.causal_attention_backward(dy, self._cache)  # 3 x (B, T, C)
+        self._cache = None
+        return self.q.backward(dq) + self.k.backward(dk) + self.v.backward(dv)  # (B, T, C)
+
+
+class MLP(Module):
+    """The position-wise feed-forward network: fc (C -> 4C), GELU, proj (4C -> C)."""
+
+    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32"):
+        C = cfg.n_embd
+        self.fc = Linear(C, 4 * C, std=0.02, rng=rng, dtype=dtype)
+        self.act = GELU()
+        self.proj = Linear(4 * C, C, std=0.02 / math.sqrt(2 * cfg.n_layer), rng=rng, dtype=dtype)
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.act(self.fc(x))  # (B, T, C) -> (B, T, 4C)
+        return self.drop(self.proj(h))  # (B, T, 4C) -> (B, T, C)
+
+    def backward(self, dy):
+        dh = self.proj.backward(self.drop.backward(dy))  # (B, T, C) -> (B, T, 4C)
+        return self.fc.backward(self.act.backward(dh))  # (B, T, 4C) -> (B, T, C)
+
+
+class Block(Module):
+    """A pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32"):
+        self.ln_1 = LayerNorm(cfg.n_embd, dtype=dtype)
+        self.attn = CausalSelfAttention(cfg, rng=rng, dtype=dtype)
+        self.ln_2 = LayerNorm(cfg.n_embd, dtype=dtype)
+        self.mlp = MLP(cfg, rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+    def backward(self, dy):
+        # the residual connection passes dy through unchanged and adds the branch's gradient
+        dx = dy + self.ln_2.backward(self.mlp.backward(dy))  # (B, T, C)
+        return dx + self.ln_1.backward(self.attn.backward(dx))  # (B, T, C)
+
+
+class GPT(Module):
+    """The language model: ``logits = model(idx)`` then ``model.backward(dlogits)``.
+
+    ``named_parameters()`` lists the token embedding once, as ``wte.weight``;
+    the LM head reuses it (weight tying, as GPT-2), and its two gradients
+    (from the lookup and from the head) add up in ``wte.weight.grad``.
+    """
+
+    def __init__(self, config: GPTConfig, seed: int | None = None, dtype="float32"):
+        self.config = config
+        rng = global_rng() if seed is None else host_rng(seed)
+        self.wte = Embedding(config.vocab_size, config.n_embd, std=0.02, rng=rng, dtype=dtype)
+        self.wpe = Embedding(config.block_size, config.n_embd, std=0.01, rng=rng, dtype=dtype)
+        self.drop = Dropout(config.dropout)
+        self.blocks = ModuleList([Block(config, rng=rng, dtype=dtype) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, dtype=dtype)
+        self._cache = None
+
+    def forward(self, idx):
+        if idx.ndim != 2:
+            raise ValueError(f"GPT expects token ids of shape (B, T), got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        xp = xp_of(self.wte.weight.data)
+        tok = self.wte(idx)  # (B, T) -> (B, T, C); checks the id range
+        pos = self.wpe(xp.arange(T)[None, :])  # (1, T) -> (1, T, C)
+        x = self.drop(tok + pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C) -> (B, T, C)
+        x = self.ln_f(x)  # (B, T, C)
+        logits, head_cache = F.linear_forward(x, self.wte.weight.data)  # (B, T, C) @ (C, V) -> (B, T, V)
+        self._cache = head_cache
+        return logits
+
+    def backward(self, dlogits):
+        """Fills ``.grad`` of every trainable parameter from d(loss)/d(logits)."""
+        if self._cache is None:
+            raise RuntimeError("GPT.backward called without a forward (or twice for one forward)")
+        wte = self.wte.weight
+        dx, dW_head, _ = F.linear_backward(dlogits, self._cache, need_dW=wte.trainable, need_db=False)
+        self._cache = None  # (B, T, V) -> (B, T, C); dW_head (V, C) when the embedding trains
+        if dW_head is not None:
+            wte.accumulate(dW_head)
+        dx = self.ln_f.backward(dx)  # (B, T, C)
+        for block in reversed(list(self.blocks)):
+            dx = block.backward(dx)  # (B, T, C)
+        dx = self.drop.backward(dx)  # (B, T, C)
+        self.wpe.backward(dx.sum(axis=0, keepdims=True))  # (B, T, C) -> (1, T, C)
+        self.wte.backward(dx)  # scatter-add into (V, C)
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+

@@ -1,0 +1,45 @@
+"""Shared test configuration: the backend under test, seeds, and the GPU marker.
+
+``LFS_BACKEND=cupy pytest`` runs the suite on the GPU: test data is still made
+with NumPy on the host and moved with ``backend.asarray``.
+"""
+
+import numpy as np
+import pytest
+
+from lora_from_scratch.backend import get_backend_name, to_numpy
+
+
+def _cupy_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cupy_available():
+        return
+    skip = pytest.mark.skip(reason="needs CuPy and an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def host_rng():
+    """A seeded NumPy generator for test data (made on the host, then moved)."""
+    return np.random.default_rng(1234)
+
+
+def rel(a, b) -> float:
+    """||a - b|| / ||b|| in float64 over the whole array (the measure every tolerance here uses)."""
+    a = to_numpy(a).astype(np.float64)
+    b = to_numpy(b).astype(np.float64)
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+BACKEND = get_backend_name()
