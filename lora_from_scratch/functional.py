@@ -126,17 +126,33 @@ def layernorm_backward(dy, cache, need_params=True):
 def gelu_forward(x):
     """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     xp = xp_of(x)
-    t = xp.tanh(GELU_C * (x + 0.044715 * x * x * x))  # (...) elementwise
-    y = 0.5 * x * (1.0 + t)  # (...)
+    # the same formula, written with in-place steps so that no extra full-size temporaries are made
+    t = x * x  # (...) x^2
+    t *= GELU_C * 0.044715
+    t += GELU_C
+    t *= x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(t, out=t)  # (...) t = tanh(...)
+    y = t + 1.0  # (...)
+    y *= x
+    y *= 0.5  # (...) 0.5 x (1 + t)
     return y, (x, t)
 
 
 def gelu_backward(dy, cache):
     """d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     x, t = cache
-    inner = GELU_C * (1.0 + 3 * 0.044715 * x * x)  # (...)
-    dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)  # (...)
-    return dx
+    d = x * x  # (...) x^2
+    d *= GELU_C * 3 * 0.044715
+    d += GELU_C  # (...) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    d *= x
+    s = t * t  # (...) t^2
+    s -= 1.0
+    d *= s  # (...) -x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    d -= t
+    d -= 1.0  # (...) -(1 + t) - x (1 - t^2) ...
+    d *= -0.5  # (...) the derivative
+    d *= dy  # (...) chain rule
+    return d
 
 
 # -------------------------------------------------------------------- dropout
@@ -166,18 +182,30 @@ def dropout_backward(dy, cache):
 
 
 # -------------------------------------------------------------------- softmax
-def softmax_forward(x):
-    """Softmax over the last axis, shifted by the row max for stability."""
+def softmax_forward(x, inplace=False):
+    """Softmax over the last axis, shifted by the row max for stability (``inplace`` reuses x's memory)."""
     xp = xp_of(x)
-    e = xp.exp(x - x.max(axis=-1, keepdims=True))  # (..., N)
-    y = e / e.sum(axis=-1, keepdims=True)  # (..., N)
-    return y, y
+    if inplace:
+        e = x
+        e -= x.max(axis=-1, keepdims=True)  # (..., N), every row's max is now 0
+    else:
+        e = x - x.max(axis=-1, keepdims=True)  # (..., N), every row's max is now 0
+    xp.exp(e, out=e)  # (..., N) in place
+    e /= e.sum(axis=-1, keepdims=True)  # (..., N) rows sum to 1
+    return e, e
 
 
-def softmax_backward(dy, cache):
-    """dx = y * (dy - sum(dy * y)) : the Jacobian-vector product of the softmax."""
+def softmax_backward(dy, cache, inplace=False):
+    """dx = y * (dy - sum(dy * y)) : the Jacobian-vector product of the softmax (``inplace`` reuses dy)."""
     y = cache
-    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))  # (..., N)
+    row = (dy * y).sum(axis=-1, keepdims=True)  # (..., 1)
+    if inplace:
+        dx = dy
+        dx -= row  # (..., N)
+    else:
+        dx = dy - row  # (..., N)
+    dx *= y  # (..., N)
+    return dx
 
 
 # ----------------------------------------------------------- causal attention
@@ -202,11 +230,10 @@ def causal_attention_forward(q, k, v, n_head):
     vh = xp.ascontiguousarray(v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
     kt = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))  # (B, H, T, hs) -> (B, H, hs, T)
     scale = 1.0 / math.sqrt(hs)
-    att = qh @ kt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
-    att *= scale  # (B, H, T, T)
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T), True above the diagonal
-    att[..., future] = -xp.inf  # (B, H, T, T), masked: position t sees only positions <= t
-    p, _ = softmax_forward(att)  # (B, H, T, T)
+    att = (qh * scale) @ kt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T): q k^T / sqrt(hs)
+    mask = xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)  # (T, T): -inf above the diagonal, else 0
+    att += mask  # (B, H, T, T), broadcast: position t sees only positions <= t
+    p, _ = softmax_forward(att, inplace=True)  # (B, H, T, T), overwriting the scores
     yh = p @ vh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, hs) -> (B, T, C)
     return y, (qh, kh, vh, p, scale)
@@ -221,10 +248,11 @@ def causal_attention_backward(dy, cache):
     vt = xp.ascontiguousarray(vh.transpose(0, 1, 3, 2))  # (B, H, T, hs) -> (B, H, hs, T)
     dp = dyh @ vt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
     dvh = p.transpose(0, 1, 3, 2) @ dyh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
-    datt = softmax_backward(dp, p)  # (B, H, T, T); masked entries have p = 0, so 0 here
-    datt *= scale  # (B, H, T, T)
+    datt = softmax_backward(dp, p, inplace=True)  # (B, H, T, T); masked entries have p = 0, so 0 here
     dqh = datt @ kh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    dqh *= scale  # (B, H, T, hs): the 1/sqrt(hs) of the scores, applied on the smaller array
     dkh = datt.transpose(0, 1, 3, 2) @ qh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    dkh *= scale  # (B, H, T, hs)
 
     def merge(a):
         return a.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # (B, H, T, hs) -> (B, T, C)

@@ -33,6 +33,8 @@ def numerical_gradient(loss_fn, x, h: float = 1e-6):
     """Central-difference gradient of the scalar ``loss_fn()`` w.r.t. the array ``x`` (perturbed in place)."""
     if x.dtype != np.float64:
         raise ValueError(f"gradient checks need float64 arrays, got {x.dtype}")
+    if not x.flags.c_contiguous:
+        raise ValueError("numerical_gradient perturbs x in place through a flat view; x must be C-contiguous")
     xp = xp_of(x)
     grad = xp.zeros_like(x)  # (shape of x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)

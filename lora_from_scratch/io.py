@@ -164,8 +164,12 @@ def load_hf_gpt2(state_dict: dict, n_head: int, dtype="float32") -> GPT:
 
 
 def to_hf_gpt2_state_dict(model: GPT) -> dict:
-    """The inverse of ``load_hf_gpt2``: a GPT-2 state dict (NumPy) with fused ``c_attn`` and Conv1D layout."""
-    params = {k: to_numpy(v) for k, v in model.state_dict().items()}
+    """The inverse of ``load_hf_gpt2``: a GPT-2 state dict (NumPy) with fused ``c_attn`` and Conv1D layout.
+
+    On a model with LoRA adapters this exports the frozen base weights (``...q.base.weight``)
+    and leaves the adapters out: they go to PEFT's own file (``save_peft_adapter``).
+    """
+    params = {k.replace(".base.", "."): to_numpy(v) for k, v in model.state_dict().items() if "lora_" not in k}
     out = {
         "transformer.wte.weight": params["wte.weight"],
         "transformer.wpe.weight": params["wpe.weight"],

@@ -305,7 +305,8 @@ class GELU(Module):
         return y
 
     def backward(self, dy):
-        return F.gelu_backward(dy, _need_cache(self._cache, "GELU"))
+        cache, self._cache = _need_cache(self._cache, "GELU"), None
+        return F.gelu_backward(dy, cache)
 
 
 class Dropout(Module):

@@ -150,9 +150,10 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.1) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up to ``base_lr``, cosine decay to ``min_ratio * base_lr``."""
+    """Learning rate at ``step`` (0-based): linear warm-up to ``base_lr``, then cosine decay that reaches
+    ``min_ratio * base_lr`` at the last step, ``total_steps - 1``."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
+    span = max(1, total_steps - 1 - warmup_steps)  # the last step run (total_steps - 1) reaches the floor
     progress = min(1.0, (step - warmup_steps) / span)
     return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))

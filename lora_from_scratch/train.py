@@ -127,14 +127,14 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             scores = evaluate(model, eval_sets)
             history["eval"].append((step + 1, scores))
-            if on_eval is not None:
-                on_eval(step + 1, scores)
             if progress:
                 bar.write(f"step {step + 1}: loss {loss_value:.4f}  exact match "
                           + "  ".join(f"{t} {s:.1%}" for t, s in scores.items()))
             if cfg.checkpoint:
                 save_checkpoint(model, cfg.checkpoint, metadata={"step": step + 1, "exact_match": scores})
                 last_good = step + 1
+            if on_eval is not None:
+                on_eval(step + 1, scores)
     bar.close()
     history["seconds"] = time.perf_counter() - t0
     return history

@@ -157,8 +157,6 @@ def test_warmup_cosine_without_warmup_starts_at_base():
     assert warmup_cosine(50, 50, 0, 1.0, 0.0) == pytest.approx(0.0, abs=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason="optim.warmup_cosine reaches min_ratio * base_lr at step == "
-                   "total_steps, one past the last step a range(total_steps) loop runs")
 def test_warmup_cosine_last_step_is_the_floor():
     last = warmup_cosine(TOTAL - 1, TOTAL, WARM, BASE, MIN_RATIO)  # steps are 0-based
     assert last == pytest.approx(MIN_RATIO * BASE, rel=1e-12)
