@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-BASE_CHECKPOINT = os.path.join(PACKAGE_DIR, "checkpoints", "base.safetensors")
+from .io import BASE_CHECKPOINT  # noqa: E402,F401  (re-exported: the shipped base model)
+
 BASE_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=32)
 PRETRAIN_SEED = 0
 

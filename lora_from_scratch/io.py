@@ -26,6 +26,8 @@ from .backend import to_numpy
 from .model import GPT, GPTConfig
 
 FORMAT = "lora_from_scratch.gpt"
+# the pre-trained base model that ships with the package (``python -m lora_from_scratch pretrain`` makes it)
+BASE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
 
 
 def atomic_write(path: str, write_fn) -> None:

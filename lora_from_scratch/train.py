@@ -137,4 +137,7 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
                 on_eval(step + 1, scores)
     bar.close()
     history["seconds"] = time.perf_counter() - t0
+    # what training had to hold besides the weights: gradients and AdamW moments, measured
+    history["gradient_bytes"] = sum(int(p.grad.nbytes) for p in opt.params if p.grad is not None)
+    history["optimizer_state_bytes"] = opt.state_nbytes()
     return history
