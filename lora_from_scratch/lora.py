@@ -318,14 +318,48 @@ def lora_layers(model) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def is_adapter(module) -> bool:
+    """True for any adapter layer of this package (LoRA, QLoRA, QA-LoRA): it owns ``lora_A`` and ``lora_B``."""
+    return isinstance(getattr(module, "lora_A", None), Parameter) and isinstance(getattr(module, "lora_B", None),
+                                                                                  Parameter)
+
+
 def mark_only_lora_as_trainable(model):
-    """Freeze every parameter except the adapters' A and B (embeddings, layer norms, biases, W0 included)."""
+    """Freeze every parameter except the adapters' A and B (embeddings, layer norms, biases, W0 included).
+
+    Works for every adapter kind (LoRA, QLoRA, QA-LoRA layers alike)."""
     keep = set()
-    for layer in lora_layers(model).values():
-        keep.update((id(layer.lora_A), id(layer.lora_B)))
+    for _, layer in model.named_modules():
+        if is_adapter(layer):
+            keep.update((id(layer.lora_A), id(layer.lora_B)))
     for p in model.parameters():
         p.trainable = id(p) in keep
     return model
+
+
+def replace_targets(model, targets, check, make, seed: int | None = None, rng=None):
+    """Swap each targeted ``Linear`` of a GPT for ``make(linear, rng)``, then freeze all but the adapters.
+
+    The shared part of ``apply_lora``, ``qlora.apply_qlora`` and ``qalora.apply_qalora``:
+    targets are resolved (``resolve_targets``), each layer is checked with
+    ``check(linear)`` *before* the model changes, and the new layers are made in model order
+    from ``rng``, or a generator seeded with ``seed``, or ``backend.global_rng()``.
+    """
+    found = []
+    for i, name in resolve_targets(model, targets):
+        parent = getattr(model.blocks[i], _PARENT[name])
+        lin, path = getattr(parent, name), _layer_path(i, name)
+        if is_adapter(lin):
+            raise ValueError(f"{path} already has an adapter ({type(lin).__name__})")
+        if not isinstance(lin, Linear):
+            raise ValueError(f"{path} is a {type(lin).__name__}, not a Linear layer")
+        check(lin)
+        found.append((parent, name, lin))
+    if rng is None:
+        rng = host_rng(seed) if seed is not None else global_rng()
+    for parent, name, lin in found:
+        setattr(parent, name, make(lin, rng))
+    return mark_only_lora_as_trainable(model)
 
 
 def apply_lora(model, r: int, alpha: float, targets, dropout: float = 0.0, init: str = "kaiming",
@@ -338,24 +372,11 @@ def apply_lora(model, r: int, alpha: float, targets, dropout: float = 0.0, init:
     or from a new generator seeded with ``seed``, or else ``backend.global_rng()``.
     Everything is checked before the model changes. Returns the model.
     """
-    pairs = resolve_targets(model, targets)
-    layers = []
-    for i, name in pairs:
-        lin = getattr(getattr(model.blocks[i], _PARENT[name]), name)
-        path = _layer_path(i, name)
-        if isinstance(lin, LoRALinear):
-            raise ValueError(f"{path} already has a LoRA adapter")
-        if not isinstance(lin, Linear):
-            raise ValueError(f"{path} is a {type(lin).__name__}, not a Linear layer")
-        check_lora_args(r, alpha, dropout, init, lin.in_features, lin.out_features)
-        layers.append((i, name, lin))
-    if rng is None:
-        rng = host_rng(seed) if seed is not None else global_rng()
-    for i, name, lin in layers:
-        parent = getattr(model.blocks[i], _PARENT[name])
-        setattr(parent, name, LoRALinear(lin, r, alpha, dropout=dropout, init=init, use_rslora=use_rslora,
-                                         rng=rng))
-    return mark_only_lora_as_trainable(model)
+    return replace_targets(
+        model, targets,
+        check=lambda lin: check_lora_args(r, alpha, dropout, init, lin.in_features, lin.out_features),
+        make=lambda lin, g: LoRALinear(lin, r, alpha, dropout=dropout, init=init, use_rslora=use_rslora, rng=g),
+        seed=seed, rng=rng)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -45,7 +45,7 @@ from numbers import Integral
 from . import functional as F
 from .backend import global_rng, like, xp_of
 from .backend import rng as host_rng
-from .lora import _PARENT, LoRALinear, check_lora_args, lora_scaling, resolve_targets
+from .lora import check_lora_args, lora_scaling, mark_only_lora_as_trainable, replace_targets
 from .nn import Dropout, Linear, Module, Parameter
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
 
@@ -232,13 +232,8 @@ def qlora_layers(model) -> dict:
 
 
 def mark_only_qlora_as_trainable(model):
-    """Freeze every parameter except the QLoRA adapters' A and B (embeddings, layer norms, biases)."""
-    keep = set()
-    for layer in qlora_layers(model).values():
-        keep.update((id(layer.lora_A), id(layer.lora_B)))
-    for p in model.parameters():
-        p.trainable = id(p) in keep
-    return model
+    """Freeze every parameter except the adapters' A and B (embeddings, layer norms, biases)."""
+    return mark_only_lora_as_trainable(model)
 
 
 def apply_qlora(model, r: int, alpha: float, targets, blocksize: int = 64, double_quant: bool = True,
@@ -254,26 +249,12 @@ def apply_qlora(model, r: int, alpha: float, targets, blocksize: int = 64, doubl
     as ``apply_lora`` with the same arguments. Everything is checked before the model changes.
     Returns the model.
     """
-    pairs = resolve_targets(model, targets)
-    layers = []
-    for i, name in pairs:
-        lin = getattr(getattr(model.blocks[i], _PARENT[name]), name)
-        path = f"blocks.{i}.{_PARENT[name]}.{name}"
-        if isinstance(lin, QLoRALinear):
-            raise ValueError(f"{path} already has a QLoRA adapter")
-        if isinstance(lin, LoRALinear):
-            raise ValueError(f"{path} already has a LoRA adapter")
-        if not isinstance(lin, Linear):
-            raise ValueError(f"{path} is a {type(lin).__name__}, not a Linear layer")
-        check_qlora_args(r, alpha, dropout, init, blocksize, lin.in_features, lin.out_features)
-        layers.append((i, name, lin))
-    if rng is None:
-        rng = host_rng(seed) if seed is not None else global_rng()
-    for i, name, lin in layers:
-        parent = getattr(model.blocks[i], _PARENT[name])
-        setattr(parent, name, QLoRALinear(lin, r, alpha, blocksize=blocksize, double_quant=double_quant,
-                                          dropout=dropout, init=init, use_rslora=use_rslora, rng=rng))
-    return mark_only_qlora_as_trainable(model)
+    return replace_targets(
+        model, targets,
+        check=lambda lin: check_qlora_args(r, alpha, dropout, init, blocksize, lin.in_features, lin.out_features),
+        make=lambda lin, g: QLoRALinear(lin, r, alpha, blocksize=blocksize, double_quant=double_quant,
+                                        dropout=dropout, init=init, use_rslora=use_rslora, rng=g),
+        seed=seed, rng=rng)
 
 
 def merge_qlora(model, requantize: bool = False):

@@ -346,10 +346,10 @@ def test_bad_arguments():
         QLoRALinear(model.blocks[0].ln_1, 4, 8)
     assert not qlora_layers(model) and all(p.trainable for p in model.parameters())  # unchanged
     apply_qlora(model, 4, 8, ["q"], seed=0)
-    with pytest.raises(ValueError, match="already has a QLoRA adapter"):
+    with pytest.raises(ValueError, match=r"already has an adapter \(QLoRALinear\)"):
         apply_qlora(model, 4, 8, ["blocks.1.q"], seed=0)
     lora_model = apply_lora(io.load_checkpoint(str(BASE)), 4, 8, ["v"], seed=0)
-    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+    with pytest.raises(ValueError, match=r"already has an adapter \(LoRALinear\)"):
         apply_qlora(lora_model, 4, 8, ["v"])
     layer, x, _ = make_layer(dtype="float32")
     with pytest.raises(ValueError, match=f"last dimension {IN}"):
