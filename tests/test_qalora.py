@@ -1,0 +1,300 @@
+"""QA-LoRA (Xu et al., 2023, Section 3.3): the pooled adapter's gradients, torch parity, the lossless merge.
+
+Every gradient is checked against float64 central differences and against PyTorch autograd; the
+merge into the zero points is checked on random shapes at every bit width 2..8.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel
+
+from lora_from_scratch.backend import asarray, to_numpy
+from lora_from_scratch.functional import cross_entropy
+from lora_from_scratch.gradcheck import check_gradients
+from lora_from_scratch.lora import LoRALinear, apply_lora
+from lora_from_scratch.model import GPT, GPTConfig
+from lora_from_scratch.nn import Linear
+from lora_from_scratch.optim import AdamW
+from lora_from_scratch.qalora import (
+    GroupwiseLinear,
+    QALoRALinear,
+    apply_qalora,
+    group_mean_backward,
+    group_mean_forward,
+    merge_qalora,
+    qalora_layers,
+    quantize_model_groupwise,
+)
+from lora_from_scratch.quant import dequantize_groupwise, quantize_groupwise
+
+IN, OUT, R, GS = 12, 5, 2, 4  # L = 3 groups
+CFG = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
+ALL = ["q", "k", "v", "o", "fc", "proj"]
+
+
+def make_layer(dtype="float64", bits=4, seed=0, in_features=IN, out_features=OUT, r=R, group_size=GS, alpha=6.0):
+    """A QALoRALinear over a random Linear with a random bias; B randomized (as after training)."""
+    rng = np.random.default_rng(seed)
+    base = Linear(in_features, out_features, rng=rng, dtype=dtype)
+    base.bias.data = asarray(rng.standard_normal(out_features), dtype=dtype)  # (out,)
+    layer = QALoRALinear(base, r, alpha, bits=bits, group_size=group_size, rng=rng)
+    layer.lora_B.data = asarray(rng.standard_normal((out_features, r)) * 0.5, dtype=dtype)  # (out, r)
+    x = asarray(rng.standard_normal((2, 3, in_features)), dtype=dtype)  # (2, 3, in)
+    return layer, x
+
+
+def torch_qalora(layer, x, G, dtype):
+    """The same layer written with torch ops (dequantize, avg_pool1d, two thin products); autograd gradients."""
+    td = getattr(torch, dtype)
+    codes = torch.tensor(to_numpy(layer.codes).astype(np.int64))
+    scales = torch.tensor(to_numpy(layer.scales), dtype=td)
+    zeros = torch.tensor(to_numpy(layer.zeros), dtype=td)
+    gs = layer.group_size
+    W = (codes.to(td) - zeros.repeat_interleave(gs, dim=1)) * scales.repeat_interleave(gs, dim=1)  # (out, in)
+    b = torch.tensor(to_numpy(layer.base.bias.data), dtype=td)
+    A = torch.tensor(to_numpy(layer.lora_A.data), dtype=td, requires_grad=True)
+    B = torch.tensor(to_numpy(layer.lora_B.data), dtype=td, requires_grad=True)
+    tx = torch.tensor(to_numpy(x), dtype=td, requires_grad=True)
+    lead = tx.shape[:-1]
+    pooled = torch.nn.functional.avg_pool1d(tx.reshape(-1, 1, tx.shape[-1]), gs).reshape(*lead, -1)  # (..., L)
+    y = tx @ W.T + b + layer.scaling * (pooled @ A.T) @ B.T
+    y.backward(torch.tensor(to_numpy(G), dtype=td))
+    return y.detach().numpy(), tx.grad.numpy(), A.grad.numpy(), B.grad.numpy()
+
+
+# ----------------------------------------------------------------- gradients
+def test_group_mean_gradcheck():
+    rng = np.random.default_rng(3)
+    x = asarray(rng.standard_normal((2, 3, IN)))  # (2, 3, IN) float64
+    cache = {}
+
+    def forward():
+        p, cache["c"] = group_mean_forward(x, GS)
+        return p
+
+    errs = check_gradients(forward, lambda G: {"x": group_mean_backward(G, cache["c"])}, {"x": x})
+    assert errs["x"] < 1e-7, errs
+    p, _ = group_mean_forward(x, GS)
+    assert rel(p, to_numpy(x).reshape(2, 3, IN // GS, GS).mean(-1)) < 1e-15
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gradcheck(bits):
+    layer, x = make_layer(bits=bits)
+
+    def forward():
+        return layer(x)
+
+    def backward(G):
+        layer.lora_A.grad = layer.lora_B.grad = None
+        dx = layer.backward(G)
+        return {"x": dx, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
+
+    errs = check_gradients(forward, backward, {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})
+    assert max(errs.values()) < 1e-7, errs
+    frozen = layer.base.parameters()
+    assert len(frozen) == 4 and all(not p.trainable and p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_torch_parity(bits, dtype, tol):
+    layer, x = make_layer(dtype=dtype, bits=bits, seed=bits)
+    G = asarray(np.random.default_rng(5).standard_normal((2, 3, OUT)), dtype=dtype)  # (2, 3, OUT)
+    y = layer(x)
+    dx = layer.backward(G)
+    ty, tdx, tdA, tdB = torch_qalora(layer, x, G, dtype)
+    assert y.dtype == np.dtype(dtype) and dx.dtype == np.dtype(dtype)
+    assert layer.lora_A.grad.dtype == np.dtype(dtype) and layer.lora_B.grad.dtype == np.dtype(dtype)
+    assert rel(y, ty) < tol
+    assert rel(dx, tdx) < tol
+    assert rel(layer.lora_A.grad, tdA) < tol
+    assert rel(layer.lora_B.grad, tdB) < tol
+
+
+def test_groupwise_linear_forward_backward():
+    rng = np.random.default_rng(2)
+    W = asarray(rng.standard_normal((OUT, IN)))  # (OUT, IN) float64
+    b = asarray(rng.standard_normal(OUT))  # (OUT,)
+    layer = GroupwiseLinear.from_weight(W, b, bits=3, group_size=GS)
+    x = asarray(rng.standard_normal((4, IN)))  # (4, IN)
+    Wq = dequantize_groupwise(quantize_groupwise(W, 3, GS))  # (OUT, IN)
+    assert rel(layer(x), to_numpy(x) @ to_numpy(Wq).T + to_numpy(b)) < 1e-14
+    errs = check_gradients(lambda: layer(x), lambda G: {"x": layer.backward(G)}, {"x": x})
+    assert errs["x"] < 1e-7
+    assert all(p.grad is None and not p.trainable for p in layer.parameters())
+
+
+def test_starts_as_the_quantized_base_and_init():
+    rng = np.random.default_rng(0)
+    base = Linear(64, 20, rng=rng)
+    layer = QALoRALinear(base, 8, 16, bits=4, group_size=16, rng=rng)  # L = 4 < r = 8 is allowed
+    A = to_numpy(layer.lora_A.data)
+    assert A.shape == (8, 4) and layer.lora_B.shape == (20, 8) and not np.any(to_numpy(layer.lora_B.data))
+    assert np.abs(A).max() <= 0.5 and np.abs(A).max() > 0.25  # U(-1/sqrt(L), 1/sqrt(L)), L = 4
+    assert layer.scaling == 2.0 and layer.num_adapter_parameters() == 8 * (4 + 20)
+    q = quantize_groupwise(base.weight.data, 4, 16)
+    assert np.array_equal(to_numpy(layer.codes), to_numpy(q.codes))
+    x = asarray(rng.standard_normal((3, 64)), dtype="float32")  # (3, 64)
+    assert np.array_equal(to_numpy(layer(x)), to_numpy(layer.base(x)))  # B = 0: the quantized base exactly
+
+
+# ----------------------------------------------------------------- the merge
+MERGE_SHAPES = [(8, 6, 2, 4), (24, 7, 3, 8), (96, 33, 5, 32), (40, 16, 4, 5)]  # (in, out, r, group_size)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_merge_is_exact_and_keeps_codes(bits, dtype, tol):
+    for k, (fin, fout, r, gs) in enumerate(MERGE_SHAPES):
+        rng = np.random.default_rng(100 * bits + k)
+        layer, _ = make_layer(dtype=dtype, bits=bits, seed=100 * bits + k, in_features=fin, out_features=fout,
+                              r=r, group_size=gs, alpha=2.0 * r)
+        layer.lora_A.data = asarray(rng.standard_normal((r, fin // gs)), dtype=dtype)  # (r, L)
+        layer.lora_B.data = asarray(rng.standard_normal((fout, r)) * 0.2, dtype=dtype)  # (out, r)
+        x = asarray(rng.standard_normal((3, 5, fin)), dtype=dtype)  # (3, 5, in)
+        codes, scales, zeros = (to_numpy(a).copy() for a in (layer.codes, layer.scales, layer.zeros))
+        y = layer(x)  # (3, 5, out), adapter unmerged
+        merged = layer.merge()
+        assert isinstance(merged, GroupwiseLinear) and (merged.bits, merged.group_size) == (bits, gs)
+        assert rel(merged(x), y) < tol, (fin, fout, r, gs)
+        assert np.array_equal(to_numpy(merged.codes), codes) and merged.codes.dtype == np.uint8
+        assert np.array_equal(to_numpy(merged.scales), scales)
+        assert np.array_equal(to_numpy(layer.zeros), zeros)  # the unmerged layer is left as it was
+        # the change of the zeros is exactly the formula, and it is a real change (not a no-op)
+        s, BA = layer.scaling, to_numpy(layer.lora_B.data) @ to_numpy(layer.lora_A.data)  # (out, L)
+        assert rel(merged.zeros, zeros - s * BA / gs / scales) < tol
+        assert rel(merged.zeros, zeros) > 1e-3
+        # the merged weight is the dequantized base plus the adapter's per-group constant update
+        W = to_numpy(layer.base.dequantized_weight()) + to_numpy(layer.delta_weight())  # (out, in)
+        assert rel(merged.dequantized_weight(), W) < tol
+
+
+def test_delta_weight_is_constant_within_groups():
+    layer, x = make_layer()
+    D = to_numpy(layer.delta_weight()).reshape(OUT, IN // GS, GS)  # (out, L, gs)
+    assert np.all(D == D[:, :, :1])  # one value per (row, group)
+    # and the adapter's output is x times that update
+    y_adapter = to_numpy(layer(x)) - to_numpy(layer.base(x))  # (2, 3, OUT)
+    assert rel(y_adapter, to_numpy(x) @ to_numpy(layer.delta_weight()).T) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_merge_refuses_non_finite():
+    layer, _ = make_layer(dtype="float32")
+    layer.lora_B.data[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge()
+
+
+# ----------------------------------------------------------------- bad input and constant groups
+def test_bad_group_size_and_bits():
+    with pytest.raises(ValueError, match=r"in_features 12 is not divisible by group_size 5"):
+        QALoRALinear(Linear(12, 4), 2, 4.0, bits=4, group_size=5)
+    with pytest.raises(ValueError, match=r"12.*5"):
+        GroupwiseLinear.from_weight(np.zeros((4, 12), dtype=np.float32), bits=4, group_size=5)
+    for bits in (1, 9, 0, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="bits must be an integer between 2 and 8"):
+            QALoRALinear(Linear(12, 4), 2, 4.0, bits=bits, group_size=4)
+    for r in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="rank r"):
+            QALoRALinear(Linear(12, 4), r, 4.0, group_size=4)
+    with pytest.raises(ValueError, match="alpha"):
+        QALoRALinear(Linear(12, 4), 2, 0.0, group_size=4)
+    with pytest.raises(ValueError, match="last dimension 12"):
+        QALoRALinear(Linear(12, 4), 2, 4.0, group_size=4)(asarray(np.ones((2, 8), dtype=np.float32)))
+    gl = GroupwiseLinear.from_weight(np.ones((4, 12), dtype=np.float32), bits=4, group_size=4)
+    with pytest.raises(ValueError, match="bits=4, group_size=4"):
+        QALoRALinear(gl, 2, 4.0, bits=3, group_size=4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_constant_groups_through_the_layer(bits):
+    """Groups with max = min (zero, positive, negative constants) quantize and merge with no division by zero."""
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((3, 16)).astype(np.float32)  # (3, 16), groups of 4
+    W[0, 0:4] = 0.0  # an all-zero group: hi = lo = 0, scale set to 1
+    W[1, 4:8] = 0.7  # a positive constant group (the range holds 0, so hi - lo = 0.7)
+    W[2, 8:12] = -0.3
+    W[:, 12:16] = 0.0  # a whole column block of zeros
+    base = Linear(16, 3)
+    base.weight.data = asarray(W)  # (3, 16)
+    with np.errstate(all="raise"):
+        layer = QALoRALinear(base, 2, 4.0, bits=bits, group_size=4, rng=rng)
+        layer.lora_B.data = asarray(rng.standard_normal((3, 2)), dtype="float32")  # (3, 2)
+        x = asarray(rng.standard_normal((5, 16)), dtype="float32")  # (5, 16)
+        y = layer(x)
+        dx = layer.backward(asarray(np.ones((5, 3), dtype=np.float32)))
+        merged = layer.merge()
+        y_merged = merged(x)
+    Wq = to_numpy(layer.base.dequantized_weight())
+    for o, g, v in [(0, 0, 0.0), (1, 1, 0.7), (2, 2, -0.3), (0, 3, 0.0), (1, 3, 0.0)]:
+        assert np.allclose(Wq[o, 4 * g:4 * g + 4], v, rtol=0, atol=1e-6), (o, g, Wq[o, 4 * g:4 * g + 4])
+    assert np.all(to_numpy(layer.scales)[:, 3] == 1.0) and np.all(to_numpy(layer.codes)[:, 12:] == 0)
+    assert np.isfinite(to_numpy(y)).all() and np.isfinite(to_numpy(dx)).all()
+    assert rel(y_merged, y) < 1e-5
+
+
+# ----------------------------------------------------------------- the model level
+def _batch(seed=0, B=3, T=10):
+    rng = np.random.default_rng(seed)
+    return asarray(rng.integers(0, CFG.vocab_size, (B, T))), asarray(rng.integers(0, CFG.vocab_size, (B, T)))
+
+
+def test_apply_qalora_train_and_merge_model():
+    idx, tgt = _batch()
+    ref = quantize_model_groupwise(GPT(CFG, seed=0), 3, 8, ALL)  # the base model in INT3, no adapters
+    model = apply_qalora(GPT(CFG, seed=0), 4, 8, ALL, bits=3, group_size=8, seed=1)
+    layers = qalora_layers(model)
+    assert len(layers) == 12 and all(m.bits == 3 and m.n_groups in (2, 8) for m in layers.values())
+    assert np.array_equal(to_numpy(model(idx)), to_numpy(ref(idx)))  # B = 0: exactly the quantized base
+    trainable = {n for n, p in model.named_parameters() if p.trainable}
+    assert trainable == {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
+    opt = AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        loss, dlogits = cross_entropy(model(idx), tgt)
+        model.zero_grad()
+        model.backward(dlogits)
+        opt.step()
+    assert all(p.grad is None for p in model.parameters() if not p.trainable)  # frozen: no gradient at all
+    before = {n: to_numpy(m.codes).copy() for n, m in layers.items()}
+    logits = to_numpy(model(idx)).copy()
+    assert rel(logits, to_numpy(ref(idx))) > 1e-3  # training changed the model
+    merge_qalora(model)
+    assert not qalora_layers(model)
+    deployed = {n: m for n, m in model.named_modules() if isinstance(m, GroupwiseLinear)}
+    assert sorted(deployed) == sorted(before)
+    assert all(np.array_equal(to_numpy(deployed[n].codes), before[n]) for n in before)
+    assert rel(model(idx), logits) < 1e-5
+
+
+def test_apply_qalora_checks_before_changing():
+    model = GPT(CFG, seed=0)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q: in_features 16 is not divisible by group_size 6"):
+        apply_qalora(model, 2, 4, ALL, group_size=6)
+    assert not qalora_layers(model)
+    with pytest.raises(ValueError, match="bits"):
+        apply_qalora(model, 2, 4, ALL, bits=9)
+    with pytest.raises(ValueError, match="unknown target"):
+        apply_qalora(model, 2, 4, ["qq"])
+    apply_qalora(model, 2, 4, ["v"], group_size=8, seed=0)
+    with pytest.raises(ValueError, match="QALoRALinear, not a Linear"):
+        apply_qalora(model, 2, 4, ["v"], group_size=8)
+
+
+def test_quantize_model_groupwise_merges_lora_first():
+    idx, _ = _batch(1)
+    model = apply_lora(GPT(CFG, seed=0), 4, 8, ["q", "fc"], seed=2)
+    rng = np.random.default_rng(4)
+    for layer in (m for m in model.named_modules() if isinstance(m[1], LoRALinear)):
+        layer[1].lora_B.data = asarray(rng.standard_normal(layer[1].lora_B.shape) * 0.05, dtype="float32")
+    q0 = model.blocks[0].attn.q
+    W = to_numpy(q0.base.weight.data) + to_numpy(q0.delta_weight())  # (16, 16) float merge
+    quantize_model_groupwise(model, 2, 8, ["q", "fc"])
+    dep = model.blocks[0].attn.q
+    assert isinstance(dep, GroupwiseLinear) and isinstance(model.blocks[0].attn.k, Linear)
+    assert np.array_equal(to_numpy(dep.codes), to_numpy(quantize_groupwise(W, 2, 8).codes))
+    assert np.isfinite(to_numpy(model(idx))).all()
+    with pytest.raises(ValueError, match="already group-wise quantized"):
+        quantize_model_groupwise(model, 2, 8, ["q"])
