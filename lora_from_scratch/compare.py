@@ -31,13 +31,13 @@ from numbers import Integral
 
 from . import data, train
 from .backend import global_rng, manual_seed, xp_of
-from .io import load_checkpoint
+from .io import BASE_CHECKPOINT, load_checkpoint
 from .lora import TARGETS
 from .qalora import apply_qalora, merge_qalora, quantize_model_groupwise
 
 __all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "format_table"]
 
-BASE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
+
 
 # Settings for the shipped base model (4 layers, width 128), timed on 2 CPU cores. FULL: about a minute
 # per fine-tune, about 4.5 minutes for bits (4, 3, 2) (four fine-tunes). QUICK: about 15 s per fine-tune;

@@ -78,7 +78,25 @@ def check_lora_args(r, alpha, dropout, init, in_features: int, out_features: int
         raise ValueError(f"unknown LoRA init {init!r}; valid inits: {list(INITS)}")
 
 
-class LoRALinear(Module):
+class LowRankAdapter(Module):
+    """What every adapter layer here shares (LoRA, QLoRA, QA-LoRA): trainable ``lora_A`` (r, k),
+    ``lora_B`` (out, r), rank ``r``, ``alpha`` and the scaling s = alpha / r (alpha / sqrt(r) with rsLoRA)."""
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return lora_scaling(self.r, self.alpha, getattr(self, "use_rslora", False))
+
+    def delta_weight(self):
+        """dW = s B A, the update as a full matrix in the adapter's dtype."""
+        return (self.lora_B.data @ self.lora_A.data) * self.scaling  # (out, r) @ (r, k) -> (out, k)
+
+    def num_adapter_parameters(self) -> int:
+        """The size of A plus B: r * (in + out) for LoRA."""
+        return self.lora_A.size + self.lora_B.size
+
+
+class LoRALinear(LowRankAdapter):
     """A frozen ``Linear`` (``.base``) plus the trainable update s * B A.
 
     ``LoRALinear(base, r, alpha, dropout=0.0, init="kaiming", use_rslora=False, rng=None)``
@@ -114,11 +132,6 @@ class LoRALinear(Module):
         self.merged = False
         self._merged_with = None  # (A, B, s) used by the last merge, so unmerge subtracts exactly that
         self._cache = None
-
-    @property
-    def scaling(self) -> float:
-        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     # ------------------------------------------------------------ initialization
     def _initial_factors(self, rng):
@@ -233,10 +246,6 @@ class LoRALinear(Module):
         return dx
 
     # ------------------------------------------------------------ merge / unmerge
-    def delta_weight(self):
-        """dW = s B A, the update as a full (out, in) matrix."""
-        return (self.lora_B.data @ self.lora_A.data) * self.scaling  # (out, r) @ (r, in) -> (out, in)
-
     def _merged_weight(self):
         """W0 + s B A, checked to be finite (raises ValueError otherwise; nothing changes)."""
         W0 = self.base.weight.data  # (out, in)
@@ -264,10 +273,6 @@ class LoRALinear(Module):
             self.base.weight.data = W - ((B @ A) * s).astype(W.dtype)  # (out, in)
             self.merged, self._merged_with, self._cache = False, None, None
         return self
-
-    def num_adapter_parameters(self) -> int:
-        """r * (in + out): the size of A plus B."""
-        return self.r * (self.in_features + self.out_features)
 
     def __repr__(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
@@ -353,7 +358,10 @@ def replace_targets(model, targets, check, make, seed: int | None = None, rng=No
             raise ValueError(f"{path} already has an adapter ({type(lin).__name__})")
         if not isinstance(lin, Linear):
             raise ValueError(f"{path} is a {type(lin).__name__}, not a Linear layer")
-        check(lin)
+        try:
+            check(lin)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         found.append((parent, name, lin))
     if rng is None:
         rng = host_rng(seed) if seed is not None else global_rng()

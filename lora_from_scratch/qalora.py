@@ -44,8 +44,7 @@ from numbers import Integral
 
 from . import functional as F
 from .backend import global_rng, like, xp_of
-from .backend import rng as host_rng
-from .lora import _PARENT, TARGETS, LoRALinear, resolve_targets
+from .lora import _PARENT, TARGETS, LoRALinear, LowRankAdapter, replace_targets, resolve_targets
 from .nn import Linear, Module, Parameter
 from .quant.groupwise import GroupwiseQuantized, dequantize_groupwise, quantize_groupwise
 
@@ -198,7 +197,7 @@ class GroupwiseLinear(Module):
 
 
 # ---------------------------------------------------------------- QA-LoRA
-class QALoRALinear(Module):
+class QALoRALinear(LowRankAdapter):
     """A frozen ``GroupwiseLinear`` (``.base``) plus the pooled adapter s * B A (A acting on group means).
 
     ``QALoRALinear(base, r, alpha, bits=4, group_size=32, *, rng=None)``: ``base`` is an
@@ -236,11 +235,6 @@ class QALoRALinear(Module):
         self.lora_A = Parameter(like(scales, host).astype(scales.dtype))  # (r, L)
         self.lora_B = Parameter(xp_of(scales).zeros((self.out_features, self.r), dtype=scales.dtype))  # (out, r)
         self._cache = None
-
-    @property
-    def scaling(self) -> float:
-        """s = alpha / r."""
-        return self.alpha / self.r
 
     @property
     def codes(self):
@@ -318,10 +312,6 @@ class QALoRALinear(Module):
         bias = self.base.bias.data if self.base.bias is not None else None
         return GroupwiseLinear(q, bias)
 
-    def num_adapter_parameters(self) -> int:
-        """r * (L + out): the size of A plus B."""
-        return self.r * (self.n_groups + self.out_features)
-
     def __repr__(self) -> str:
         return (f"QALoRALinear(in={self.in_features}, out={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, bits={self.bits}, group_size={self.group_size}, L={self.n_groups})")
@@ -354,27 +344,11 @@ def apply_qalora(model, r: int, alpha: float, targets, bits: int = 4, group_size
     """
     bits = _check_bits(bits)
     _check_adapter_args(r, alpha)
-    layers = []
-    for i, name in resolve_targets(model, targets):
-        lin = getattr(getattr(model.blocks[i], _PARENT[name]), name)
-        path = f"blocks.{i}.{_PARENT[name]}.{name}"
-        if not isinstance(lin, Linear):
-            raise ValueError(f"{path} is a {type(lin).__name__}, not a Linear layer")
-        try:
-            _check_group_size(group_size, lin.in_features)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        layers.append((path, lin))
-    if rng is None:
-        rng = host_rng(seed) if seed is not None else global_rng()
-    for path, lin in layers:
-        _set_module(model, path, QALoRALinear(lin, r, alpha, bits=bits, group_size=group_size, rng=rng))
-    keep = set()
-    for layer in qalora_layers(model).values():
-        keep.update((id(layer.lora_A), id(layer.lora_B)))
-    for p in model.parameters():
-        p.trainable = id(p) in keep
-    return model
+    return replace_targets(
+        model, targets,
+        check=lambda lin: _check_group_size(group_size, lin.in_features),
+        make=lambda lin, g: QALoRALinear(lin, r, alpha, bits=bits, group_size=group_size, rng=g),
+        seed=seed, rng=rng)
 
 
 def merge_qalora(model):

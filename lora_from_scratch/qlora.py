@@ -45,8 +45,8 @@ from numbers import Integral
 from . import functional as F
 from .backend import global_rng, like, xp_of
 from .backend import rng as host_rng
-from .lora import check_lora_args, lora_scaling, mark_only_lora_as_trainable, replace_targets
-from .nn import Dropout, Linear, Module, Parameter
+from .lora import LowRankAdapter, check_lora_args, mark_only_lora_as_trainable, replace_targets
+from .nn import Dropout, Linear, Parameter
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
 
 QLORA_INITS = ("kaiming", "gaussian")
@@ -75,7 +75,7 @@ def check_qlora_args(r, alpha, dropout, init, blocksize, in_features: int, out_f
     check_blocksize(blocksize)
 
 
-class QLoRALinear(Module):
+class QLoRALinear(LowRankAdapter):
     """A frozen linear layer stored in NF4 (``.weight_q``) plus the trainable update s * B A.
 
     ``QLoRALinear(base, r, alpha, blocksize=64, double_quant=True, dropout=0.0, init="kaiming",
@@ -111,11 +111,6 @@ class QLoRALinear(Module):
             dropout_seed = int(rng.integers(0, 2**31 - 1))  # each layer its own mask stream
         self.dropout = Dropout(dropout, seed=dropout_seed)
         self._cache = None
-
-    @property
-    def scaling(self) -> float:
-        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def _initial_factors(self, W0, rng):
         """A random, B = 0 (LoRA section 4.1), in W0's dtype and on W0's backend; same draws as LoRALinear."""
@@ -199,10 +194,6 @@ class QLoRALinear(Module):
         return dx + dxd  # (..., in)
 
     # ------------------------------------------------------------ deployment
-    def delta_weight(self):
-        """dW = s B A in the adapter's dtype, (out, in)."""
-        return (self.lora_B.data @ self.lora_A.data) * self.scaling  # (out, r) @ (r, in) -> (out, in)
-
     def merged_weight(self):
         """dequant(W0_NF4) + s B A as a float32 (out, in) array: the adapter merged into float weights.
 
@@ -213,10 +204,6 @@ class QLoRALinear(Module):
         dtype = self.lora_A.data.dtype
         W = self._compute_weight() + self.delta_weight().astype(dtype, copy=False)  # (out, in)
         return W.astype("float32", copy=False)  # (out, in) float32
-
-    def num_adapter_parameters(self) -> int:
-        """r * (in + out): the size of A plus B."""
-        return self.r * (self.in_features + self.out_features)
 
     def __repr__(self) -> str:
         rs = ", rslora" if self.use_rslora else ""

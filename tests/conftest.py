@@ -43,3 +43,18 @@ def rel(a, b) -> float:
 
 
 BACKEND = get_backend_name()
+
+
+def adapter_gradient_errors(layer, x, **forward_kwargs) -> dict:
+    """Central-difference check of an adapter layer (LoRA, QLoRA, QA-LoRA): rel errors of dx, dA, dB."""
+    from lora_from_scratch.gradcheck import check_gradients
+
+    def forward():
+        return layer(x, **forward_kwargs)
+
+    def backward(G):
+        layer.lora_A.grad = layer.lora_B.grad = None
+        dx = layer.backward(G)
+        return {"x": dx, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
+
+    return check_gradients(forward, backward, {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})

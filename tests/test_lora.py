@@ -9,11 +9,10 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from conftest import rel
+from conftest import adapter_gradient_errors, rel
 
 from lora_from_scratch import functional as F
 from lora_from_scratch.backend import asarray, to_numpy
-from lora_from_scratch.gradcheck import check_gradients
 from lora_from_scratch.lora import (
     LoRALinear,
     apply_lora,
@@ -68,15 +67,7 @@ def torch_lora(layer, x, mask, G, dtype):
 def test_gradcheck(init, use_rslora, p):
     layer, x, mask = make_layer(init, use_rslora, p)
 
-    def forward():
-        return layer(x, dropout_mask=mask)
-
-    def backward(G):
-        layer.lora_A.grad = layer.lora_B.grad = None
-        dx = layer.backward(G)
-        return {"x": dx, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
-
-    errs = check_gradients(forward, backward, {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})
+    errs = adapter_gradient_errors(layer, x, dropout_mask=mask)
     assert max(errs.values()) < 1e-7, errs
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
 

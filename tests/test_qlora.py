@@ -12,13 +12,12 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from conftest import rel
+from conftest import adapter_gradient_errors, rel
 
 from lora_from_scratch import data, io
 from lora_from_scratch import qlora as qlora_module
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.functional import cross_entropy
-from lora_from_scratch.gradcheck import check_gradients
 from lora_from_scratch.lora import LoRALinear, apply_lora
 from lora_from_scratch.memory import resident_bytes
 from lora_from_scratch.nn import Linear, Module, Parameter
@@ -72,15 +71,7 @@ def test_gradcheck(p, use_rslora, double_quant, blocksize):
     # float64 layer from a float64 base: the NF4 weight is fixed data, dequantized and cast to float64
     layer, x, mask = make_layer(p, use_rslora, double_quant, blocksize)
 
-    def forward():
-        return layer(x, dropout_mask=mask)
-
-    def backward(G):
-        layer.lora_A.grad = layer.lora_B.grad = None
-        dx = layer.backward(G)
-        return {"x": dx, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
-
-    errs = check_gradients(forward, backward, {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})
+    errs = adapter_gradient_errors(layer, x, dropout_mask=mask)
     assert max(errs.values()) < 1e-7, errs
     assert layer.bias.grad is None and not layer.bias.trainable
 
