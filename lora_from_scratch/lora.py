@@ -95,6 +95,20 @@ class LowRankAdapter(Module):
         """The size of A plus B: r * (in + out) for LoRA."""
         return self.lora_A.size + self.lora_B.size
 
+    def _adapter_backward(self, dy, us, xd):
+        """Accumulate dB = dy^T (s u) and dA = g^T xd, where u = xd A^T and g = s dy B; return g (N, r).
+
+        ``xd`` is the adapter's input (dropout(x) for LoRA / QLoRA), ``us`` = s u from the forward.
+        """
+        dy2 = dy.reshape(-1, self.lora_B.shape[0])  # (..., out) -> (N, out)
+        us2 = us.reshape(-1, self.r)  # (..., r) -> (N, r)
+        g = (dy2 @ self.lora_B.data) * self.scaling  # (N, out) @ (out, r) -> (N, r)
+        if self.lora_B.trainable:
+            self.lora_B.accumulate((us2.T @ dy2).T)  # ((r, N) @ (N, out)).T -> (out, r); = dy^T (s u)
+        if self.lora_A.trainable:
+            self.lora_A.accumulate(g.T @ xd.reshape(-1, self.lora_A.shape[1]))  # (r, N) @ (N, in) -> (r, in)
+        return g
+
 
 class LoRALinear(LowRankAdapter):
     """A frozen ``Linear`` (``.base``) plus the trainable update s * B A.
@@ -231,15 +245,8 @@ class LoRALinear(LowRankAdapter):
             base.weight.accumulate(dW0)
         if db0 is not None:
             base.bias.accumulate(db0)
-        r = self.r
-        A, B = self.lora_A.data, self.lora_B.data  # (r, in), (out, r)
-        dy2 = dy.reshape(-1, self.out_features)  # (..., out) -> (N, out)
-        us2 = us.reshape(-1, r)  # (..., r) -> (N, r)
-        g = (dy2 @ B) * self.scaling  # (N, out) @ (out, r) -> (N, r)
-        if self.lora_B.trainable:
-            self.lora_B.accumulate((us2.T @ dy2).T)  # ((r, N) @ (N, out)).T -> (out, r); = dy^T (s u)
-        if self.lora_A.trainable:
-            self.lora_A.accumulate(g.T @ xd.reshape(-1, self.in_features))  # (r, N) @ (N, in) -> (r, in)
+        g = self._adapter_backward(dy, us, xd)  # (N, r); dA and dB accumulated
+        A = self.lora_A.data  # (r, in)
         if dropout_active:
             dxd = (g @ A).reshape(dx.shape)  # (N, r) @ (r, in) -> (N, in) -> (..., in)
             dx += self.dropout.backward(dxd)  # (..., in): the adapter branch's share of the input gradient

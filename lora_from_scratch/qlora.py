@@ -180,14 +180,8 @@ class QLoRALinear(LowRankAdapter):
         del W
         if db is not None:
             self.bias.accumulate(db)
-        A, B, r = self.lora_A.data, self.lora_B.data, self.r  # (r, in), (out, r)
-        dy2 = dy.reshape(-1, self.out_features)  # (..., out) -> (N, out)
-        us2 = us.reshape(-1, r)  # (..., r) -> (N, r)
-        g = (dy2 @ B) * self.scaling  # (N, out) @ (out, r) -> (N, r)
-        if self.lora_B.trainable:
-            self.lora_B.accumulate((us2.T @ dy2).T)  # ((r, N) @ (N, out)).T -> (out, r); = dy^T (s u)
-        if self.lora_A.trainable:
-            self.lora_A.accumulate(g.T @ xd.reshape(-1, self.in_features))  # (r, N) @ (N, in) -> (r, in)
+        g = self._adapter_backward(dy, us, xd)  # (N, r); dA and dB accumulated
+        A = self.lora_A.data  # (r, in)
         dxd = (g @ A).reshape(dx.shape)  # (N, r) @ (r, in) -> (N, in) -> (..., in)
         if dropout_active:
             dxd = self.dropout.backward(dxd)  # (..., in): through the dropout mask
