@@ -71,7 +71,7 @@ def finetune_table(base: str = BASE_CHECKPOINT, steps: int = 300, batch_size: in
                                 warmup_steps=max(1, steps // 10), tasks=(data.FINETUNE_TASK,), eval_every=0,
                                 seed=seed)
         if progress:
-            print(f"{NAMES[method]}: {trainable:,} trainable of {total:,} parameters, {steps} steps", flush=True)
+            print(f"{NAMES[method]}: {trainable:,} trainable parameters, {steps} steps", flush=True)
         hist = train.train(model, cfg, progress=progress,
                            eval_sets={data.FINETUNE_TASK: eval_sets[data.FINETUNE_TASK]})
         scores = train.evaluate(model, eval_sets)
