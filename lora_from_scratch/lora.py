@@ -95,6 +95,29 @@ class LowRankAdapter(Module):
         """The size of A plus B: r * (in + out) for LoRA."""
         return self.lora_A.size + self.lora_B.size
 
+    def _random_factors(self, W0, rng):
+        """A random (kaiming or gaussian), B = 0 (LoRA section 4.1), in W0's dtype and on W0's backend.
+
+        "kaiming": A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a=sqrt(5))); "gaussian": std 1/r.
+        """
+        r, k, d = self.r, self.in_features, self.out_features
+        if self.init == "kaiming":  # kaiming_uniform_(a=sqrt(5)) gives the bound 1/sqrt(fan_in)
+            bound = 1.0 / math.sqrt(k)
+            host = rng.uniform(-bound, bound, size=(r, k))  # (r, in) on the host
+        else:  # "gaussian"
+            host = rng.standard_normal((r, k)) * (1.0 / r)  # (r, in), std 1/r
+        A = like(W0, host).astype(W0.dtype)  # (r, in) on W0's backend
+        B = xp_of(W0).zeros((d, r), dtype=W0.dtype)  # (out, r): B A = 0, the layer starts unchanged
+        return A, B
+
+    def _make_adapter(self, A, B, dropout, dropout_seed, rng):
+        """The trainable A, B and the dropout on the adapter's input (each layer its own mask stream)."""
+        self.lora_A = Parameter(A)  # (r, in)
+        self.lora_B = Parameter(B)  # (out, r)
+        if dropout > 0.0 and dropout_seed is None:
+            dropout_seed = int(rng.integers(0, 2**31 - 1))
+        self.dropout = Dropout(dropout, seed=dropout_seed)
+
     def _adapter_backward(self, dy, us, xd):
         """Accumulate dB = dy^T (s u) and dA = g^T xd, where u = xd A^T and g = s dy B; return g (N, r).
 
@@ -137,31 +160,13 @@ class LoRALinear(LowRankAdapter):
             base.bias.trainable = False
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora, self.init = r, float(alpha), bool(use_rslora), init
-        A, B = self._initial_factors(rng)
-        self.lora_A = Parameter(A)  # (r, in)
-        self.lora_B = Parameter(B)  # (out, r)
-        if dropout > 0.0 and dropout_seed is None:
-            dropout_seed = int(rng.integers(0, 2**31 - 1))  # each layer its own mask stream
-        self.dropout = Dropout(dropout, seed=dropout_seed)
+        A, B = self._pissa_factors() if init == "pissa" else self._random_factors(base.weight.data, rng)
+        self._make_adapter(A, B, dropout, dropout_seed, rng)
         self.merged = False
         self._merged_with = None  # (A, B, s) used by the last merge, so unmerge subtracts exactly that
         self._cache = None
 
     # ------------------------------------------------------------ initialization
-    def _initial_factors(self, rng):
-        W = self.base.weight.data  # (out, in)
-        r, k, d = self.r, self.in_features, self.out_features
-        if self.init == "pissa":
-            return self._pissa_factors()
-        if self.init == "kaiming":  # kaiming_uniform_(a=sqrt(5)) gives the bound 1/sqrt(fan_in)
-            bound = 1.0 / math.sqrt(k)
-            host = rng.uniform(-bound, bound, size=(r, k))  # (r, in) on the host
-        else:  # "gaussian"
-            host = rng.standard_normal((r, k)) * (1.0 / r)  # (r, in), std 1/r
-        A = like(W, host).astype(W.dtype)  # (r, in) on W's backend
-        B = xp_of(W).zeros((d, r), dtype=W.dtype)  # (out, r): B A = 0, the model starts unchanged
-        return A, B
-
     def _pissa_factors(self):
         """Top-r singular triplets of W0 into A and B; W0 becomes the residual (computed in float64)."""
         W = self.base.weight.data  # (out, in)

@@ -39,14 +39,13 @@ moving the model (``model.to("cupy")`` moves Parameters only, not the packed wei
 
 from __future__ import annotations
 
-import math
 from numbers import Integral
 
 from . import functional as F
-from .backend import global_rng, like, xp_of
+from .backend import global_rng, xp_of
 from .backend import rng as host_rng
 from .lora import LowRankAdapter, check_lora_args, mark_only_lora_as_trainable, replace_targets
-from .nn import Dropout, Linear, Parameter
+from .nn import Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
 
 QLORA_INITS = ("kaiming", "gaussian")
@@ -104,25 +103,9 @@ class QLoRALinear(LowRankAdapter):
         self.bias = base.bias  # (out,) or None, frozen, in floating point
         if self.bias is not None:
             self.bias.trainable = False
-        A, B = self._initial_factors(W0, rng)
-        self.lora_A = Parameter(A)  # (r, in)
-        self.lora_B = Parameter(B)  # (out, r)
-        if dropout > 0.0 and dropout_seed is None:
-            dropout_seed = int(rng.integers(0, 2**31 - 1))  # each layer its own mask stream
-        self.dropout = Dropout(dropout, seed=dropout_seed)
+        A, B = self._random_factors(W0, rng)  # the same draws as LoRALinear's
+        self._make_adapter(A, B, dropout, dropout_seed, rng)
         self._cache = None
-
-    def _initial_factors(self, W0, rng):
-        """A random, B = 0 (LoRA section 4.1), in W0's dtype and on W0's backend; same draws as LoRALinear."""
-        r, k, d = self.r, self.in_features, self.out_features
-        if self.init == "kaiming":  # kaiming_uniform_(a=sqrt(5)) gives the bound 1/sqrt(fan_in)
-            bound = 1.0 / math.sqrt(k)
-            host = rng.uniform(-bound, bound, size=(r, k))  # (r, in) on the host
-        else:  # "gaussian"
-            host = rng.standard_normal((r, k)) * (1.0 / r)  # (r, in), std 1/r
-        A = like(W0, host).astype(W0.dtype)  # (r, in) on W0's backend
-        B = xp_of(W0).zeros((d, r), dtype=W0.dtype)  # (out, r): B A = 0, the layer starts as dequant(W0)
-        return A, B
 
     # ------------------------------------------------------------ the frozen weight
     def dequantized_weight(self):
