@@ -6,7 +6,9 @@ storage it costs (4.5 bits per parameter, 4.127 with double quantization).
 Both implementations quantize and then dequantize the same matrix, timed alternately in one run
 after a warm-up so that machine noise hits both alike; the script prints the median of each, the
 ratio ours / bitsandbytes (target <= 1.0) and the bits per parameter measured from the stored
-arrays' nbytes. It also checks that the two produce the same packed bytes.
+arrays' nbytes. It then times quantization alone and dequantization alone (of an already
+quantized matrix) the same way. It also checks that the two produce the same packed bytes and
+the same dequantized values.
 
 Threads: torch (and so bitsandbytes' CPU path) gets ``--threads`` threads, by default the number
 of CPU cores (``OMP_NUM_THREADS`` if set), which is also the number of threads NumPy's BLAS uses.
@@ -58,24 +60,50 @@ def main() -> None:
     assert np.array_equal(q.packed, packed.numpy().reshape(-1)), "packed bytes differ from bitsandbytes'"
     assert np.array_equal(ours(), bnb().numpy()), "dequantized values differ from bitsandbytes'"
 
-    times = {"ours": [], "bitsandbytes": []}
-    for _ in range(reps):
-        for name, fn in (("ours", ours), ("bitsandbytes", bnb)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    mo, mb = statistics.median(times["ours"]), statistics.median(times["bitsandbytes"])
+    def ours_quantize():
+        return quantize_4bit(x, blocksize=64, quant_type="nf4")
+
+    def bnb_quantize():
+        return bnbf.quantize_4bit(tx, blocksize=64, compress_statistics=False, quant_type="nf4")
+
+    bnb_packed, bnb_state = bnb_quantize()
+
+    def ours_dequantize():
+        return dequantize_4bit(q)  # (size, size)
+
+    def bnb_dequantize():
+        return bnbf.dequantize_4bit(bnb_packed, bnb_state)  # (size, size)
+
+    cases = {
+        "quantize + dequantize": (ours, bnb),
+        "quantize alone": (ours_quantize, bnb_quantize),
+        "dequantize alone": (ours_dequantize, bnb_dequantize),
+    }
+    medians = {name: _alternate(fns, reps) for name, fns in cases.items()}
 
     plain = bits_per_parameter(q)
     double = bits_per_parameter(quantize_4bit(x, blocksize=64, quant_type="nf4", double_quant=True))
     print(
-        f"NF4, block size 64, {size} x {size} float32, quantize + dequantize, {reps} reps; "
+        f"NF4, block size 64, {size} x {size} float32, {reps} reps; "
         f"torch threads {args.threads}, NumPy element-wise kernels 1 thread"
     )
-    print(f"ours          median: {mo * 1e3:8.1f} ms")
-    print(f"bitsandbytes  median: {mb * 1e3:8.1f} ms")
-    print(f"ratio ours/bitsandbytes: {mo / mb:.2f}   (target <= 1.0)")
+    for name, (mo, mb) in medians.items():
+        print(f"{name}:")
+        print(f"  ours          median: {mo * 1e3:8.1f} ms")
+        print(f"  bitsandbytes  median: {mb * 1e3:8.1f} ms")
+        print(f"  ratio ours/bitsandbytes: {mo / mb:.2f}   (target <= 1.0)")
     print(f"bits per parameter: {plain:.4f} without double quantization, {double:.4f} with it")
+
+
+def _alternate(fns, reps: int) -> tuple[float, float]:
+    """Median seconds of (ours, bitsandbytes), the two timed alternately ``reps`` times."""
+    times = ([], [])
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 if __name__ == "__main__":

@@ -12,10 +12,19 @@ Quantizing a weight tensor ``x`` to 4 bits:
 2. For each block, the *absmax* ``c = max |x_i|`` is the quantization constant (Eq. 1).
 3. Every value is scaled into [-1, 1], ``v = x_i / c``, and replaced by the index of the nearest
    level of the code table (``tables.py``): the count of level midpoints strictly below ``v``
-   (so a value exactly on a midpoint goes to the lower level).
+   (so a value exactly on a midpoint goes to the lower level). FP4 and INT4 list the level 0
+   twice, as codes 0 and 8; the midpoint between the two is 0 itself, so 0 and small negative
+   values get code 0 and small positive values code 8.
 4. Two 4-bit indices share one byte; the first element goes into the high nibble.
 
 Dequantizing reverses it: ``x_i ~ level[index_i] * c`` (Eq. 2).
+
+How the work is done (the results do not depend on it): on NumPy the data goes through in
+cache-sized chunks. Quantizing runs the 15 midpoint comparisons into reused buffers and packs
+each pair of codes through a uint16 view of the pair; FP4 and INT4, whose tables are not in
+sorted order, then translate each packed byte with one 256-entry lookup. Dequantizing looks
+every packed byte up in a (256, 2) table of the levels of its two nibbles, so the nibbles are
+never unpacked, and multiplies by the block constants.
 
 Double quantization stores the block constants themselves in 8 bits: subtract their mean (the
 *offset*), cut the centred values into blocks of 256, and quantize each block with its own
@@ -68,7 +77,7 @@ __all__ = [
 QUANT_TYPES = ("nf4", "fp4", "int4")
 DOUBLE_QUANT_BLOCKSIZE = 256
 _TINY = 1e-38  # the smallest absmax used as a divisor (bitsandbytes' clamp)
-_CHUNK_ELEMENTS = 1 << 15  # NumPy works through the data in chunks of this many values (cache)
+_CHUNK_ELEMENTS = 1 << 17  # NumPy works through the data in chunks of this many values (cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +91,8 @@ class _Table4:
 
     levels: object  # (16,) float32, code index -> level
     midpoints: tuple  # 15 Python floats (float32 values), ascending
-    order: object  # (16,) uint8, sorted position -> code index; None when the identity
+    byte_levels: object  # (256, 2) float32, packed byte -> (level of its high nibble, level of its low nibble)
+    translate: object  # (256,) uint8, byte of two sorted positions -> byte of two code indices; None: identity
 
 
 _CACHE: dict = {}
@@ -93,10 +103,19 @@ def _table4(xp, quant_type: str) -> _Table4:
     if key not in _CACHE:
         order, _, midpoints = tables.search_table(tables.CODES[quant_type])
         identity = [int(i) for i in order] == list(range(16))
+        levels = xp.asarray(tables.CODES[quant_type])  # (16,) float32
+        byte = xp.arange(256, dtype=xp.uint8)  # (256,) every possible packed byte
+        high, low = byte >> 4, byte & 15  # (256,) its first and second 4-bit code
+        byte_levels = xp.stack([xp.take(levels, high), xp.take(levels, low)], axis=1)  # 2 x (256,) -> (256, 2)
+        translate = None
+        if not identity:
+            code_of = xp.asarray(order.astype("uint8"))  # (16,) sorted position -> code index
+            translate = (xp.take(code_of, high) << 4) | xp.take(code_of, low)  # (256,) uint8
         _CACHE[key] = _Table4(
-            levels=xp.asarray(tables.CODES[quant_type]),  # (16,) float32
+            levels=levels,
             midpoints=tuple(float(m) for m in midpoints),  # 15 floats, exact float32 values
-            order=None if identity else xp.asarray(order.astype("uint8")),  # (16,) uint8
+            byte_levels=byte_levels,
+            translate=translate,
         )
     return _CACHE[key]
 
@@ -109,6 +128,15 @@ def _dynamic_tables(xp):
         wide = levels.astype(xp.float64)  # (256,) float64
         midpoints = (wide[:-1] + wide[1:]) * 0.5  # (255,) exact: float32 sums fit in float64
         _CACHE[key] = (levels, midpoints)
+    return _CACHE[key]
+
+
+def _little_endian(xp) -> bool:
+    """Whether ``xp`` keeps the first byte of a uint16 in its low byte (x86, ARM and GPUs do)."""
+    key = (xp.__name__, "little-endian")
+    if key not in _CACHE:
+        pair = xp.arange(2, dtype=xp.uint8).view(xp.uint16)  # bytes (0, 1) -> (1,) uint16
+        _CACHE[key] = int(pair[0]) == 256
     return _CACHE[key]
 
 
@@ -242,21 +270,57 @@ def bits_per_parameter(q: Quantized4bit) -> float:
     return 8.0 * q.nbytes / q.numel
 
 
-def _codes_4bit(scaled, table: _Table4, xp):
-    """Nearest-level codes of scaled values: ``(m,)`` float32 -> ``(m,)`` uint8.
+def _absmax_rows(rows, xp):
+    """Exact ``max |x|`` of each row: ``(r, k)`` float32 -> ``(r,)`` float32.
 
-    The sorted position of the nearest level is the number of midpoints strictly below the
-    value (15 comparisons, each one pass of vectorized work); a value on a midpoint is not
-    counted, so it goes to the lower level. Values slightly outside [-1, 1] (rounding) need no
-    clipping: every midpoint lies inside. For tables not stored in sorted order (FP4, INT4) the
-    position is then translated to the code index.
+    The maximum is taken over the float bits read as int32: for non-negative floats the integer
+    order is the float order, so the result is the same float, and NumPy's integer maximum is
+    faster than its float maximum (which has to look out for NaN). A NaN still comes out on top
+    (its bits exceed those of inf) and is caught as not finite.
     """
-    position = xp.zeros(scaled.shape, dtype=xp.uint8)  # (m,)
+    magnitude = xp.abs(rows).view(xp.int32)  # (r, k) float32 bits of |x|, as int32 >= 0
+    return magnitude.max(axis=1).view(xp.float32)  # (r,) int32 -> (r,) float32
+
+
+def _positions_4bit(scaled, table: _Table4, xp, position, hit):
+    """Sorted position of the nearest level of each scaled value: ``(m,)`` float32 -> ``(m,)`` uint8.
+
+    The position is the number of midpoints strictly below the value (15 comparisons, each one
+    pass of vectorized work); a value on a midpoint is not counted, so it goes to the lower
+    level. Values slightly outside [-1, 1] (rounding) need no clipping: every midpoint lies
+    inside. ``position`` and ``hit`` are (m,) uint8 buffers; the result is written to ``position``.
+    """
+    flag = hit.view(xp.bool_)  # (m,) uint8 buffer seen as bool: comparisons land here
+    position[...] = 0  # (m,)
     for midpoint in table.midpoints:
-        position += scaled > midpoint  # (m,) bool added as 0/1
-    if table.order is None:
-        return position
-    return xp.take(table.order, position)  # (m,) sorted position -> code index
+        xp.greater(scaled, midpoint, out=flag)  # (m,) 1 where the value is above the midpoint
+        position += hit  # (m,) uint8 + uint8, no conversion from bool
+    return position
+
+
+def _pack_even(codes, xp):
+    """``pack_nibbles`` for a contiguous even-length ``(m,)`` uint8 array, working on byte pairs.
+
+    Each pair of codes is read as one uint16 ``w`` (no copy); the packed byte is the low byte of
+    ``w << 4 | w >> 8`` if the first code is the low byte of ``w`` (little-endian), else of
+    ``w >> 4 | w``. Casting to uint8 keeps the low byte.
+    """
+    pairs = codes.view(xp.uint16)  # (m,) uint8 -> (m/2,) uint16
+    if _little_endian(xp):
+        both = (pairs << 4) | (pairs >> 8)  # (m/2,) low byte: first << 4 | second
+    else:
+        both = (pairs >> 4) | pairs  # (m/2,) low byte: first << 4 | second
+    return both.astype(xp.uint8)  # (m/2,) uint16 -> uint8
+
+
+def _encode_4bit(scaled, table: _Table4, xp, position, hit):
+    """Packed code bytes of an even number of scaled values: ``(m,)`` float32 -> ``(m/2,)`` uint8."""
+    packed = _pack_even(_positions_4bit(scaled, table, xp, position, hit), xp)  # (m,) -> (m/2,)
+    if table.translate is None:
+        return packed
+    # FP4 and INT4 tables are not in sorted order: translate both sorted positions of each byte
+    # to code indices with one 256-entry lookup.
+    return xp.take(table.translate, packed)  # (m/2,) uint8
 
 
 def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False) -> Quantized4bit:
@@ -296,27 +360,31 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
 
     full = flat[: nfull * blocksize].reshape(nfull, blocksize)  # (n,) -> (nfull, blocksize)
     rows = _chunk_rows(xp, blocksize, nfull)
+    position = xp.empty(min(rows, max(nfull, 1)) * blocksize, dtype=xp.uint8)  # (chunk,) >= rem + 1
+    hit = xp.empty_like(position)  # (chunk,) scratch for the comparisons
     for start in range(0, nfull, rows):
         stop = min(nfull, start + rows)
         block = full[start:stop]  # (r, blocksize)
-        amax = xp.abs(block).max(axis=1)  # (r,) Eq. 1: c = absmax of the block
+        amax = _absmax_rows(block, xp)  # (r,) Eq. 1: c = absmax of the block
         if not bool(xp.isfinite(amax).all()):
             _raise_not_finite(flat, xp)
         absmax[start:stop] = amax  # (r,)
         inv = xp.reciprocal(xp.maximum(amax, _TINY))  # (r,) float32 1 / c
         scaled = (block * inv[:, None]).reshape(-1)  # (r, blocksize) -> (r * blocksize,) in [-1, 1]
-        packed[start * half : stop * half] = pack_nibbles(_codes_4bit(scaled, table, xp))  # (r * half,)
+        m = scaled.size
+        packed[start * half : stop * half] = _encode_4bit(scaled, table, xp, position[:m], hit[:m])  # (r * half,)
 
     if rem:
         tail = flat[nfull * blocksize :]  # (rem,)
-        amax = xp.abs(tail).max()  # () absmax of the short block
-        if not bool(xp.isfinite(amax)):
+        amax = _absmax_rows(tail.reshape(1, rem), xp)  # (1, rem) -> (1,) absmax of the short block
+        if not bool(xp.isfinite(amax).all()):
             _raise_not_finite(flat, xp)
-        absmax[nfull] = amax  # () one entry of (nblocks,)
-        scaled = tail / xp.maximum(amax, _TINY)  # (rem,) float32 division
+        absmax[nfull:] = amax  # (1,) the last entry of (nblocks,)
+        scaled = tail / xp.maximum(amax, _TINY)  # (rem,) / (1,) float32 division
         if rem % 2:
             scaled = xp.concatenate([scaled, xp.zeros(1, dtype=xp.float32)])  # (rem,) -> (rem + 1,)
-        packed[nfull * half :] = pack_nibbles(_codes_4bit(scaled, table, xp))  # (ceil(rem/2),)
+        m = scaled.size
+        packed[nfull * half :] = _encode_4bit(scaled, table, xp, position[:m], hit[:m])  # (ceil(rem/2),)
 
     q = Quantized4bit(
         packed=packed,
@@ -353,23 +421,25 @@ def dequantize_4bit(q: Quantized4bit):
     xp = xp_of(q.packed)
     table = _table4(xp, q.quant_type)
     absmax = _block_constants(q)  # (nblocks,)
+    packed = q.packed.reshape(-1)  # (ceil(n/2),)
     n, blocksize = q.numel, q.blocksize
     nfull = n // blocksize
     half = blocksize // 2
     out = xp.empty(n, dtype=xp.float32)  # (n,)
     full = out[: nfull * blocksize].reshape(nfull, blocksize)  # view (nfull, blocksize)
 
+    # One lookup per packed byte gives both of its levels (no unpacking of the nibbles).
     rows = _chunk_rows(xp, blocksize, nfull)
     for start in range(0, nfull, rows):
         stop = min(nfull, start + rows)
-        codes = unpack_nibbles(q.packed[start * half : stop * half], (stop - start) * blocksize)  # (r*bs,)
-        levels = xp.take(table.levels, codes).reshape(stop - start, blocksize)  # (r, blocksize)
-        full[start:stop] = levels * absmax[start:stop, None]  # (r, blocksize) * (r, 1)
+        both = xp.take(table.byte_levels, packed[start * half : stop * half], axis=0)  # (r * half,) -> (r * half, 2)
+        levels = both.reshape(stop - start, blocksize)  # (r * half, 2) -> (r, blocksize), element order
+        xp.multiply(levels, absmax[start:stop, None], out=full[start:stop])  # (r, blocksize) * (r, 1)
 
     rem = n - nfull * blocksize
     if rem:
-        codes = unpack_nibbles(q.packed[nfull * half :], rem)  # (rem,)
-        out[nfull * blocksize :] = xp.take(table.levels, codes) * absmax[nfull]  # (rem,)
+        both = xp.take(table.byte_levels, packed[nfull * half :], axis=0)  # (ceil(rem/2),) -> (ceil(rem/2), 2)
+        out[nfull * blocksize :] = both.reshape(-1)[:rem] * absmax[nfull]  # (rem,)
     return out.reshape(q.shape)  # (n,) -> original shape
 
 
