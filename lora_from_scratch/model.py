@@ -14,6 +14,16 @@ The attention projections are four separate ``Linear`` layers named
 (down): these are the six matrices that LoRA adapts (SEED section 3;
 Hu et al., 2021, section 4.2). GPT-2 itself stores q, k, v fused in one
 ``c_attn`` Conv1D; ``io.load_hf_gpt2`` splits it.
+
+Randomness: the weights of ``GPT(config, seed)`` are drawn from
+``backend.rng(seed)`` alone, in definition order, exactly as without
+dropout; every Dropout layer gets its own seed from a second generator
+derived from the same seed (``_dropout_rng``), so masks are reproducible for
+a seed, differ from layer to layer, and never shift the weights.
+
+Host synchronization: ``GPT.forward`` checks the token ids once per batch
+(one transfer, ``functional.check_ids``; ``check=False`` skips it for ids
+already checked); nothing else in the forward or backward waits on the device.
 """
 
 from __future__ import annotations
@@ -52,10 +62,31 @@ class GPTConfig:
         return asdict(self)
 
 
+_DROPOUT_STREAM = 0x64726F70  # "drop": the tag that keeps the dropout seeds' stream apart from the weights'
+
+
+def _dropout_rng(seed: int | None):
+    """The host generator that seeds a GPT's Dropout layers: its own stream, never the weights' generator.
+
+    ``seed`` given: ``rng((_DROPOUT_STREAM, seed, 0))``, three words of seed material, so it
+    differs from the weights' ``rng(seed)`` (one or two words for any seed below 2**64).
+    ``seed=None``: seeded by one draw from ``backend.global_rng()`` (reproducible after
+    ``manual_seed``).
+    """
+    if seed is None:
+        seed = int(global_rng().integers(0, 2**63 - 1))
+    return host_rng((_DROPOUT_STREAM, seed, 0))
+
+
+def _dropout(p: float, dropout_rng):
+    """A Dropout layer seeded from ``dropout_rng`` (without one: from ``backend.global_rng()``, nn's default)."""
+    return Dropout(p, seed=None if dropout_rng is None else int(dropout_rng.integers(0, 2**31 - 1)))
+
+
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with separate Wq, Wk, Wv, Wo (the four LoRA targets)."""
 
-    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32"):
+    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32", dropout_rng=None):
         C, std = cfg.n_embd, 0.02
         self.n_head = cfg.n_head
         self.q = Linear(C, C, std=std, rng=rng, dtype=dtype)
@@ -63,8 +94,8 @@ class CausalSelfAttention(Module):
         self.v = Linear(C, C, std=std, rng=rng, dtype=dtype)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init
         self.o = Linear(C, C, std=std / math.sqrt(2 * cfg.n_layer), rng=rng, dtype=dtype)
-        self.attn_drop = Dropout(cfg.dropout)
-        self.resid_drop = Dropout(cfg.dropout)
+        self.attn_drop = _dropout(cfg.dropout, dropout_rng)
+        self.resid_drop = _dropout(cfg.dropout, dropout_rng)
         self._cache = None
 
     def forward(self, x):
@@ -86,12 +117,12 @@ class CausalSelfAttention(Module):
 class MLP(Module):
     """The position-wise feed-forward network: fc (C -> 4C), GELU, proj (4C -> C)."""
 
-    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32"):
+    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32", dropout_rng=None):
         C = cfg.n_embd
         self.fc = Linear(C, 4 * C, std=0.02, rng=rng, dtype=dtype)
         self.act = GELU()
         self.proj = Linear(4 * C, C, std=0.02 / math.sqrt(2 * cfg.n_layer), rng=rng, dtype=dtype)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = _dropout(cfg.dropout, dropout_rng)
 
     def forward(self, x):
         h = self.act(self.fc(x))  # (B, T, C) -> (B, T, 4C)
@@ -105,11 +136,11 @@ class MLP(Module):
 class Block(Module):
     """A pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32"):
+    def __init__(self, cfg: GPTConfig, rng=None, dtype="float32", dropout_rng=None):
         self.ln_1 = LayerNorm(cfg.n_embd, dtype=dtype)
-        self.attn = CausalSelfAttention(cfg, rng=rng, dtype=dtype)
+        self.attn = CausalSelfAttention(cfg, rng=rng, dtype=dtype, dropout_rng=dropout_rng)
         self.ln_2 = LayerNorm(cfg.n_embd, dtype=dtype)
-        self.mlp = MLP(cfg, rng=rng, dtype=dtype)
+        self.mlp = MLP(cfg, rng=rng, dtype=dtype, dropout_rng=dropout_rng)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))  # (B, T, C)
@@ -131,22 +162,36 @@ class GPT(Module):
 
     def __init__(self, config: GPTConfig, seed: int | None = None, dtype="float32"):
         self.config = config
-        rng = global_rng() if seed is None else host_rng(seed)
+        drng = _dropout_rng(seed)  # the Dropout layers' seeds: a stream apart from the weights'
+        rng = global_rng() if seed is None else host_rng(seed)  # the weights
         self.wte = Embedding(config.vocab_size, config.n_embd, std=0.02, rng=rng, dtype=dtype)
         self.wpe = Embedding(config.block_size, config.n_embd, std=0.01, rng=rng, dtype=dtype)
-        self.drop = Dropout(config.dropout)
-        self.blocks = ModuleList([Block(config, rng=rng, dtype=dtype) for _ in range(config.n_layer)])
+        self.drop = _dropout(config.dropout, drng)
+        self.blocks = ModuleList([Block(config, rng=rng, dtype=dtype, dropout_rng=drng)
+                                  for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, dtype=dtype)
         self._cache = None
 
-    def forward(self, idx):
+    def forward(self, idx, check: bool = True):
+        """Logits (B, T, V) for token ids ``idx`` (B, T).
+
+        The ids are range-checked once per batch (``functional.check_ids``: one host
+        transfer, a ValueError naming a bad id); ``check=False`` skips that for ids
+        already checked, leaving a forward without any host synchronization. The
+        positions ``arange(T)`` need no check: T is checked against ``block_size``
+        from the shape alone.
+        """
         if idx.ndim != 2:
             raise ValueError(f"GPT expects token ids of shape (B, T), got shape {tuple(idx.shape)}")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
+        if check:
+            F.check_ids(idx, self.wte.weight.shape[0])
         xp = xp_of(self.wte.weight.data)
-        tok = self.wte(idx)  # (B, T) -> (B, T, C); checks the id range
+        tok = self.wte(idx)  # (B, T) -> (B, T, C); no check inside the lookup
         pos = self.wpe(xp.arange(T)[None, :])  # (1, T) -> (1, T, C)
         x = self.drop(tok + pos)  # (B, T, C)
         for block in self.blocks:

@@ -6,20 +6,28 @@
   *decoupled* weight decay p <- p - lr * wd * p, applied to the weight
   itself, not added to the gradient. Same update order as PyTorch's AdamW.
 - ``clip_grad_norm``: rescale all gradients so that their global L2 norm is
-  at most ``max_norm``.
+  at most ``max_norm``, entirely on the device (the norm it returns is a 0-d
+  array; ``float()`` it when a number is needed).
 - ``warmup_cosine``: linear warm-up, then cosine decay to a floor.
 
 Only trainable parameters are given to an optimizer and only they get state
 (AdamW keeps two moment arrays per parameter: with LoRA that state is
 allocated for the small A and B matrices alone; Hu et al., 2021, section 4.2
 "reduces the VRAM usage by up to 2/3").
+
+Host synchronization: none. ``step`` and ``clip_grad_norm`` never read a
+device value on the host; only ``grad_norm`` (a Python float) does, once.
+
+Backends: the state follows its parameters. ``Optimizer.to(backend)`` moves
+every state array, and ``step`` moves a state array whose backend differs
+from its parameter's (after ``model.to("cupy")``, say) before using it.
 """
 
 from __future__ import annotations
 
 import math
 
-from .backend import xp_of
+from .backend import asarray, get_backend_name, get_xp, is_cupy_array, like, set_backend, xp_of
 
 
 def _groups(params, defaults: dict) -> list[dict]:
@@ -34,6 +42,11 @@ def _groups(params, defaults: dict) -> list[dict]:
     if not any(g["params"] for g in groups):
         raise ValueError("optimizer got no trainable parameters")
     return groups
+
+
+def _is_array(a) -> bool:
+    """True for an array of either backend (state also holds plain numbers, such as AdamW's step count)."""
+    return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
 class Optimizer:
@@ -62,6 +75,31 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    def to(self, backend: str):
+        """Move every state array (moments, momentum buffers) to ``"numpy"`` or ``"cupy"``; returns self.
+
+        Call it with ``model.to(backend)``; ``step`` would also move each array on first use.
+        """
+        previous = get_backend_name()
+        set_backend(backend)
+        try:
+            for st in self.state.values():
+                for key, a in st.items():
+                    if _is_array(a):
+                        st[key] = asarray(a)  # (shape of p): the same values on the new backend
+        finally:
+            set_backend(previous)
+        return self
+
+    def _state_for(self, p) -> dict | None:
+        """The state of ``p`` (None if it has none yet), every array moved to ``p``'s backend if it was elsewhere."""
+        st = self.state.get(id(p))
+        if st is not None:
+            for key, a in st.items():
+                if _is_array(a) and is_cupy_array(a) != is_cupy_array(p.data):
+                    st[key] = like(p.data, a)  # (shape of p): a copy on the parameter's backend
+        return st
+
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (momenta), measured from the arrays."""
         return sum(int(a.nbytes) for s in self.state.values() for a in s.values() if hasattr(a, "nbytes"))
@@ -82,7 +120,9 @@ class SGD(Optimizer):
                 if g["weight_decay"]:
                     d = d + g["weight_decay"] * p.data  # (shape of p)
                 if g["momentum"]:
-                    st = self.state.setdefault(id(p), {})
+                    st = self._state_for(p)
+                    if st is None:
+                        st = self.state[id(p)] = {}
                     buf = st.get("momentum")
                     buf = d.copy() if buf is None else buf * g["momentum"] + d  # (shape of p)
                     st["momentum"] = buf
@@ -107,7 +147,7 @@ class AdamW(Optimizer):
                 if p.grad is None:
                     continue
                 xp = xp_of(p.data)
-                st = self.state.get(id(p))
+                st = self._state_for(p)
                 if st is None:
                     st = self.state[id(p)] = {
                         "step": 0,
@@ -129,24 +169,54 @@ class AdamW(Optimizer):
                 p.data -= (lr / bc1) * (m / denom)  # (shape of p)
 
 
+def _global_norm(grads):
+    """sqrt(sum of every squared entry) of ``grads`` (a non-empty list): a 0-d float64 array on their device."""
+    total = None
+    for g in grads:
+        sq = (g.astype("float64") ** 2).sum()  # (shape of g) -> ()
+        total = sq if total is None else total + sq  # ()
+    return xp_of(grads[0]).sqrt(total)  # ()
+
+
 def grad_norm(params) -> float:
-    """The global L2 norm of all gradients (a Python float)."""
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float((p.grad.astype("float64") ** 2).sum())
-    return math.sqrt(total)
+    """The global L2 norm of all gradients, as a Python float (one host synchronization; 0.0 with no gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(_global_norm(grads)) if grads else 0.0
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm before."""
+def clip_grad_norm(params, max_norm: float):
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before, a 0-d array.
+
+    Everything stays on the device, with no host synchronization: the norm is
+    summed there (in float64), and every gradient is multiplied by
+
+        scale = max_norm / (norm + 1e-6)   if norm is finite and norm > max_norm, else 1
+
+    cast to the gradient's own dtype (so float32 gradients stay float32). A
+    NaN or inf norm leaves the gradients as they are (scale 1), as PyTorch's
+    ``clip_grad_norm_`` does without ``error_if_nonfinite``. The gradients are
+    replaced by new arrays, never scaled in place.
+
+    The returned norm is a 0-d float64 array on the gradients' backend (the
+    default backend when no parameter has a gradient): ``float(norm)`` when a
+    Python number is needed, which is one host synchronization.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
     params = [p for p in params if p.grad is not None]
-    norm = grad_norm(params)
-    if math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            p.grad = p.grad * scale
-    return norm
+    if not params:
+        return get_xp().zeros((), dtype="float64")  # ()
+    xp = xp_of(params[0].grad)
+    norm = _global_norm([p.grad for p in params])  # ()
+    clip = xp.isfinite(norm) & (norm > max_norm)  # () bool, on the device
+    scale = xp.where(clip, max_norm / (norm + 1e-6), 1.0)  # () float64
+    per_dtype = {}
+    for p in params:
+        s = per_dtype.get(p.grad.dtype)
+        if s is None:
+            s = per_dtype[p.grad.dtype] = scale.astype(p.grad.dtype)  # () in the gradient's dtype
+        p.grad = p.grad * s  # (shape of p), dtype kept
+    return xp.asarray(norm)  # (): a 0-d array on NumPy too, whose reductions give NumPy scalars
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.1) -> float:

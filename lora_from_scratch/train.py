@@ -9,6 +9,14 @@ It is deterministic for a seed (the batches come from a seeded host
 generator), shows a tqdm progress bar, evaluates exact match per task every
 ``eval_every`` steps, and stops with ``TrainingDiverged`` on a NaN or inf
 loss, keeping the last good checkpoint on disk untouched.
+
+Host synchronization: one per step. Each batch is made and checked on the
+host (ids in range, targets valid: ``functional.check_ids`` and
+``check_targets`` on NumPy arrays, before they are moved), so the forward,
+the loss, the backward, clipping and the AdamW step run with no host sync
+(``train_step``); the loss and the gradient norm are then read in a single
+transfer, and a NaN or inf in either stops training (``TrainingDiverged``)
+before the optimizer step could spread it into the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import data
-from .functional import cross_entropy
+from .backend import like, xp_of
+from .functional import check_ids, check_targets, cross_entropy
 from .optim import AdamW, clip_grad_norm, warmup_cosine
 
 
@@ -82,6 +91,39 @@ def make_optimizer(model, cfg: TrainConfig) -> AdamW:
     return AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
+    """One training step on a batch whose ids and targets were already checked; returns (loss, grad norm).
+
+    Forward, cross-entropy, backward, clipping (if ``grad_clip``) and the
+    optimizer step, with exactly one host synchronization: the loss and the
+    gradient norm before clipping come back together as two Python floats
+    (the norm is None without clipping). When either is NaN or inf the
+    optimizer step is skipped, so the weights stay as they were; the caller
+    decides what to do (``train`` raises ``TrainingDiverged``).
+    """
+    logits = model(idx, check=False)  # (B, T) -> (B, T, V); ids checked by the caller
+    loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
+    model.zero_grad()
+    model.backward(dlogits)
+    if grad_clip:
+        norm = clip_grad_norm(opt.params, grad_clip)  # (), on the device
+        xp = xp_of(loss, norm)
+        loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer
+    else:
+        loss_value, norm_value = float(loss), None  # the one transfer
+    if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
+        opt.step()
+    return loss_value, norm_value
+
+
+def _batch(rng, cfg: TrainConfig, block: int, vocab: int, reference):
+    """A training batch made and checked on the host, then moved to the backend of ``reference`` (a weight)."""
+    idx, targets = data.make_batch(rng, cfg.batch_size, cfg.tasks, block_size=block, xp=np)  # (B, T) each, host
+    check_ids(idx, vocab)  # host reductions: no device synchronization
+    check_targets(targets, vocab)
+    return like(reference, idx), like(reference, targets)  # (B, T) each, on the model's backend
+
+
 def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None = None,
           on_eval=None) -> dict:
     """Train ``model`` in place; returns the history (losses, learning rates, evaluations, seconds).
@@ -94,10 +136,11 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
 
     rng = np.random.default_rng(cfg.seed)
     block = model.config.block_size
+    vocab = model.config.vocab_size
     if eval_sets is None:
         eval_sets = data.eval_set(cfg.tasks, cfg.eval_per_task, seed=cfg.seed, block_size=block)
     opt = make_optimizer(model, cfg)
-    history = {"step": [], "loss": [], "lr": [], "eval": [], "config": cfg.to_dict()}
+    history = {"step": [], "loss": [], "lr": [], "grad_norm": [], "eval": [], "config": cfg.to_dict()}
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), disable=not progress, desc="train", unit="step", dynamic_ncols=True)
@@ -105,22 +148,21 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
     for step in bar:
         lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
         opt.lr = lr
-        idx, targets = data.make_batch(rng, cfg.batch_size, cfg.tasks, block_size=block)  # (B, T) each
-        logits = model(idx)  # (B, T) -> (B, T, V)
-        loss, dlogits = cross_entropy(logits, targets)
-        loss_value = float(loss)
+        idx, targets = _batch(rng, cfg, block, vocab, opt.params[0].data)  # (B, T) each
+        loss_value, norm_value = train_step(model, opt, idx, targets, cfg.grad_clip)
+        bad = None
         if not math.isfinite(loss_value):
+            bad = f"loss became {loss_value}"
+        elif norm_value is not None and not math.isfinite(norm_value):
+            bad = f"gradient norm became {norm_value} (loss {loss_value:.4g})"
+        if bad is not None:  # train_step skipped the optimizer step: the weights are those of the step before
             where = f"; the last good checkpoint (step {last_good}) is at {cfg.checkpoint}" if last_good else ""
             bar.close()
-            raise TrainingDiverged(f"loss became {loss_value} at step {step} (lr {lr:.3g}){where}")
-        model.zero_grad()
-        model.backward(dlogits)
-        if cfg.grad_clip:
-            clip_grad_norm(opt.params, cfg.grad_clip)
-        opt.step()
+            raise TrainingDiverged(f"{bad} at step {step} (lr {lr:.3g}){where}")
         history["step"].append(step)
         history["loss"].append(loss_value)
         history["lr"].append(lr)
+        history["grad_norm"].append(norm_value)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         last = step == cfg.steps - 1

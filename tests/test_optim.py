@@ -6,6 +6,11 @@ clip_grad_norm vs torch.nn.utils.clip_grad_norm_, all in float64 over
 several steps and parameter shapes; the warm-up + cosine schedule at its
 boundaries; and the LoRA-relevant rule that frozen parameters get no
 optimizer state and are never changed (Hu et al., 2021, section 4.2).
+
+Also: clipping stays on the device (its norm is a 0-d array; float32
+gradients stay float32), and optimizer state follows its parameters across
+backends (``Optimizer.to`` and the move in ``step``), checked on the CPU with
+a stand-in for a CuPy array (see ``FakeDeviceArray`` for what that can show).
 """
 
 import math
@@ -15,9 +20,9 @@ import pytest
 import torch
 from conftest import rel
 
-from lora_from_scratch.backend import asarray, to_numpy
+from lora_from_scratch.backend import asarray, is_cupy_array, to_numpy
 from lora_from_scratch.nn import Parameter
-from lora_from_scratch.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
+from lora_from_scratch.optim import SGD, AdamW, clip_grad_norm, grad_norm, warmup_cosine
 
 SHAPES = [(3,), (4, 5), (2, 3, 4), (1, 7)]
 
@@ -109,8 +114,8 @@ def test_clip_grad_norm_matches_torch(max_norm):
     unclipped = [to_numpy(p.grad).copy() for p in ours]
     norm = clip_grad_norm(ours, max_norm)
     ref_norm = float(torch.nn.utils.clip_grad_norm_(theirs, max_norm))
-    assert isinstance(norm, float)
-    assert abs(norm - ref_norm) <= 1e-12 * ref_norm
+    assert not isinstance(norm, float) and norm.shape == () and norm.dtype == np.float64  # a 0-d device array
+    assert abs(float(norm) - ref_norm) <= 1e-12 * ref_norm
     for p, t in zip(ours, theirs):
         assert rel(p.grad, t.grad.numpy()) < 1e-12
     clipped_norm = math.sqrt(sum(float((to_numpy(p.grad) ** 2).sum()) for p in ours))
@@ -125,8 +130,150 @@ def test_clip_grad_norm_ignores_missing_grads():
     _, ours, _ = make_pair(6)
     ours[0].grad = asarray(np.full(ours[0].shape, 4.0))  # (3,): norm sqrt(48)
     norm = clip_grad_norm(ours, 1.0)
-    assert abs(norm - math.sqrt(48.0)) < 1e-12
+    assert abs(float(norm) - math.sqrt(48.0)) < 1e-12
     assert all(p.grad is None for p in ours[1:])
+    assert grad_norm(ours) == pytest.approx(1.0, abs=1e-5)  # after clipping; grad_norm is a Python float
+    assert isinstance(grad_norm(ours), float)
+
+
+def test_clip_grad_norm_without_any_gradient():
+    _, ours, _ = make_pair(6)
+    norm = clip_grad_norm(ours, 1.0)
+    assert norm.shape == () and float(norm) == 0.0
+    assert grad_norm(ours) == 0.0
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm(ours, 0.0)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_keeps_float32_gradients_float32(max_norm):
+    """The scale is computed in float64 but cast before the multiply: NumPy 2 would promote to float64."""
+    rng = np.random.default_rng(8)
+    ps = [Parameter(asarray(rng.standard_normal(s).astype(np.float32))) for s in SHAPES]
+    for p in ps:
+        p.grad = asarray(rng.standard_normal(p.shape).astype(np.float32))  # shape of p, float32
+    before = [to_numpy(p.grad).astype(np.float64) for p in ps]
+    norm = float(clip_grad_norm(ps, max_norm))
+    assert all(p.grad.dtype == np.float32 for p in ps)
+    expected = min(1.0, max_norm / (norm + 1e-6))
+    for p, b in zip(ps, before):
+        assert rel(p.grad, b * expected) < 1e-6
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_clip_grad_norm_with_a_non_finite_norm_leaves_gradients_alone(bad):
+    rng = np.random.default_rng(9)
+    ps = [Parameter(asarray(rng.standard_normal(s))) for s in SHAPES]
+    grads = [rng.standard_normal(s) * 10 for s in SHAPES]
+    grads[1][0, 0] = bad
+    for p, g in zip(ps, grads):
+        p.grad = asarray(g.copy())
+    norm = clip_grad_norm(ps, 1.0)
+    assert not math.isfinite(float(norm))
+    for p, g in zip(ps, grads):
+        assert np.array_equal(to_numpy(p.grad), g, equal_nan=True)  # scale 1: nothing changed
+
+
+# ------------------------------------------------------------------ state across backends
+class FakeDeviceArray:
+    """A stand-in for a CuPy array on a machine without one: ``backend.is_cupy_array`` says yes (its class
+    lives in a module named ``cupy...``) and ``.get()`` copies it to the host, as CuPy's does.
+
+    What a CPU test can show with it: that ``Optimizer.to("numpy")`` and ``step`` notice state on
+    another backend than its parameter, move it with ``backend.like`` / ``asarray`` (calling ``.get()``),
+    and go on from the same values. What it cannot show: the real CuPy copies, and the direction
+    NumPy -> CuPy, which needs a GPU (``test_state_follows_parameters_to_cupy`` does that, marked gpu).
+    """
+
+    __module__ = "cupy._fake"
+
+    def __init__(self, a):
+        self._a = np.array(a)
+        self.shape, self.dtype, self.nbytes = self._a.shape, self._a.dtype, self._a.nbytes
+        self.gets = 0
+
+    def get(self):
+        self.gets += 1
+        return self._a.copy()
+
+
+def _foreign_state(opt):
+    """Replace every state array by a FakeDeviceArray holding the same values; returns them all."""
+    fakes = []
+    for st in opt.state.values():
+        for k, a in st.items():
+            if hasattr(a, "shape"):
+                st[k] = FakeDeviceArray(to_numpy(a))
+                fakes.append(st[k])
+    assert fakes and all(is_cupy_array(f) for f in fakes)
+    return fakes
+
+
+@pytest.mark.parametrize("make", [
+    (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.05), lambda ts: torch.optim.AdamW(ts, lr=1e-2, weight_decay=0.05)),
+    (lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ts: torch.optim.SGD(ts, lr=0.1, momentum=0.9)),
+], ids=["AdamW", "SGD"])
+def test_step_moves_state_that_is_on_another_backend(make):
+    """As after ``model.to(...)`` without ``opt.to(...)``: step brings the state over and goes on from it."""
+    rng, ours, theirs = make_pair(10)
+    opt, ref = make[0](ours), make[1](theirs)
+    run_steps(opt, ref, ours, theirs, rng, steps=2, tol=1e-12)
+    fakes = _foreign_state(opt)
+    run_steps(opt, ref, ours, theirs, rng, steps=3, tol=1e-12)  # the same trajectory as torch: state kept
+    assert all(f.gets == 1 for f in fakes)  # each moved once, with backend.like
+    for st in opt.state.values():
+        assert all(type(a) is np.ndarray for a in st.values() if hasattr(a, "shape"))
+
+
+def test_optimizer_to_moves_every_state_array_and_keeps_the_step_count():
+    rng, ours, theirs = make_pair(11)
+    opt = AdamW(ours, lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    run_steps(opt, ref, ours, theirs, rng, steps=3, tol=1e-12)
+    before = {i: {k: (to_numpy(a).copy() if hasattr(a, "shape") else a) for k, a in st.items()}
+              for i, st in opt.state.items()}
+    fakes = _foreign_state(opt)
+    assert opt.to("numpy") is opt
+    assert all(f.gets == 1 for f in fakes)
+    for i, st in opt.state.items():
+        assert st["step"] == before[i]["step"] == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert type(st[k]) is np.ndarray and np.array_equal(st[k], before[i][k])
+    assert opt.to("numpy") is opt  # already there: nothing to move, values unchanged
+    run_steps(opt, ref, ours, theirs, rng, steps=2, tol=1e-12)
+    with pytest.raises(ValueError, match="unknown backend"):
+        opt.to("tpu")
+
+
+@pytest.mark.gpu
+def test_state_follows_parameters_to_cupy():  # pragma: no cover - needs a GPU
+    import cupy
+
+    rng, ours, theirs = make_pair(12)
+    opt = AdamW(ours, lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+
+    def steps(n, move):
+        for _ in range(n):
+            for p, t in zip(ours, theirs):
+                g = rng.standard_normal(p.shape)  # shape of p
+                p.grad = move(g)
+                t.grad = torch.from_numpy(g.copy())
+            opt.step()
+            ref.step()
+            for p, t in zip(ours, theirs):
+                assert rel(p.data, t.detach().numpy()) < 1e-12
+
+    steps(2, np.asarray)
+    for p in ours:  # what model.to("cupy") does to each parameter
+        p.data = cupy.asarray(to_numpy(p.data))
+    steps(1, cupy.asarray)  # step moved the state to the GPU and went on from it
+    assert all(isinstance(a, cupy.ndarray) for st in opt.state.values() for a in st.values() if hasattr(a, "shape"))
+    opt.to("numpy")
+    assert all(type(a) is np.ndarray for st in opt.state.values() for a in st.values() if hasattr(a, "shape"))
+    for p in ours:
+        p.data = to_numpy(p.data)
+    steps(1, np.asarray)
 
 
 # ------------------------------------------------------------------ schedule
