@@ -14,7 +14,7 @@ trained one.
   (dequantized NF4 W0 + s B A, re-quantized group-wise asymmetric INT-N, the same scheme as
   QA-LoRA's base);
 - QA-LoRA: base weights in group-wise INT-N, pooled adapters, fine-tuned once per N; deployed
-  by ``qalora.merge_qalora`` (codes kept, zero points updated).
+  by ``lora.merge_and_unload`` (codes kept, zero points updated).
 
 For each it reports the fine-tuning task's exact match with the adapter unmerged ("trained") and
 after deployment ("deployed"), the pre-training tasks' mean exact match before and after, and
@@ -33,7 +33,8 @@ from . import data, train
 from .backend import global_rng, manual_seed, xp_of
 from .io import BASE_CHECKPOINT, load_checkpoint
 from .lora import TARGETS
-from .qalora import apply_qalora, merge_qalora, quantize_model_groupwise
+from .lora import merge_and_unload
+from .qalora import apply_qalora, quantize_model_groupwise
 
 __all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "format_table"]
 
@@ -190,7 +191,7 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
             seconds = time.perf_counter() - t0
             trained = _scores(model, eval_sets)
             say(f"QA-LoRA: deploying at INT{b} (adapter folded into the zero points)")
-            rows.append(row("qalora", b, trained, _scores(merge_qalora(model), eval_sets), seconds))
+            rows.append(row("qalora", b, trained, _scores(merge_and_unload(model), eval_sets), seconds))
     return rows
 
 

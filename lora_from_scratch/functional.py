@@ -62,25 +62,38 @@ def linear_backward(dy, cache, need_dW=True, need_db=True, need_dx=True):
 
 # ------------------------------------------------------------------ embedding
 def check_ids(ids, num_embeddings):
-    """Raise ValueError naming the first id outside [0, num_embeddings).
+    """Raise ValueError naming an id outside [0, num_embeddings) (the smallest if negative, else the largest).
 
     CuPy does not raise on out-of-bounds indices (they wrap around), so the
-    check must be explicit; it costs one reduction and one scalar transfer.
+    check must be explicit. It is the one host synchronization of a forward:
+    two reductions on the device (min and max) and a single transfer of both.
+    Call it once per batch (``GPT.forward`` does); ``embedding_forward`` does
+    not call it unless asked, so that no lookup syncs.
     """
     if ids.dtype.kind not in "iu":
         raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.size == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    xp = xp_of(ids)
+    lo, hi = xp.stack((ids.min(), ids.max())).tolist()  # (...) -> (2,) -> two Python ints: the one transfer
     if lo < 0:
         raise ValueError(f"token id {lo} is negative; ids must lie in [0, {num_embeddings})")
     if hi >= num_embeddings:
         raise ValueError(f"token id {hi} is out of range for a vocabulary of size {num_embeddings}")
 
 
-def embedding_forward(ids, W):
-    """Row lookup: out[b, t] = W[ids[b, t]]; ids (B, T) integers, W (V, C)."""
-    check_ids(ids, W.shape[0])
+def embedding_forward(ids, W, check=False):
+    """Row lookup: out[b, t] = W[ids[b, t]]; ids (B, T) integers, W (V, C).
+
+    No host synchronization: the ids are not range-checked here unless
+    ``check=True`` (``check_ids``, one sync). Out-of-range ids raise
+    IndexError on NumPy only when too large; negative ones, and on CuPy all of
+    them, wrap around silently, so check them once per batch before the lookup.
+    """
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    if check:
+        check_ids(ids, W.shape[0])
     out = W[ids]  # (B, T) -> (B, T, C)
     return out, (ids, W.shape)
 
@@ -261,36 +274,131 @@ def causal_attention_backward(dy, cache):
 
 
 # -------------------------------------------------------------- cross-entropy
-def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX):
+def check_targets(targets, n_classes, ignore_index=IGNORE_INDEX):
+    """Raise ValueError unless every target is ``ignore_index`` or lies in [0, n_classes), and one is not ignored.
+
+    A batch whose targets are all ``ignore_index`` has no mean loss (0 / 0);
+    an out-of-range target has no class (the message names the first such
+    one, in reading order). One host synchronization: a few reductions on the
+    device and a single transfer. The training loop calls it once per batch;
+    ``cross_entropy(..., check=True)`` calls it too.
+    """
+    if targets.dtype.kind not in "iu":
+        raise ValueError(f"targets must be integers, got dtype {targets.dtype}")
+    if targets.size == 0:
+        raise ValueError("cross_entropy: there are no targets (an empty batch); the mean loss is undefined")
+    xp = xp_of(targets)
+    tg = targets.reshape(-1)  # (...) -> (N,)
+    valid = tg != ignore_index  # (N,)
+    bad = valid & ((tg < 0) | (tg >= n_classes))  # (N,)
+    first_bad = xp.take(tg, xp.argmax(bad))  # (N,) -> (): the first bad target (tg[0] if there is none)
+    summary = xp.stack((valid.sum(), bad.any(), first_bad)).astype("int64")  # (3,)
+    n_valid, any_bad, first = summary.tolist()  # the one transfer
+    if n_valid == 0:
+        raise ValueError(f"cross_entropy: every target equals ignore_index ({ignore_index}); "
+                         "the mean loss is undefined")
+    if any_bad:
+        raise ValueError(f"target id {first} is out of range for {n_classes} classes")
+
+
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     """Mean cross-entropy over the positions whose target is not ``ignore_index``.
 
     logits: (B, T, V) (or (N, V)); targets: integer array of the leading shape.
     Returns (loss, dlogits) where loss is a 0-d array on the logits' backend and
     dlogits = (softmax(logits) - onehot(target)) / n_valid at valid positions,
-    0 elsewhere. A batch with no valid position raises ValueError (its mean
-    would be 0/0).
+    0 elsewhere.
+
+    By default the targets are validated first (``check_targets``: one host
+    sync, and a ValueError for an all-ignored batch or an out-of-range target).
+    ``check=False`` makes no host synchronization at all (the number of valid
+    positions stays on the device): the training loop checks each batch once on
+    the host and then calls it that way. Unchecked, an
+    all-ignored batch gives loss 0 and a zero gradient (the division is guarded,
+    never 0 / 0), and an out-of-range target makes the loss and every gradient
+    entry NaN: never a silently wrong finite number.
     """
     xp = xp_of(logits, targets)
     V = logits.shape[-1]
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
+    if check:
+        check_targets(targets, V, ignore_index)
     lg = logits.reshape(-1, V)  # (..., V) -> (N, V)
     tg = targets.reshape(-1)  # (...) -> (N,)
     valid = tg != ignore_index  # (N,)
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        raise ValueError("cross_entropy: every target equals ignore_index; the mean loss is undefined")
-    bad = valid & ((tg < 0) | (tg >= V))
-    if bool(bad.any()):
-        first = int(tg[xp.argmax(bad)])
-        raise ValueError(f"target id {first} is out of range for {V} classes")
+    in_range = (tg >= 0) & (tg < V)  # (N,)
+    bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
+    valid &= in_range  # (N,): out-of-range targets are never used as an index (NaN-poisoned below)
+    n_valid = xp.maximum(valid.sum(), 1).astype(lg.dtype)  # (): on the device, >= 1 so never 0 / 0
     safe_t = xp.where(valid, tg, 0)  # (N,)
+    rows = xp.arange(lg.shape[0])  # (N,)
     shifted = lg - lg.max(axis=-1, keepdims=True)  # (N, V)
     e = xp.exp(shifted)  # (N, V)
     s = e.sum(axis=-1, keepdims=True)  # (N, 1)
-    logp_t = shifted[xp.arange(lg.shape[0]), safe_t] - xp.log(s[:, 0])  # (N,)
-    loss = -(logp_t * valid).sum() / n_valid  # scalar
+    logp_t = shifted[rows, safe_t] - xp.log(s[:, 0])  # (N,)
+    poison = xp.where(bad, math.nan, 0.0).astype(lg.dtype)  # (): NaN when a target is out of range, else 0
+    loss = -(logp_t * valid).sum() / n_valid + poison  # ()
     dl = e / s  # (N, V) softmax
-    dl[xp.arange(lg.shape[0]), safe_t] -= 1.0  # (N, V) minus one-hot
-    dl *= (valid / n_valid).astype(lg.dtype)[:, None]  # (N, V), zero rows where ignored
+    dl[rows, safe_t] -= 1.0  # (N, V) minus one-hot
+    dl *= (valid.astype(lg.dtype) / n_valid + poison)[:, None]  # (N, V), zero rows where ignored
     return loss, dl.reshape(logits.shape)
+
+
+# ------------------------------------------------------------ the low-rank adapter
+def lowrank_forward(xa, A, B, scaling: float):
+    """The adapter's path of LoRA (Hu et al., 2021, eq. 3): y = s * (xa A^T) B^T, narrow first.
+
+    xa (..., k) is what the adapter sees (x, dropout(x), or the group means of x for QA-LoRA),
+    A (r, k), B (d, r), s = alpha / r. The product runs through the rank-r bottleneck,
+    u = xa A^T of shape (..., r), so no (d, k) matrix B A is ever formed.
+    """
+    k, d = A.shape[1], B.shape[0]
+    if xa.shape[-1] != k:
+        raise ValueError(f"the adapter's A has shape {tuple(A.shape)} but its input has last dimension "
+                         f"{xa.shape[-1]}")
+    x2 = xa.reshape(-1, k)  # (..., k) -> (N, k)
+    us = x2 @ A.T  # (N, k) @ (k, r) -> (N, r): u = xa A^T
+    us *= scaling  # (N, r): s u, scaled while narrow
+    y = (us @ B.T).reshape(*xa.shape[:-1], d)  # (N, r) @ (r, d) -> (N, d) -> (..., d)
+    return y, (x2, us, A, B, scaling, xa.shape)
+
+
+def lowrank_backward(dy, cache, need_dA: bool = True, need_dB: bool = True):
+    """Gradients of y = s (xa A^T) B^T. Returns (dxa, dA, dB); dA / dB are None when not needed.
+
+        dB = dy^T (s u)     (d, r)         g   = s dy B    (N, r)
+        dA = g^T xa         (r, k)         dxa = g A       (..., k)
+    """
+    x2, us, A, B, scaling, shape = cache
+    dy2 = dy.reshape(-1, B.shape[0])  # (..., d) -> (N, d)
+    g = dy2 @ B  # (N, d) @ (d, r) -> (N, r)
+    g *= scaling  # (N, r): g = s dy B
+    dB = dy2.T @ us if need_dB else None  # (d, N) @ (N, r) -> (d, r)
+    dA = g.T @ x2 if need_dA else None  # (r, N) @ (N, k) -> (r, k)
+    dxa = (g @ A).reshape(shape)  # (N, r) @ (r, k) -> (N, k) -> (..., k)
+    return dxa, dA, dB
+
+
+def group_mean_forward(x, group_size: int):
+    """QA-LoRA's pooling (Xu et al., 2023, section 3.3): the mean of each group of ``group_size`` input channels.
+
+    x (..., in) -> p (..., in / group_size); the cache is the group size.
+    """
+    in_features = int(x.shape[-1])
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if in_features % group_size:
+        raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
+    L = in_features // group_size
+    p = x.reshape(*x.shape[:-1], L, group_size).mean(axis=-1)  # (..., in) -> (..., L, gs) -> (..., L)
+    return p, group_size
+
+
+def group_mean_backward(dp, cache):
+    """dx[..., i] = dp[..., g(i)] / group_size: every channel of a group gets an equal share. (..., L) -> (..., in)."""
+    group_size = cache
+    xp = xp_of(dp)
+    share = dp[..., None] * (1.0 / group_size)  # (..., L) -> (..., L, 1)
+    dx = xp.broadcast_to(share, (*dp.shape, group_size))  # (..., L, 1) -> (..., L, gs), a view
+    return dx.reshape(*dp.shape[:-1], dp.shape[-1] * group_size)  # (..., L, gs) -> (..., in), a copy

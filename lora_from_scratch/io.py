@@ -1,17 +1,21 @@
-"""Files in and out: safetensors checkpoints, Hugging Face GPT-2 import, PEFT adapters.
+"""Files in and out: safetensors checkpoints of every model kind, per-task adapter files, GPT-2 and PEFT.
 
-- ``save_checkpoint`` / ``load_checkpoint``: the model's parameters in a
-  safetensors file (never pickle: a pickle can run code when loaded), with
-  the GPTConfig as JSON in the file's metadata. Writing is atomic: the file
-  goes to a temporary name in the same folder and is renamed over the
-  target only when complete, so a crash never leaves half a checkpoint.
-- ``load_hf_gpt2``: builds our GPT from a Hugging Face ``GPT2LMHeadModel``
-  state dict given as NumPy arrays. GPT-2 stores its linear layers as
-  ``Conv1D`` with weights of shape (in, out), so each is transposed to the
-  paper's (out, in); the fused attention projection ``c_attn`` of shape
-  (C, 3C) is split into Wq, Wk, Wv.
-- ``save_peft_adapter`` / ``load_peft_adapter`` (in ``peft_io``): LoRA
-  adapters in the file layout of Hugging Face PEFT.
+- ``save_checkpoint`` / ``load_checkpoint``: a whole model in one safetensors file (never pickle:
+  a pickle can run code when loaded). The tensors are every parameter *and buffer* under its
+  dotted name, stored as held: a QLoRA base as its packed 4-bit codes and block constants, a
+  QA-LoRA base as its integer codes, scales and zero points (never in float, never re-quantized).
+  The metadata (JSON) holds the GPTConfig, the structure of every layer that is not a plain
+  ``Linear`` (its kind, its base's format, its adapters, which one is active, whether it is
+  merged) and the names of the trainable parameters, so the loaded model has the same layer
+  kinds and flags and computes bit for bit the same logits.
+- ``save_adapter`` / ``load_adapter``: one adapter of every adapted layer, the per-task file of
+  the LoRA paper (Hu et al., 2021, section 4.2: only A and B differ between tasks).
+- Writing is atomic: a file goes to a temporary name in the same folder and is renamed over the
+  target only when complete, so a crash or Ctrl-C never leaves half a checkpoint.
+- A file that is missing, truncated, not safetensors, or not ours raises an error naming the file
+  and what is wrong with it.
+- ``load_hf_gpt2`` / ``to_hf_gpt2_state_dict`` / ``save_hf_gpt2`` (in ``hf_io``): Hugging Face GPT-2;
+  ``save_peft_adapter`` / ``load_peft_adapter`` (in ``peft_io``): PEFT's adapter files.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import numpy as np
 
 from .backend import to_numpy
 from .model import GPT, GPTConfig
+from .targets import TARGETS, resolve_targets
 
 FORMAT = "lora_from_scratch.gpt"
+ADAPTER_FORMAT = "lora_from_scratch.adapter"
 # the pre-trained base model that ships with the package (``python -m lora_from_scratch pretrain`` makes it)
 BASE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
 
@@ -45,42 +51,130 @@ def atomic_write(path: str, write_fn) -> None:
         raise
 
 
+# ------------------------------------------------------------ layer kinds
+def _layer_classes() -> dict:
+    from .lora import LoRALinear
+    from .nn import Linear
+    from .qalora import GroupwiseLinear, QALoRALinear
+    from .qlora import NF4Linear, QLoRALinear
+
+    return {"Linear": Linear, "NF4Linear": NF4Linear, "GroupwiseLinear": GroupwiseLinear,
+            "lora": LoRALinear, "qlora": QLoRALinear, "qalora": QALoRALinear}
+
+
+def layer_from_spec(spec: dict):
+    """An empty layer (zeros of the right shapes and dtypes) of the structure ``spec`` describes."""
+    from .adapter import AdaptedLinear, LowRankAdapter
+
+    classes = _layer_classes()
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in classes:
+        raise ValueError(f"unknown layer kind {kind!r}; known kinds: {sorted(classes)}")
+    cls = classes[kind]
+    if issubclass(cls, AdaptedLinear):
+        adapters = {name: LowRankAdapter.from_spec(a) for name, a in spec["adapters"].items()}
+        return cls.assemble(layer_from_spec(spec["base"]), adapters, spec["active"], spec["merged"])
+    return cls.from_spec(spec)
+
+
+def layer_specs(model) -> dict:
+    """dotted path -> structure, for every matrix of a GPT that is not a plain ``Linear`` (see ``layer_from_spec``)."""
+    from .nn import Linear
+
+    specs = {}
+    for i, target in resolve_targets(model.config.n_layer, list(TARGETS)):
+        path = target.path(i)
+        layer = model.get_submodule(path)
+        if type(layer) is not Linear:
+            if not callable(getattr(layer, "spec", None)):
+                raise ValueError(f"{path} is a {type(layer).__name__}, which a checkpoint cannot describe")
+            specs[path] = layer.spec()
+    return specs
+
+
+# ------------------------------------------------------------ whole models
 def save_checkpoint(model: GPT, path: str, metadata: dict | None = None) -> None:
-    """Write every parameter of ``model`` (float32 or float64, as held) and its config to ``path``."""
+    """Write every parameter and buffer of ``model`` as held, its config and its structure to ``path``.
+
+    Any adapter kind, merged or not. Refuses (ValueError, nothing written) a floating array with NaN or inf.
+    """
     from safetensors.numpy import save_file
 
     tensors = {}
-    for name, p in model.named_parameters():
-        arr = np.ascontiguousarray(to_numpy(p.data))
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"refusing to save a checkpoint: parameter {name!r} holds NaN or inf")
+    for name, holder in model.named_arrays():
+        arr = np.ascontiguousarray(to_numpy(holder.data))
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"refusing to save a checkpoint: {name!r} holds NaN or inf")
         tensors[name] = arr
-    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict()),
+            "layers": json.dumps(layer_specs(model)),
+            "trainable": json.dumps([n for n, p in model.named_parameters() if p.trainable])}
     for k, v in (metadata or {}).items():
+        if str(k) in meta:
+            raise ValueError(f"metadata key {k!r} is reserved by the checkpoint format")
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
-    """(tensors as NumPy arrays, metadata dict) of a safetensors file."""
+    """(tensors as NumPy arrays, metadata dict) of a safetensors file; a clear error for a bad file."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(path, framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        size = os.path.getsize(path)
+        raise ValueError(f"{path} is not a readable safetensors file ({size} bytes; truncated or corrupt?): "
+                         f"{e}") from None
     return tensors, meta
 
 
-def load_checkpoint(path: str, dtype="float32") -> GPT:
-    """Rebuild the GPT saved by ``save_checkpoint`` (config from the metadata; keys and shapes checked)."""
+def _json_field(meta: dict, key: str, path: str, default=None):
+    if key not in meta:
+        if default is not None:
+            return default
+        raise ValueError(f"{path}: the checkpoint's metadata has no {key!r} entry")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the metadata entry {key!r} is not valid JSON ({e})") from None
+
+
+def load_checkpoint(path: str, dtype=None) -> GPT:
+    """Rebuild the model saved by ``save_checkpoint``: same layer kinds, arrays, flags and logits.
+
+    ``dtype`` (e.g. ``"float64"``) casts the floating parameters after loading; by default they
+    stay as stored. Every key, shape and dtype is checked; errors name the file.
+    """
     tensors, meta = read_checkpoint(path)
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not a lora_from_scratch GPT checkpoint (metadata: {sorted(meta)})")
-    config = GPTConfig(**json.loads(meta["config"]))
-    model = GPT(config, seed=0, dtype=dtype)
-    model.load_state_dict(tensors)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a lora_from_scratch GPT checkpoint (metadata keys: {sorted(meta)})")
+    try:
+        config = GPTConfig(**_json_field(meta, "config", path))
+    except TypeError as e:
+        raise ValueError(f"{path}: the stored config does not describe a GPTConfig ({e})") from None
+    if "wte.weight" not in tensors:
+        raise ValueError(f"{path}: the checkpoint has no 'wte.weight' tensor")
+    model = GPT(config, seed=0, dtype=str(tensors["wte.weight"].dtype))
+    try:
+        for layer_path, spec in _json_field(meta, "layers", path, default={}).items():
+            model.set_submodule(layer_path, layer_from_spec(spec))
+        model.load_state_dict(tensors)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: the file does not match the model it describes: {e}") from None
+    trainable = _json_field(meta, "trainable", path, default=[p for p, _ in model.named_parameters()])
+    named = dict(model.named_parameters())
+    unknown = sorted(set(trainable) - set(named))
+    if unknown:
+        raise ValueError(f"{path}: 'trainable' names parameters the model does not have: {unknown[:3]}")
+    for name, p in named.items():
+        p.trainable = name in set(trainable)
+    if dtype is not None:
+        model.astype(dtype)
     return model
 
 
@@ -96,104 +190,108 @@ def checkpoint_metadata(path: str) -> dict:
     return out
 
 
-# ------------------------------------------------------------ Hugging Face GPT-2
-def _take(sd: dict, key: str, shape: tuple) -> np.ndarray:
-    if key not in sd:
-        raise KeyError(f"GPT-2 state dict is missing key {key!r}")
-    arr = np.asarray(sd[key])
-    if tuple(arr.shape) != tuple(shape):
-        raise ValueError(
-            f"shape mismatch for {key!r}: state dict has {tuple(arr.shape)}, expected {tuple(shape)}"
-        )
-    return arr
+# ------------------------------------------------------------ per-task adapter files
+def save_adapter(model, path: str, adapter: str | None = None) -> None:
+    """Write one adapter (default: the active one) of every adapted layer to ``path`` (safetensors).
 
-
-def hf_gpt2_config(sd: dict, n_head: int) -> GPTConfig:
-    """Infer the GPTConfig from the shapes of a GPT-2 state dict (the head count is not in it)."""
-    for key in ("transformer.wte.weight", "transformer.wpe.weight"):
-        if key not in sd:
-            raise KeyError(f"GPT-2 state dict is missing key {key!r}")
-    V, C = np.shape(sd["transformer.wte.weight"])
-    P = np.shape(sd["transformer.wpe.weight"])[0]
-    n_layer = 0
-    while f"transformer.h.{n_layer}.ln_1.weight" in sd:
-        n_layer += 1
-    if n_layer == 0:
-        raise KeyError("GPT-2 state dict has no blocks (missing 'transformer.h.0.ln_1.weight')")
-    return GPTConfig(vocab_size=int(V), block_size=int(P), n_layer=n_layer, n_head=n_head, n_embd=int(C))
-
-
-def load_hf_gpt2(state_dict: dict, n_head: int, dtype="float32") -> GPT:
-    """Our GPT holding the weights of a Hugging Face ``GPT2LMHeadModel`` state dict (NumPy arrays).
-
-    Conv1D weights (in, out) are transposed to (out, in); ``c_attn`` (C, 3C)
-    is split column-wise into Wq, Wk, Wv. Every expected key must be present
-    with its expected shape; buffers (``attn.bias`` masks) and the tied
-    ``lm_head.weight`` are accepted and ignored (the head must equal wte).
+    The file holds A and B of each layer (``lora.lora_state_dict``) and, as metadata, each
+    adapter's hyperparameters: what ``load_adapter`` needs to rebuild it on the same base model.
     """
-    sd = {k: to_numpy(v) for k, v in state_dict.items()}
-    cfg = hf_gpt2_config(sd, n_head)
-    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
-    ours: dict[str, np.ndarray] = {
-        "wte.weight": _take(sd, "transformer.wte.weight", (V, C)),
-        "wpe.weight": _take(sd, "transformer.wpe.weight", (P, C)),
-        "ln_f.weight": _take(sd, "transformer.ln_f.weight", (C,)),
-        "ln_f.bias": _take(sd, "transformer.ln_f.bias", (C,)),
-    }
-    for i in range(cfg.n_layer):
-        h, b = f"transformer.h.{i}.", f"blocks.{i}."
-        for ln in ("ln_1", "ln_2"):
-            ours[b + ln + ".weight"] = _take(sd, h + ln + ".weight", (C,))
-            ours[b + ln + ".bias"] = _take(sd, h + ln + ".bias", (C,))
-        Wqkv = _take(sd, h + "attn.c_attn.weight", (C, 3 * C)).T  # (C, 3C) -> (3C, C)
-        bqkv = _take(sd, h + "attn.c_attn.bias", (3 * C,))  # (3C,)
-        for j, name in enumerate(("q", "k", "v")):
-            ours[b + f"attn.{name}.weight"] = Wqkv[j * C:(j + 1) * C]  # (C, C) rows of the fused matrix
-            ours[b + f"attn.{name}.bias"] = bqkv[j * C:(j + 1) * C]  # (C,)
-        ours[b + "attn.o.weight"] = _take(sd, h + "attn.c_proj.weight", (C, C)).T  # (C, C) transposed
-        ours[b + "attn.o.bias"] = _take(sd, h + "attn.c_proj.bias", (C,))
-        ours[b + "mlp.fc.weight"] = _take(sd, h + "mlp.c_fc.weight", (C, 4 * C)).T  # (C, 4C) -> (4C, C)
-        ours[b + "mlp.fc.bias"] = _take(sd, h + "mlp.c_fc.bias", (4 * C,))
-        ours[b + "mlp.proj.weight"] = _take(sd, h + "mlp.c_proj.weight", (4 * C, C)).T  # (4C, C) -> (C, 4C)
-        ours[b + "mlp.proj.bias"] = _take(sd, h + "mlp.c_proj.bias", (C,))
-    if "lm_head.weight" in sd:
-        head = _take(sd, "lm_head.weight", (V, C))
-        if not np.array_equal(head, ours["wte.weight"]):
-            raise ValueError("lm_head.weight differs from transformer.wte.weight; this GPT ties the two")
-    model = GPT(cfg, seed=0, dtype=dtype)
-    model.load_state_dict(ours)
-    return model
+    from safetensors.numpy import save_file
+
+    from .lora import _adapter_of, lora_layers, lora_state_dict
+
+    state = lora_state_dict(model, adapter)
+    layers = lora_layers(model)
+    name = adapter if adapter is not None else next(iter(layers.values())).active
+    specs = {p: {"kind": layer.kind, **_adapter_of(p, layer, adapter).spec()} for p, layer in layers.items()}
+    tensors = {}
+    for k, v in state.items():
+        arr = np.ascontiguousarray(to_numpy(v))
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"refusing to save the adapter: {k!r} holds NaN or inf")
+        tensors[k] = arr
+    meta = {"format": ADAPTER_FORMAT, "name": str(name), "layers": json.dumps(specs)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_adapter(model, path: str, name: str | None = None, activate: bool = True) -> str:
+    """Add the adapter stored at ``path`` to ``model`` under ``name`` (default: its stored name); returns the name.
+
+    The model must have adapted layers of the same kinds at the same paths (the base model the
+    adapter was trained on, adapted with any first adapter). If an adapter of that name exists it
+    is overwritten (same shapes required); ``activate`` makes it the active one. Everything is
+    checked before the model changes.
+    """
+    from .adapter import LowRankAdapter
+    from .lora import lora_layers, mark_only_lora_as_trainable
+
+    tensors, meta = read_checkpoint(path)
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path} is not a lora_from_scratch adapter file (metadata keys: {sorted(meta)})")
+    specs = _json_field(meta, "layers", path)
+    name = meta.get("name", "default") if name is None else name
+    layers = lora_layers(model)
+    if sorted(specs) != sorted(layers):
+        raise ValueError(f"{path}: the adapter is for layers {sorted(specs)[:4]}..., the model has adapted layers "
+                         f"{sorted(layers)[:4]}...")
+    plan = []
+    for p, spec in specs.items():
+        layer = layers[p]
+        if spec.get("kind") != layer.kind:
+            raise ValueError(f"{path}: {p} was a {spec.get('kind')} layer, the model's is {layer.kind}")
+        if layer.merged:
+            raise ValueError(f"{p} is merged; unmerge_lora before loading an adapter")
+        A, B = tensors.get(f"{p}.lora_A"), tensors.get(f"{p}.lora_B")
+        if A is None or B is None:
+            raise ValueError(f"{path}: no {p}.lora_A / {p}.lora_B tensors")
+        try:
+            new = LowRankAdapter.from_spec(spec)
+            if new.A.shape != tuple(A.shape) or new.B.shape != tuple(B.shape):
+                raise ValueError(f"{p}: A {tuple(A.shape)} / B {tuple(B.shape)} do not match the stored rank "
+                                 f"{spec['r']}")
+            if (new.A.shape[1], new.B.shape[0]) != (layer.adapter_in_features, layer.out_features):
+                raise ValueError(f"{p}: the adapter's A {tuple(A.shape)} and B {tuple(B.shape)} do not fit the layer")
+            if name in layer.adapters and layer.adapters[name].A.shape != new.A.shape:
+                raise ValueError(f"{p} has an adapter {name!r} of rank {layer.adapters[name].r}, the file's is "
+                                 f"rank {new.r}")
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: the stored spec of {p} is incomplete ({e})") from None
+        ref = next(iter(layer.adapters.values())).A.data
+        new.A.data = like_of(ref, A)
+        new.B.data = like_of(ref, B)
+        plan.append((layer, new))
+    for layer, new in plan:
+        for q in new.parameters():
+            q.trainable = False
+        layer.adapters[name] = new
+    if activate:
+        for layer in layers.values():
+            layer.active = name
+        mark_only_lora_as_trainable(model)
+    return name
+
+
+def like_of(reference, host_array):
+    """``host_array`` on the backend and in the dtype of ``reference``."""
+    from .backend import like
+
+    return like(reference, host_array).astype(reference.dtype)
+
+
+# ------------------------------------------------------------ GPT-2 and PEFT
+def load_hf_gpt2(state_dict: dict, n_head: int, dtype="float32") -> GPT:
+    """Our GPT from a Hugging Face ``GPT2LMHeadModel`` state dict (see ``hf_io.load_hf_gpt2``)."""
+    from .hf_io import load_hf_gpt2 as _load
+
+    return _load(state_dict, n_head, dtype)
 
 
 def to_hf_gpt2_state_dict(model: GPT) -> dict:
-    """The inverse of ``load_hf_gpt2``: a GPT-2 state dict (NumPy) with fused ``c_attn`` and Conv1D layout.
+    """A GPT-2 state dict of our GPT's float weights (see ``hf_io.to_hf_gpt2_state_dict``)."""
+    from .hf_io import to_hf_gpt2_state_dict as _to
 
-    On a model with LoRA adapters this exports the frozen base weights (``...q.base.weight``)
-    and leaves the adapters out: they go to PEFT's own file (``save_peft_adapter``).
-    """
-    params = {k.replace(".base.", "."): to_numpy(v) for k, v in model.state_dict().items() if "lora_" not in k}
-    out = {
-        "transformer.wte.weight": params["wte.weight"],
-        "transformer.wpe.weight": params["wpe.weight"],
-        "transformer.ln_f.weight": params["ln_f.weight"],
-        "transformer.ln_f.bias": params["ln_f.bias"],
-        "lm_head.weight": params["wte.weight"],
-    }
-    for i in range(model.config.n_layer):
-        h, b = f"transformer.h.{i}.", f"blocks.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[h + ln + ".weight"] = params[b + ln + ".weight"]
-            out[h + ln + ".bias"] = params[b + ln + ".bias"]
-        W = np.concatenate([params[b + f"attn.{n}.weight"] for n in "qkv"], axis=0)  # (3C, C)
-        out[h + "attn.c_attn.weight"] = np.ascontiguousarray(W.T)  # (C, 3C)
-        out[h + "attn.c_attn.bias"] = np.concatenate([params[b + f"attn.{n}.bias"] for n in "qkv"])  # (3C,)
-        out[h + "attn.c_proj.weight"] = np.ascontiguousarray(params[b + "attn.o.weight"].T)  # (C, C)
-        out[h + "attn.c_proj.bias"] = params[b + "attn.o.bias"]
-        out[h + "mlp.c_fc.weight"] = np.ascontiguousarray(params[b + "mlp.fc.weight"].T)  # (C, 4C)
-        out[h + "mlp.c_fc.bias"] = params[b + "mlp.fc.bias"]
-        out[h + "mlp.c_proj.weight"] = np.ascontiguousarray(params[b + "mlp.proj.weight"].T)  # (4C, C)
-        out[h + "mlp.c_proj.bias"] = params[b + "mlp.proj.bias"]
-    return out
+    return _to(model)
 
 
 def save_peft_adapter(model, directory: str) -> None:
@@ -208,3 +306,10 @@ def load_peft_adapter(model, directory: str):
     from .peft_io import load_peft_adapter as _load
 
     return _load(model, directory)
+
+
+def save_hf_gpt2(model: GPT, directory: str, base_only: bool = False, dequantize: bool = False) -> None:
+    """Write a folder that ``transformers.GPT2LMHeadModel.from_pretrained`` loads (see ``hf_io.save_hf_gpt2``)."""
+    from .hf_io import save_hf_gpt2 as _save
+
+    _save(model, directory, base_only=base_only, dequantize=dequantize)

@@ -7,7 +7,14 @@ it is explicit: a layer whose weight is frozen never forms that weight's
 gradient (``need_dW=False`` in ``functional.linear_backward``), and the
 optimizers give it no state.
 
-A ``Module`` owns Parameters and child Modules, calls the pure functions of
+A ``Buffer`` is a frozen array that is not a parameter at all: the packed
+4-bit codes and block constants of a quantized weight, the scales and zero
+points of a group-wise one. It never has a gradient and no optimizer sees it,
+yet it belongs to its layer like a parameter does: module traversal lists it
+(``named_buffers``), ``Module.to`` moves it, memory accounting counts it and
+checkpoints store it (``state_dict`` holds parameters and buffers).
+
+A ``Module`` owns Parameters, Buffers and child Modules, calls the pure functions of
 ``functional`` in ``forward``, keeps the cache of its *last* forward, and
 turns an upstream gradient into parameter gradients in ``backward``. A
 second forward before the backward replaces the cache; a layer used twice
@@ -23,13 +30,10 @@ from . import functional as F
 from .backend import asarray, device_rng, get_backend_name, get_xp, global_rng, like, xp_of
 
 
-class Parameter:
-    """An array with a gradient slot; ``trainable=False`` freezes it."""
+class _Array:
+    """What a Parameter and a Buffer share: they hold one array, ``.data``, and describe it."""
 
-    def __init__(self, data, trainable: bool = True):
-        self.data = data
-        self.grad = None
-        self.trainable = trainable
+    data = None
 
     @property
     def shape(self):
@@ -43,6 +47,19 @@ class Parameter:
     def size(self) -> int:
         return int(self.data.size)
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+class Parameter(_Array):
+    """An array with a gradient slot; ``trainable=False`` freezes it."""
+
+    def __init__(self, data, trainable: bool = True):
+        self.data = data
+        self.grad = None
+        self.trainable = trainable
+
     def accumulate(self, g) -> None:
         """Add ``g`` to ``.grad`` (gradients of a parameter used twice add up)."""
         if g.shape != self.data.shape:
@@ -54,8 +71,33 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}{flag})"
 
 
+class Buffer(_Array):
+    """A frozen array that belongs to a layer but never trains (quantized codes, block constants, zero points).
+
+    ``castable=False`` marks the fixed-precision parts of a storage format (NF4's float32 block
+    constants, say): ``Module.astype`` leaves those as they are.
+    """
+
+    trainable = False  # a buffer is never trained and has no gradient
+    grad = None
+
+    def __init__(self, data, castable: bool = True):
+        self.data = data
+        self.castable = castable
+
+    def __repr__(self) -> str:
+        return f"Buffer(shape={self.shape}, dtype={self.dtype})"
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not name or "." in name or name.startswith("_") or not name.isprintable():
+        raise ValueError(f"{what} name must be a non-empty string without '.' that does not start with '_', "
+                         f"got {name!r}")
+    return name
+
+
 class Module:
-    """Base class: finds Parameters and child Modules among its attributes, in definition order."""
+    """Base class: finds Parameters, Buffers and child Modules among its attributes, in definition order."""
 
     training = True
 
@@ -71,7 +113,7 @@ class Module:
     # ---- traversal
     def _items(self):
         for name, value in vars(self).items():
-            if isinstance(value, (Parameter, Module)):
+            if isinstance(value, (Parameter, Buffer, Module)):
                 yield name, value
 
     def named_modules(self, prefix: str = ""):
@@ -81,17 +123,49 @@ class Module:
             if isinstance(value, Module):
                 yield from value.named_modules(f"{prefix}.{name}" if prefix else name)
 
-    def named_parameters(self, prefix: str = "", _seen=None):
-        """Yields (dotted name, Parameter), each Parameter once (first name wins)."""
-        seen = set() if _seen is None else _seen
+    def _named(self, kind, prefix: str, seen: set):
         for name, value in self._items():
             full = f"{prefix}.{name}" if prefix else name
-            if isinstance(value, Parameter):
-                if id(value) not in seen:
-                    seen.add(id(value))
-                    yield full, value
-            else:
-                yield from value.named_parameters(full, seen)
+            if isinstance(value, Module):
+                yield from value._named(kind, full, seen)
+            elif isinstance(value, kind) and id(value) not in seen:
+                seen.add(id(value))
+                yield full, value
+
+    def named_parameters(self, prefix: str = ""):
+        """Yields (dotted name, Parameter), each Parameter once (first name wins)."""
+        yield from self._named(Parameter, prefix, set())
+
+    def named_buffers(self, prefix: str = ""):
+        """Yields (dotted name, Buffer), each Buffer once: the frozen arrays that are not parameters."""
+        yield from self._named(Buffer, prefix, set())
+
+    def named_arrays(self, prefix: str = ""):
+        """Parameters and buffers together, (dotted name, holder): everything ``state_dict`` stores."""
+        yield from self._named((Parameter, Buffer), prefix, set())
+
+    def get_submodule(self, path: str) -> Module:
+        """The module at a dotted path (``"blocks.0.attn.q"``); ``""`` is this module. KeyError names the path."""
+        module = self
+        for part in path.split(".") if path else ():
+            child = vars(module).get(part) if not isinstance(module, ModuleDict) else module._modules.get(part)
+            if not isinstance(child, Module):
+                raise KeyError(f"no submodule {path!r} (stopped at {part!r})")
+            module = child
+        return module
+
+    def set_submodule(self, path: str, new: Module) -> None:
+        """Replace the module at a dotted path by ``new`` (its parent must exist)."""
+        if not path:
+            raise ValueError("set_submodule needs a non-empty path")
+        parent_path, _, name = path.rpartition(".")
+        parent = self.get_submodule(parent_path)
+        if isinstance(parent, ModuleDict):
+            parent[name] = new
+            return
+        if not isinstance(vars(parent).get(name), Module):
+            raise KeyError(f"no submodule {path!r} to replace")
+        setattr(parent, name, new)
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -124,46 +198,110 @@ class Module:
         return self
 
     def astype(self, dtype):
-        """Cast every floating parameter to ``dtype`` (e.g. ``"float64"`` for gradient checks)."""
-        for p in self.parameters():
-            if p.data.dtype.kind == "f":
-                p.data = p.data.astype(dtype)
-                p.grad = None
+        """Cast every floating parameter (and castable floating buffer) to ``dtype`` (``"float64"`` for gradchecks)."""
+        for _, a in self.named_arrays():
+            if a.data.dtype.kind == "f" and (isinstance(a, Parameter) or a.castable):
+                a.data = a.data.astype(dtype)
+                if isinstance(a, Parameter):
+                    a.grad = None
+        self._drop_caches()
         return self
 
     def to(self, backend: str):
-        """Move every parameter to ``"numpy"`` or ``"cupy"``."""
+        """Move every parameter and buffer to ``"numpy"`` or ``"cupy"`` (gradients and caches are dropped)."""
         from .backend import set_backend
 
         previous = get_backend_name()
         set_backend(backend)
         try:
-            for p in self.parameters():
-                p.data = asarray(p.data)
-                p.grad = None
+            for _, a in self.named_arrays():
+                a.data = asarray(a.data)
+                if isinstance(a, Parameter):
+                    a.grad = None
         finally:
             set_backend(previous)
+        self._drop_caches()
         return self
 
+    def _drop_caches(self) -> None:
+        for _, m in self.named_modules():
+            if "_cache" in vars(m):
+                m._cache = None
+
     def state_dict(self) -> dict:
-        """name -> array (the live arrays, not copies)."""
-        return {name: p.data for name, p in self.named_parameters()}
+        """name -> array for every parameter and buffer (the live arrays, not copies)."""
+        return {name: a.data for name, a in self.named_arrays()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy arrays into the parameters, checking every key and shape first (nothing changes on error)."""
-        own = dict(self.named_parameters())
+        """Copy arrays into the parameters and buffers, checking every key, shape and dtype first.
+
+        Floating arrays are cast to the holder's dtype; integer buffers (quantized codes) must have
+        exactly their dtype. Nothing changes on error.
+        """
+        own = dict(self.named_arrays())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
             raise KeyError(f"state dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
-        for k, p in own.items():
-            if k in state and tuple(state[k].shape) != p.shape:
+        for k, a in own.items():
+            if k not in state:
+                continue
+            if tuple(state[k].shape) != a.shape:
                 raise ValueError(
-                    f"shape mismatch for {k!r}: checkpoint has {tuple(state[k].shape)}, model expects {p.shape}"
+                    f"shape mismatch for {k!r}: checkpoint has {tuple(state[k].shape)}, model expects {a.shape}"
                 )
-        for k, p in own.items():
+            kinds = (state[k].dtype.kind, a.dtype.kind)
+            if kinds != ("f", "f") and str(state[k].dtype) != str(a.dtype):
+                raise ValueError(f"dtype mismatch for {k!r}: checkpoint has {state[k].dtype}, model expects {a.dtype}")
+        for k, a in own.items():
             if k in state:
-                p.data = like(p.data, state[k]).astype(p.dtype)  # a copy on the parameter's backend
+                a.data = like(a.data, state[k]).astype(a.dtype)  # a copy on the holder's backend
+        self._drop_caches()
+
+
+class ModuleDict(Module):
+    """Named child modules (``adapters["default"]``), in insertion order; names appear in parameter names."""
+
+    def __init__(self, modules: dict | None = None):
+        self._modules = {}
+        for name, m in (modules or {}).items():
+            self[name] = m
+
+    def _items(self):
+        yield from self._modules.items()
+
+    def __getitem__(self, name: str) -> Module:
+        if name not in self._modules:
+            raise KeyError(f"no entry {name!r}; entries: {list(self._modules)}")
+        return self._modules[name]
+
+    def __setitem__(self, name: str, m: Module) -> None:
+        if not isinstance(m, Module):
+            raise ValueError(f"ModuleDict holds Modules, got {type(m).__name__}")
+        self._modules[_check_name(name, "entry")] = m
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._modules:
+            raise KeyError(f"no entry {name!r}; entries: {list(self._modules)}")
+        del self._modules[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def keys(self):
+        return list(self._modules)
+
+    def items(self):
+        return list(self._modules.items())
+
+    def values(self):
+        return list(self._modules.values())
 
 
 class ModuleList(Module):
@@ -248,18 +386,66 @@ class Linear(Module):
             self.bias.accumulate(db)
         return dx
 
+    @classmethod
+    def from_weight(cls, weight, bias=None, trainable: bool = True) -> Linear:
+        """A Linear holding the given arrays: ``weight`` (out, in), ``bias`` (out,) or None (no copies)."""
+        if weight.ndim != 2:
+            raise ValueError(f"a Linear weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        out_features, in_features = (int(n) for n in weight.shape)
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        lin = cls.__new__(cls)
+        lin.in_features, lin.out_features = in_features, out_features
+        lin.weight = Parameter(weight, trainable)  # (out, in)
+        lin.bias = Parameter(bias, trainable) if bias is not None else None  # (out,)
+        lin._cache = None
+        return lin
+
+    def with_update(self, delta) -> Linear:
+        """A new frozen Linear computing x (W + delta)^T + b: how an update merges into a float weight.
+
+        The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes).
+        """
+        W = self.weight.data  # (out, in)
+        if tuple(delta.shape) != tuple(W.shape):
+            raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight {tuple(W.shape)}")
+        merged = W + delta.astype(W.dtype, copy=False)  # (out, in)
+        if not bool(xp_of(merged).isfinite(merged).all()):
+            raise ValueError("merge refused: W + update has NaN or inf entries; the weight is left unchanged")
+        return Linear.from_weight(merged, self.bias.data if self.bias is not None else None, trainable=False)
+
+    def spec(self) -> dict:
+        """What a checkpoint needs to rebuild this layer's structure (the arrays are stored apart)."""
+        return {"kind": "Linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
+                "dtype": str(self.weight.dtype)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Linear:
+        """A Linear of ``spec``'s shape holding zeros, ready for ``load_state_dict``."""
+        xp = get_xp()
+        W = xp.zeros((spec["out"], spec["in"]), dtype=spec["dtype"])  # (out, in)
+        b = xp.zeros((spec["out"],), dtype=spec["dtype"]) if spec["bias"] else None  # (out,)
+        return cls.from_weight(W, b)
+
     def __repr__(self) -> str:
         return f"Linear(in={self.in_features}, out={self.out_features}, bias={self.bias is not None})"
 
 
 class Embedding(Module):
-    """A lookup table W of shape (num_embeddings, dim); ids are bounds-checked."""
+    """A lookup table W of shape (num_embeddings, dim).
+
+    ``check=True`` bounds-checks the ids first (one host transfer; CuPy would wrap an
+    out-of-range id around instead of raising). The GPT checks each batch once itself and
+    looks up without checking, so a forward makes no host synchronization.
+    """
 
     def __init__(self, num_embeddings: int, dim: int, *, std: float = 0.02, rng=None, dtype="float32"):
         self.weight = Parameter(_new((num_embeddings, dim), dtype, "normal", std, rng))  # (V, C)
         self._cache = None
 
-    def forward(self, ids):
+    def forward(self, ids, check: bool = False):
+        if check:
+            F.check_ids(ids, self.weight.shape[0])
         out, self._cache = F.embedding_forward(ids, self.weight.data)  # (B, T) -> (B, T, C)
         return out
 
@@ -310,12 +496,19 @@ class GELU(Module):
 
 
 class Dropout(Module):
-    """Inverted dropout, active only in training mode; masks are drawn on the data's backend."""
+    """Inverted dropout, active only in training mode; masks are drawn on the data's backend.
 
-    def __init__(self, p: float = 0.0, seed: int | None = 0):
+    Each layer draws from its own stream: ``seed`` fixes it, and without one a seed is taken from
+    ``backend.global_rng()`` when the layer is made, so two layers never share a mask sequence.
+    Every training forward draws a new mask.
+    """
+
+    def __init__(self, p: float = 0.0, seed: int | None = None):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p, self.seed = p, seed
+        if seed is None:
+            seed = int(global_rng().integers(0, 2**31 - 1))
+        self.p, self.seed = p, int(seed)
         self._rng = None
         self._cache = None
 

@@ -204,8 +204,8 @@ def test_merge_lora_model_all_or_nothing():
     with pytest.raises(ValueError, match="blocks.1.mlp.proj"):
         merge_lora(model)
     assert all(not layer.merged for layer in lora_layers(model).values())
-    assert all(np.array_equal(to_numpy(v), before[k]) for k, v in model.state_dict().items() if "lora" not in k)
-    lora_layers(model)["blocks.1.mlp.proj"].lora_B.data[0, 0] = before["blocks.1.mlp.proj.lora_B"][0, 0]
+    assert all(np.array_equal(to_numpy(v), before[k]) for k, v in model.state_dict().items() if ".adapters." not in k)
+    lora_layers(model)["blocks.1.mlp.proj"].lora_B.data[0, 0] = before["blocks.1.mlp.proj.adapters.default.B"][0, 0]
     merge_lora(model)
     assert all(layer.merged for layer in lora_layers(model).values())
     assert rel(model(idx), y) < 1e-6
@@ -220,16 +220,17 @@ def test_names_and_parameter_count():
     total0 = model.num_parameters()
     apply_lora(model, 4, 8, ["q", "v", "blocks.1.fc"], seed=0)
     names = dict(model.named_parameters())
-    assert "blocks.0.attn.q.lora_A" in names and "blocks.0.attn.q.lora_B" in names
+    assert "blocks.0.attn.q.adapters.default.A" in names and "blocks.0.attn.q.adapters.default.B" in names
     assert "blocks.0.attn.q.base.weight" in names and "blocks.0.attn.q.base.bias" in names
     assert sorted(lora_layers(model)) == ["blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q",
                                           "blocks.1.attn.v", "blocks.1.mlp.fc"]
     C = CFG.n_embd
     expected = 4 * 4 * (C + C) + 4 * (C + 4 * C)  # r * (in + out) per adapted matrix
     assert count_parameters(model) == (expected, total0 + expected)
-    assert sorted(n for n, p in names.items() if p.trainable) == sorted(lora_state_dict(model))
+    trainable = sorted(n.replace(".adapters.default.", ".lora_") for n, p in names.items() if p.trainable)
+    assert trainable == sorted(lora_state_dict(model))
     for name, layer in lora_layers(model).items():
-        assert layer.num_adapter_parameters() == layer.r * (layer.in_features + layer.out_features), name
+        assert layer.adapter.num_parameters() == layer.r * (layer.in_features + layer.out_features), name
 
 
 def test_lora_state_dict_round_trip():
@@ -260,7 +261,8 @@ def test_bad_arguments():
     model = GPT(CFG, seed=0)
     with pytest.raises(ValueError) as e:
         apply_lora(model, 4, 8, ["q", "foo"])
-    assert str(e.value) == "unknown target 'foo'; valid targets: ['q', 'k', 'v', 'o', 'fc', 'proj']"
+    assert str(e.value) == ("unknown target 'foo'; valid targets: ['q', 'k', 'v', 'o', 'fc', 'proj'] "
+                            "or 'blocks.<i>.<name>'")
     with pytest.raises(ValueError, match="valid targets"):
         apply_lora(model, 4, 8, ["blocks.0.Wq"])
     with pytest.raises(ValueError, match="block 5.*2 blocks"):
@@ -286,7 +288,8 @@ def test_frozen_parameters_get_no_gradient_and_no_state():
     idx = asarray(rng.integers(0, CFG.vocab_size, (2, 8)))  # (2, 8)
     loss, dlogits = F.cross_entropy(model(idx), idx)
     model.backward(dlogits)
-    adapters = set(lora_state_dict(model))
+    adapters = {n for n, _ in model.named_parameters() if ".adapters." in n}
+    assert len(adapters) == len(lora_state_dict(model))
     for name, p in model.named_parameters():
         if name in adapters:
             assert p.grad is not None and float(np.abs(to_numpy(p.grad)).sum()) > 0, name
@@ -306,7 +309,7 @@ def test_training_only_adapters_reduces_loss():
     emb = np.random.default_rng(0).standard_normal(base.wte.weight.shape) * 0.3  # (V, C)
     base.wte.weight.data = asarray(emb, dtype="float32")
     model = apply_lora(base, 4, 8, ALL, seed=1)
-    frozen = {k: to_numpy(v).copy() for k, v in model.state_dict().items() if "lora" not in k}
+    frozen = {k: to_numpy(v).copy() for k, v in model.state_dict().items() if ".adapters." not in k}
     rng = np.random.default_rng(7)
     idx = asarray(rng.integers(0, CFG.vocab_size, (4, 12)))  # (4, 12)
     target = asarray(rng.integers(0, CFG.vocab_size, (4, 12)))  # (4, 12) a fixed random target
@@ -320,7 +323,7 @@ def test_training_only_adapters_reduces_loss():
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0], losses
     for k, v in model.state_dict().items():
-        if "lora" not in k:
+        if ".adapters." not in k:
             assert np.array_equal(to_numpy(v), frozen[k]), k  # the base model never moved
 
 

@@ -12,7 +12,7 @@ from conftest import adapter_gradient_errors, rel
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.functional import cross_entropy
 from lora_from_scratch.gradcheck import check_gradients
-from lora_from_scratch.lora import LoRALinear, apply_lora
+from lora_from_scratch.lora import LoRALinear, apply_lora, lora_layers, merge_and_unload, merge_lora, unmerge_lora
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.nn import Linear
 from lora_from_scratch.optim import AdamW
@@ -22,8 +22,6 @@ from lora_from_scratch.qalora import (
     apply_qalora,
     group_mean_backward,
     group_mean_forward,
-    merge_qalora,
-    qalora_layers,
     quantize_model_groupwise,
 )
 from lora_from_scratch.quant import dequantize_groupwise, quantize_groupwise
@@ -85,8 +83,9 @@ def test_gradcheck(bits):
 
     errs = adapter_gradient_errors(layer, x)
     assert max(errs.values()) < 1e-7, errs
-    frozen = layer.base.parameters()
-    assert len(frozen) == 4 and all(not p.trainable and p.grad is None for p in frozen)
+    frozen = layer.base.parameters()  # the bias; codes, scales and zeros are buffers, not parameters
+    assert len(frozen) == 1 and all(not p.trainable and p.grad is None for p in frozen)
+    assert sorted(n for n, _ in layer.base.named_buffers()) == ["codes", "scales", "zeros"]
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
@@ -125,7 +124,7 @@ def test_starts_as_the_quantized_base_and_init():
     A = to_numpy(layer.lora_A.data)
     assert A.shape == (8, 4) and layer.lora_B.shape == (20, 8) and not np.any(to_numpy(layer.lora_B.data))
     assert np.abs(A).max() <= 0.5 and np.abs(A).max() > 0.25  # U(-1/sqrt(L), 1/sqrt(L)), L = 4
-    assert layer.scaling == 2.0 and layer.num_adapter_parameters() == 8 * (4 + 20)
+    assert layer.scaling == 2.0 and layer.adapter.num_parameters() == 8 * (4 + 20)
     q = quantize_groupwise(base.weight.data, 4, 16)
     assert np.array_equal(to_numpy(layer.codes), to_numpy(q.codes))
     x = asarray(rng.standard_normal((3, 64)), dtype="float32")  # (3, 64)
@@ -148,19 +147,26 @@ def test_merge_is_exact_and_keeps_codes(bits, dtype, tol):
         x = asarray(rng.standard_normal((3, 5, fin)), dtype=dtype)  # (3, 5, in)
         codes, scales, zeros = (to_numpy(a).copy() for a in (layer.codes, layer.scales, layer.zeros))
         y = layer(x)  # (3, 5, out), adapter unmerged
-        merged = layer.merge()
+        merged = layer.merged_base()
         assert isinstance(merged, GroupwiseLinear) and (merged.bits, merged.group_size) == (bits, gs)
         assert rel(merged(x), y) < tol, (fin, fout, r, gs)
-        assert np.array_equal(to_numpy(merged.codes), codes) and merged.codes.dtype == np.uint8
-        assert np.array_equal(to_numpy(merged.scales), scales)
+        assert np.array_equal(to_numpy(merged.codes.data), codes) and merged.codes.dtype == np.uint8
+        assert np.array_equal(to_numpy(merged.scales.data), scales)
         assert np.array_equal(to_numpy(layer.zeros), zeros)  # the unmerged layer is left as it was
         # the change of the zeros is exactly the formula, and it is a real change (not a no-op)
         s, BA = layer.scaling, to_numpy(layer.lora_B.data) @ to_numpy(layer.lora_A.data)  # (out, L)
-        assert rel(merged.zeros, zeros - s * BA / gs / scales) < tol
-        assert rel(merged.zeros, zeros) > 1e-3
+        assert rel(merged.zeros.data, zeros - s * BA / gs / scales) < tol
+        assert np.array_equal(to_numpy(merged.zeros.data), to_numpy(layer.merged_zeros()))
+        assert rel(merged.zeros.data, zeros) > 1e-3
         # the merged weight is the dequantized base plus the adapter's per-group constant update
         W = to_numpy(layer.base.dequantized_weight()) + to_numpy(layer.delta_weight())  # (out, in)
         assert rel(merged.dequantized_weight(), W) < tol
+        # in place: the layer's base takes the merged zero points, and unmerge gives them back
+        layer.merge()
+        assert layer.merged and np.array_equal(to_numpy(layer.zeros), to_numpy(merged.zeros.data))
+        assert rel(layer(x), y) < tol
+        layer.unmerge()
+        assert not layer.merged and rel(layer.zeros, zeros) < tol and np.array_equal(to_numpy(layer.codes), codes)
 
 
 def test_delta_weight_is_constant_within_groups():
@@ -218,7 +224,7 @@ def test_constant_groups_through_the_layer(bits):
         x = asarray(rng.standard_normal((5, 16)), dtype="float32")  # (5, 16)
         y = layer(x)
         dx = layer.backward(asarray(np.ones((5, 3), dtype=np.float32)))
-        merged = layer.merge()
+        merged = layer.merged_base()
         y_merged = merged(x)
     Wq = to_numpy(layer.base.dequantized_weight())
     for o, g, v in [(0, 0, 0.0), (1, 1, 0.7), (2, 2, -0.3), (0, 3, 0.0), (1, 3, 0.0)]:
@@ -238,11 +244,11 @@ def test_apply_qalora_train_and_merge_model():
     idx, tgt = _batch()
     ref = quantize_model_groupwise(GPT(CFG, seed=0), 3, 8, ALL)  # the base model in INT3, no adapters
     model = apply_qalora(GPT(CFG, seed=0), 4, 8, ALL, bits=3, group_size=8, seed=1)
-    layers = qalora_layers(model)
+    layers = lora_layers(model)
     assert len(layers) == 12 and all(m.bits == 3 and m.n_groups in (2, 8) for m in layers.values())
     assert np.array_equal(to_numpy(model(idx)), to_numpy(ref(idx)))  # B = 0: exactly the quantized base
     trainable = {n for n, p in model.named_parameters() if p.trainable}
-    assert trainable == {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
+    assert trainable == {f"{n}.adapters.default.{ab}" for n in layers for ab in "AB"}
     opt = AdamW(model.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         loss, dlogits = cross_entropy(model(idx), tgt)
@@ -253,11 +259,15 @@ def test_apply_qalora_train_and_merge_model():
     before = {n: to_numpy(m.codes).copy() for n, m in layers.items()}
     logits = to_numpy(model(idx)).copy()
     assert rel(logits, to_numpy(ref(idx))) > 1e-3  # training changed the model
-    merge_qalora(model)
-    assert not qalora_layers(model)
+    merge_lora(model)  # in place: the zero points take the update, the layers stay QALoRALinear
+    assert all(m.merged for m in lora_layers(model).values()) and rel(model(idx), logits) < 1e-5
+    unmerge_lora(model)
+    assert rel(model(idx), logits) < 1e-5
+    merge_and_unload(model)  # deployed: plain group-wise layers, no adapters left
+    assert not lora_layers(model)
     deployed = {n: m for n, m in model.named_modules() if isinstance(m, GroupwiseLinear)}
     assert sorted(deployed) == sorted(before)
-    assert all(np.array_equal(to_numpy(deployed[n].codes), before[n]) for n in before)
+    assert all(np.array_equal(to_numpy(deployed[n].codes.data), before[n]) for n in before)
     assert rel(model(idx), logits) < 1e-5
 
 
@@ -265,7 +275,7 @@ def test_apply_qalora_checks_before_changing():
     model = GPT(CFG, seed=0)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q: in_features 16 is not divisible by group_size 6"):
         apply_qalora(model, 2, 4, ALL, group_size=6)
-    assert not qalora_layers(model)
+    assert not lora_layers(model)
     with pytest.raises(ValueError, match="bits"):
         apply_qalora(model, 2, 4, ALL, bits=9)
     with pytest.raises(ValueError, match="unknown target"):
@@ -286,7 +296,7 @@ def test_quantize_model_groupwise_merges_lora_first():
     quantize_model_groupwise(model, 2, 8, ["q", "fc"])
     dep = model.blocks[0].attn.q
     assert isinstance(dep, GroupwiseLinear) and isinstance(model.blocks[0].attn.k, Linear)
-    assert np.array_equal(to_numpy(dep.codes), to_numpy(quantize_groupwise(W, 2, 8).codes))
+    assert np.array_equal(to_numpy(dep.codes.data), to_numpy(quantize_groupwise(W, 2, 8).codes))
     assert np.isfinite(to_numpy(model(idx))).all()
     with pytest.raises(ValueError, match="already group-wise quantized"):
         quantize_model_groupwise(model, 2, 8, ["q"])

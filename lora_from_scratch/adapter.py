@@ -1,0 +1,449 @@
+"""How an adapted layer is built: a frozen base plus one low-rank adapter.
+
+LoRA (Hu et al., 2021), section 4.1, eq. 3: for a pretrained weight W0 of shape (d, k),
+
+    h = W0 x + dW x = W0 x + B A x,      B (d, r), A (r, k), r << min(d, k),
+
+with W0 frozen and only A and B trained. QLoRA (Dettmers et al., 2023, eq. 5) keeps the same
+adapter and changes only how W0 is stored (4-bit NF4, dequantized when it is used); QA-LoRA
+(Xu et al., 2023, section 3.3) stores W0 group-wise in INT-N and lets the adapter see the input
+averaged over each quantization group. For a batch of row vectors x (..., k) all three are
+
+    h = base(x) + s * pool(dropout(x)) A^T B^T
+
+and this file is that sentence as code:
+
+- ``base``: any frozen linear layer. ``nn.Linear`` (LoRA: the float W0), ``qlora.NF4Linear``
+  (QLoRA) or ``qalora.GroupwiseLinear`` (QA-LoRA). The two quantized ones derive from
+  ``QuantizedLinear`` below: their arrays are ``Buffer``s, and they dequantize W0 on the fly in
+  the forward *and again* in the backward, so no float W0 is ever kept between the two. Each
+  base takes an update its own way (``with_update``): a float weight adds it; an NF4 weight is
+  dequantized, added to and (on request) re-quantized; a group-wise weight folds an update that
+  is constant within each group into its zero points and refuses any other.
+- ``LowRankAdapter``: A (r, k'), B (d, r), the scaling s = alpha / r (rsLoRA, Kalajdzievski 2023:
+  alpha / sqrt(r)), dropout on its input (PEFT's ``lora_dropout``), and ``pool``: the identity,
+  or the mean over groups of ``group_size`` input channels (then k' = k / group_size). Its
+  forward/backward is the pair ``functional.lowrank_forward`` / ``lowrank_backward``.
+- ``AdaptedLinear``: the base, a ``ModuleDict`` of named adapters (one per task, the LoRA
+  paper's "many small task-specific modules", section 1) and the name of the active one.
+  ``merge`` folds the active adapter into the base (section 4.1, "No Additional Inference
+  Latency") and ``unmerge`` takes it out again, where the base allows it.
+
+Initialization (section 4.1): "random Gaussian initialization for A and zero for B, so dW = B A
+is zero at the beginning of training". ``"kaiming"``: A ~ U(-1/sqrt(k'), 1/sqrt(k')) (what PEFT
+and loralib do: ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: A ~ N(0, 1/r^2) (PEFT's
+reading of the paper); ``"pissa"`` (float bases only): ``lora.LoRALinear``.
+
+Nothing here forms the (d, k) matrix B A during training: the adapter's path runs through the
+rank-r bottleneck, and a frozen W0 never gets a gradient (``need_dW=False``).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+from . import functional as F
+from .backend import get_xp, like, xp_of
+from .nn import Dropout, Linear, Module, ModuleDict, Parameter
+
+INITS = ("kaiming", "gaussian", "pissa")
+RANDOM_INITS = ("kaiming", "gaussian")
+DEFAULT_ADAPTER = "default"
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """s = alpha / r (LoRA), or alpha / sqrt(r) (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def check_adapter_args(r, alpha, dropout, init, *, max_rank: int | None, shape: tuple, inits=INITS) -> None:
+    """Raise ValueError naming the first bad hyperparameter of an adapter for a weight of ``shape`` (out, in)."""
+    if isinstance(r, bool) or not isinstance(r, Integral):
+        raise ValueError(f"LoRA rank r must be an integer, got {r!r}")
+    if r < 1 or (max_rank is not None and r > max_rank):
+        bound = f"1 <= r <= min(in, out) = {max_rank}" if max_rank is not None else "r >= 1"
+        raise ValueError(f"LoRA rank r={r} must satisfy {bound} for a weight of shape {shape}")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if init not in inits:
+        why = " (PiSSA starts from the SVD of a float W0)" if init == "pissa" else ""
+        raise ValueError(f"unknown or unsupported LoRA init {init!r}{why}; valid inits here: {list(inits)}")
+
+
+# ---------------------------------------------------------------- the adapter
+class LowRankAdapter(Module):
+    """s * pool(dropout(x)) A^T B^T with trainable A (r, k') and B (d, r).
+
+    Made with ``LowRankAdapter.create(...)`` (random A, B = 0) or from given arrays (PiSSA,
+    checkpoints). ``group_size`` None means no pooling (LoRA, QLoRA); an integer means the
+    adapter sees the mean of each group of that many input channels (QA-LoRA), so k' = k / group_size.
+    """
+
+    def __init__(self, A, B, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+                 group_size: int | None = None, init: str = "kaiming", dropout_seed: int | None = None):
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"A must be (r, k) and B (d, r), got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+        self.A = Parameter(A)  # (r, k')
+        self.B = Parameter(B)  # (d, r)
+        self.r, self.alpha, self.use_rslora = int(A.shape[0]), float(alpha), bool(use_rslora)
+        self.group_size = None if group_size is None else int(group_size)
+        self.init = init
+        self.dropout = Dropout(dropout, seed=dropout_seed)
+        self._cache = None
+
+    @classmethod
+    def create(cls, in_features: int, out_features: int, r: int, alpha: float, *, init: str = "kaiming",
+               dropout: float = 0.0, use_rslora: bool = False, group_size: int | None = None, rng, like_array):
+        """A fresh adapter: A random (``init``), B = 0, so B A = 0 and the layer starts as its base.
+
+        ``rng`` is a host NumPy generator (the draws are made on the host, then moved to the backend
+        and dtype of ``like_array``); it also gives the dropout its own seed.
+        """
+        k = in_features // group_size if group_size else in_features
+        if init == "kaiming":  # kaiming_uniform_(a=sqrt(5)) gives the bound 1/sqrt(fan_in)
+            bound = 1.0 / math.sqrt(k)
+            host = rng.uniform(-bound, bound, size=(r, k))  # (r, k') on the host
+        elif init == "gaussian":
+            host = rng.standard_normal((r, k)) * (1.0 / r)  # (r, k'), std 1/r
+        else:
+            raise ValueError(f"LowRankAdapter.create draws A at random; init must be one of {list(RANDOM_INITS)}, "
+                             f"got {init!r}")
+        A = like(like_array, host).astype(like_array.dtype)  # (r, k') on the base's backend and dtype
+        B = xp_of(like_array).zeros((out_features, r), dtype=like_array.dtype)  # (d, r): B A = 0 at step 0
+        seed = int(rng.integers(0, 2**31 - 1))  # each adapter's dropout draws its own mask stream
+        return cls(A, B, alpha, dropout=dropout, use_rslora=use_rslora, group_size=group_size, init=init,
+                   dropout_seed=seed)
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    def forward(self, x, dropout_mask=None):
+        """s * pool(dropout(x)) A^T B^T: (..., k) -> (..., d). ``dropout_mask`` fixes dropout (gradient checks)."""
+        xd = self.dropout(x, mask=dropout_mask)  # (..., k): the adapter's input only; the base sees x
+        pool_cache = None
+        if self.group_size:
+            xd, pool_cache = F.group_mean_forward(xd, self.group_size)  # (..., k) -> (..., k / group_size)
+        y, cache = F.lowrank_forward(xd, self.A.data, self.B.data, self.scaling)  # (..., k') -> (..., d)
+        self._cache = (cache, pool_cache)
+        return y
+
+    def backward(self, dy):
+        """Accumulates dA and dB; returns the adapter's share of dx (..., k)."""
+        if self._cache is None:
+            raise RuntimeError("LowRankAdapter.backward called without a forward (or twice for one forward)")
+        (cache, pool_cache), self._cache = self._cache, None
+        dxa, dA, dB = F.lowrank_backward(dy, cache, need_dA=self.A.trainable, need_dB=self.B.trainable)
+        if dA is not None:
+            self.A.accumulate(dA)  # (r, k')
+        if dB is not None:
+            self.B.accumulate(dB)  # (d, r)
+        if pool_cache is not None:
+            dxa = F.group_mean_backward(dxa, pool_cache)  # (..., k') -> (..., k)
+        return self.dropout.backward(dxa)  # (..., k): through the dropout mask
+
+    def delta_weight(self):
+        """The update as a full (d, k) matrix: s B A, or for a pooled adapter s (B A)[:, g] / group_size
+        repeated over the channels of each group g (what the pooled adapter adds per input channel)."""
+        BA = self.B.data @ self.A.data  # (d, r) @ (r, k') -> (d, k')
+        if not self.group_size:
+            return BA * self.scaling  # (d, k)
+        per_group = BA * (self.scaling / self.group_size)  # (d, L)
+        return xp_of(BA).repeat(per_group, self.group_size, axis=1)  # (d, L) -> (d, L * group_size)
+
+    def num_parameters(self) -> int:
+        """The size of A plus B: r (k' + d)."""
+        return self.A.size + self.B.size
+
+    def spec(self) -> dict:
+        return {"r": self.r, "k": int(self.A.shape[1]), "d": int(self.B.shape[0]), "alpha": self.alpha,
+                "use_rslora": self.use_rslora, "group_size": self.group_size, "init": self.init,
+                "dropout": float(self.dropout.p), "dropout_seed": self.dropout.seed, "dtype": str(self.A.dtype)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> LowRankAdapter:
+        """An adapter of ``spec``'s shape holding zeros, ready for ``load_state_dict``."""
+        xp = get_xp()
+        A = xp.zeros((spec["r"], spec["k"]), dtype=spec["dtype"])  # (r, k')
+        B = xp.zeros((spec["d"], spec["r"]), dtype=spec["dtype"])  # (d, r)
+        return cls(A, B, spec["alpha"], dropout=spec["dropout"], use_rslora=spec["use_rslora"],
+                   group_size=spec["group_size"], init=spec["init"], dropout_seed=spec["dropout_seed"])
+
+    def __repr__(self) -> str:
+        rs = ", rslora" if self.use_rslora else ""
+        pool = f", pooled over groups of {self.group_size}" if self.group_size else ""
+        return f"LowRankAdapter(r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{rs}{pool})"
+
+
+# ---------------------------------------------------------------- quantized frozen bases
+class QuantizedLinear(Module):
+    """A frozen linear layer whose weight is stored quantized (the QLoRA and QA-LoRA bases).
+
+    Subclasses hold their storage as ``Buffer``s and define ``dequantized_weight()``. The forward
+    dequantizes W0 into a temporary, computes x W0^T + b and drops it; the backward dequantizes it
+    again for dx = dy W0 (QLoRA, section 3: "we dequantize the storage data type to the
+    computation data type to perform the forward and backward pass"). ``dequantizations`` counts
+    how often that happened. The computation dtype is the input's: W0 is cast to x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias=None):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.bias = Parameter(bias, trainable=False) if bias is not None else None  # (out,) float, frozen
+        self.dequantizations = 0
+        self._cache = None
+
+    # True when the stored form can take an update exactly and give it back (QA-LoRA's zero points);
+    # False when an update forces the weight out of its format (NF4: float, or re-quantized with a loss)
+    absorbs_updates = False
+
+    def dequantized_weight(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def weight_count(self) -> int:
+        """How many weights the stored form encodes: out * in."""
+        return self.in_features * self.out_features
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored weight (the buffers), bias not included."""
+        return sum(b.nbytes for _, b in self.named_buffers())
+
+    def _weight_as(self, dtype):
+        self.dequantizations += 1
+        return self.dequantized_weight().astype(dtype, copy=False)  # (out, in), a temporary
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs with last dimension {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        b = self.bias.data if self.bias is not None else None
+        W = self._weight_as(x.dtype)  # (out, in), dequantized on the fly
+        y, _ = F.linear_forward(x, W, b)  # (..., in) -> (..., out); the cache (which holds W) is dropped
+        self._cache = tuple(x.shape)  # only the input's shape: the backward needs no x and no W
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called without a forward (or twice for one forward)")
+        self._cache = None
+        W = self._weight_as(dy.dtype)  # (out, in), dequantized again (not kept from the forward)
+        need_db = self.bias is not None and self.bias.trainable
+        dx, _, db = F.linear_backward(dy, (None, W, self.bias is not None), need_dW=False, need_db=need_db)
+        if db is not None:
+            self.bias.accumulate(db)
+        return dx  # (..., in) = dy W0
+
+
+def frozen_base(base):
+    """Freeze a base layer's parameters and return it (a base never trains)."""
+    if not isinstance(base, (Linear, QuantizedLinear)):
+        raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
+                         f"got {type(base).__name__}")
+    for p in base.parameters():
+        p.trainable = False
+    return base
+
+
+# ---------------------------------------------------------------- the adapted layer
+class AdaptedLinear(Module):
+    """h = base(x) + s * pool(dropout(x)) A^T B^T: a frozen base and named low-rank adapters, one active.
+
+    Subclasses (``lora.LoRALinear``, ``qlora.QLoRALinear``, ``qalora.QALoRALinear``) only choose
+    the base and the adapter's pooling. Parameter names below a model read
+    ``blocks.0.attn.q.base.weight``, ``blocks.0.attn.q.adapters.default.A``.
+
+    ``lora_A``, ``lora_B``, ``r``, ``alpha``, ``scaling`` are those of the active adapter. With no
+    active adapter (``lora.disable_adapters``) or while merged, the layer computes ``base(x)``
+    alone: exactly the base layer's output. Training while merged is refused.
+    """
+
+    kind = "adapted"
+    inits = RANDOM_INITS  # subclasses with a float base add "pissa"
+    pooled = False  # QA-LoRA: the adapter sees group means of the base's group size
+
+    def __init__(self, base, adapter: LowRankAdapter, adapter_name: str = DEFAULT_ADAPTER):
+        self.base = frozen_base(base)
+        k = self.adapter_in_features
+        if tuple(adapter.A.shape[1:]) != (k,) or adapter.B.shape[0] != base.out_features:
+            raise ValueError(f"adapter shapes A {adapter.A.shape}, B {adapter.B.shape} do not fit a base of "
+                             f"(out, in) = ({base.out_features}, {base.in_features}) (A needs {k} columns)")
+        self.adapters = ModuleDict({adapter_name: adapter})
+        self.active: str | None = adapter_name
+        self.merged = False
+        self._cache = None
+
+    # ------------------------------------------------------------ the pieces
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def bias(self):
+        """The base's (frozen, float) bias Parameter, or None."""
+        return self.base.bias
+
+    @property
+    def group_size(self) -> int | None:
+        """The adapter's pooling group (QA-LoRA), or None."""
+        return self.base.group_size if self.pooled else None
+
+    @property
+    def adapter_in_features(self) -> int:
+        """k': what A's columns see, in (LoRA, QLoRA) or in / group_size (QA-LoRA)."""
+        return self.in_features // self.group_size if self.pooled else self.in_features
+
+    @property
+    def adapter(self) -> LowRankAdapter:
+        """The active adapter (ValueError when adapters are disabled)."""
+        if self.active is None:
+            raise ValueError("this layer has no active adapter (adapters are disabled)")
+        return self.adapters[self.active]
+
+    @property
+    def lora_A(self) -> Parameter:
+        return self.adapter.A
+
+    @property
+    def lora_B(self) -> Parameter:
+        return self.adapter.B
+
+    @property
+    def r(self) -> int:
+        return self.adapter.r
+
+    @property
+    def alpha(self) -> float:
+        return self.adapter.alpha
+
+    @property
+    def scaling(self) -> float:
+        return self.adapter.scaling
+
+    @property
+    def dropout(self) -> Dropout:
+        return self.adapter.dropout
+
+    def delta_weight(self):
+        """The active adapter's update as a full (out, in) matrix (for merging and for study, not for training)."""
+        return self.adapter.delta_weight()
+
+    def check_args(self, r, alpha, dropout, init) -> None:
+        """Raise ValueError naming the problem with an adapter of these hyperparameters for this layer."""
+        max_rank = None if self.pooled else min(self.in_features, self.out_features)
+        check_adapter_args(r, alpha, dropout, init, max_rank=max_rank,
+                           shape=(self.out_features, self.in_features), inits=self.inits)
+
+    def new_adapter(self, r: int, alpha: float, *, dropout: float = 0.0, init: str = "kaiming",
+                    use_rslora: bool = False, rng) -> LowRankAdapter:
+        """A fresh adapter for this layer (random A, B = 0) in the dtype and backend of the existing ones."""
+        self.check_args(r, alpha, dropout, init)
+        if init == "pissa":
+            raise ValueError("a PiSSA adapter replaces W0 by a residual, so it can only be a layer's first adapter "
+                             "(make it with apply_lora(..., init='pissa'))")
+        ref = next(iter(self.adapters.values())).A.data
+        return LowRankAdapter.create(self.in_features, self.out_features, r, alpha, init=init, dropout=dropout,
+                                     use_rslora=use_rslora, group_size=self.group_size, rng=rng, like_array=ref)
+
+    # ------------------------------------------------------------ forward / backward
+    def forward(self, x, dropout_mask=None):
+        """h = base(x) + s * pool(dropout(x)) A^T B^T (base(x) alone when merged or disabled)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs with last dimension {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        y = self.base(x)  # (..., in) -> (..., out), the frozen path
+        used = None if (self.merged or self.active is None) else self.active
+        if used is not None:
+            y += self.adapters[used](x, dropout_mask)  # (..., out) += (..., out), the adapter's path
+        self._cache = {"adapter": used}
+        return y
+
+    def backward(self, dy):
+        """dx = dy W0 + the adapter's share; accumulates the active adapter's dA and dB (W0 gets nothing)."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is merged (the base holds W0 + s B A): call unmerge() "
+                               "before training")
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called without a forward (or twice for one forward)")
+        used, self._cache = self._cache["adapter"], None
+        dx = self.base.backward(dy)  # (..., in) = dy W0; no (out, in) weight gradient is formed
+        if used is not None:
+            dx += self.adapters[used].backward(dy)  # (..., in)
+        return dx
+
+    # ------------------------------------------------------------ merge / unmerge
+    def merged_base(self, requantize: bool = False):
+        """A new frozen layer that computes base + the active adapter's update (self is not changed).
+
+        Float base: a Linear holding W0 + s B A. NF4 base: a float Linear of dequant(W0) + s B A, or
+        with ``requantize=True`` that sum quantized to NF4 again. Group-wise base: the same codes and
+        scales with merged zero points. ValueError if the result would not be finite.
+        """
+        if self.merged:
+            raise ValueError("the layer is already merged: its base is the merged layer")
+        delta = self.delta_weight()  # (out, in)
+        if isinstance(self.base, Linear):
+            return self.base.with_update(delta)
+        return self.base.with_update(delta, requantize=requantize)
+
+    @property
+    def merges_in_place(self) -> bool:
+        """Whether the base can hold the update and give it back: a float weight, or QA-LoRA's zero points."""
+        return isinstance(self.base, Linear) or getattr(self.base, "absorbs_updates", False)
+
+    def merge(self):
+        """Fold the active adapter into the base, in place (where the base allows it). A no-op when merged."""
+        if self.merged:
+            return self
+        if not self.merges_in_place:
+            raise ValueError(f"a {type(self).__name__} cannot merge in place: its {type(self.base).__name__} "
+                             "cannot hold the update; use lora.merge_lora(model), which replaces the layer by a "
+                             "float (or re-quantized) one")
+        new = self.merged_base()
+        for p in self.adapter.parameters():
+            p.grad = None  # no stale gradient may move A or B while they are folded into the base
+        self.base, self.merged, self._cache = new, True, None
+        return self
+
+    def unmerge(self):
+        """Take the merged adapter out of the base again (W0 = W - s B A, up to float rounding). A no-op when not merged."""
+        if not self.merged:
+            return self
+        delta = self.adapter.delta_weight()  # (out, in), the same A, B and s as the merge (they cannot change)
+        self.base = self.base.with_update(-delta)  # (out, in) update taken out again
+        self.merged, self._cache = False, None
+        return self
+
+    # ------------------------------------------------------------ checkpoints
+    def spec(self) -> dict:
+        return {"kind": self.kind, "base": self.base.spec(), "active": self.active, "merged": self.merged,
+                "adapters": {name: a.spec() for name, a in self.adapters.items()}}
+
+    @classmethod
+    def assemble(cls, base, adapters: dict, active: str | None, merged: bool = False) -> AdaptedLinear:
+        """A layer from its parts (checkpoints): ``adapters`` maps names to LowRankAdapters."""
+        if not adapters:
+            raise ValueError("an adapted layer needs at least one adapter")
+        (name0, first), *rest = adapters.items()
+        layer = cls.__new__(cls)
+        AdaptedLinear.__init__(layer, base, first, name0)
+        for name, a in rest:
+            layer.adapters[name] = a
+        if active is not None and active not in layer.adapters:
+            raise ValueError(f"active adapter {active!r} is not among {layer.adapters.keys()}")
+        layer.active, layer.merged = active, bool(merged)
+        return layer
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{n}{'*' if n == self.active else ''}: r={a.r}" for n, a in self.adapters.items())
+        m = ", merged" if self.merged else ""
+        return f"{type(self).__name__}(base={self.base!r}, adapters [{names}]{m})"
