@@ -17,7 +17,9 @@ Counterparts of the article's figures:
    ``plot_subspace_similarity``        LoRA paper section 7.2, eq. (4)
 7. ``plot_training_curves``            loss and exact match of training runs
 
-A host-side module: arrays are brought to NumPy (``to_numpy``) before drawing.
+A host-side module that draws: the numbers come from the modules that compute them
+(``memory.paper``, ``rank``, ``quant``, the model's forward), and arrays are brought to NumPy
+(``to_numpy``) before drawing.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import patches, ticker  # noqa: E402
 
-from . import memory  # noqa: E402
+from . import memory, rank  # noqa: E402
 from .backend import to_numpy  # noqa: E402
+from .quant import FP4_CODE, INT4_CODE, NF4_CODE, dequantize_4bit, quantize_4bit  # noqa: E402
 
 FROZEN = "#9fb3c8"  # frozen weights: blue-grey
 FROZEN_EDGE = "#4a6785"
@@ -459,7 +462,7 @@ def plot_lora_diagram(d: int = 64, k: int = 48, r: int = 4):
 def _pair_bars(ax, labels, ours, paper, colors, log: bool, fmt):
     x = np.arange(len(labels), dtype=np.float64)  # (n,)
     w = 0.36
-    ax.bar(x - w / 2, ours, w, color=colors, edgecolor="#333333", label="our calculator (memory.py)")
+    ax.bar(x - w / 2, ours, w, color=colors, edgecolor="#333333", label="our calculator (memory.paper)")
     ax.bar(x + w / 2, paper, w, color=colors, edgecolor="#333333", hatch="//", alpha=0.55,
            label="reported by the LoRA paper")
     if log:
@@ -477,7 +480,7 @@ def plot_lora_impact(r: int = 4, targets=("q", "v")):
 
     Three panels: trainable parameters (log scale), training memory (weights,
     gradients and Adam moments in fp16, linear scale) and the per-task
-    checkpoint (log scale). Solid bars: ``memory.py``'s calculator; hatched
+    checkpoint (log scale). Solid bars: ``memory.paper``'s calculator; hatched
     bars: the numbers the LoRA paper reports (section 4.2, section 7.1 and
     the abstract). Activations are not in the calculator (see
     ``memory.training_memory``).
@@ -535,22 +538,15 @@ CODE_TITLES = {
 
 def _code_tables() -> dict:
     """{"int4", "nf4", "fp4"} -> (16,) float32 levels in [-1, 1], from ``quant``."""
-    try:
-        from .quant import FP4_CODE, INT4_CODE, NF4_CODE
-    except ImportError:
-        from .quant.tables import FP4_CODE, INT4_CODE, NF4_CODE
     return {"int4": np.asarray(INT4_CODE), "nf4": np.asarray(NF4_CODE), "fp4": np.asarray(FP4_CODE)}
 
 
 def quantize_roundtrip(x, quant_type: str, blocksize: int = 64):
     """``x`` quantized to 4 bits block by block and back (absmax scaling, nearest level): NumPy.
 
-    Uses ``quant.quantize_4bit`` / ``dequantize_4bit``.
+    The data of ``plot_quantization_levels``: ``quant.dequantize_4bit(quant.quantize_4bit(x))``
+    on float32, without double quantization.
     """
-    try:
-        from .quant import dequantize_4bit, quantize_4bit
-    except ImportError:
-        from .quant.blockwise import dequantize_4bit, quantize_4bit
     q = quantize_4bit(np.asarray(x, dtype=np.float32), blocksize=blocksize, quant_type=quant_type)
     return to_numpy(dequantize_4bit(q))  # same shape as x
 
@@ -624,11 +620,9 @@ def plot_singular_values(W_list, labels=None, energy: bool = True, normalize: bo
     Left: s_i (divided by s_1 when ``normalize``) against i, log scale: a
     low-rank matrix shows a cliff after its rank, noise a slow decay. Right
     (``energy=True``): the fraction of ||W||_F^2 kept by the best rank-r
-    approximation, (s_1^2 + ... + s_r^2) / sum s_i^2 (``rank.energy_kept``).
+    approximation, (s_1^2 + ... + s_r^2) / sum s_i^2 (``rank.cumulative_energy``).
     ``axes``: one Axes (``energy=False``) or two, to draw into.
     """
-    from .rank import singular_values
-
     if not isinstance(W_list, (list, tuple)) or not W_list:
         raise ValueError("W_list must be a non-empty list of 2-D matrices")
     labels = [f"W{i}" for i in range(len(W_list))] if labels is None else list(labels)
@@ -644,14 +638,13 @@ def plot_singular_values(W_list, labels=None, energy: bool = True, normalize: bo
             raise ValueError(f"need {n_axes} axes, got {len(axes)}")
         fig = axes[0].figure
     for W, label in zip(W_list, labels):
-        s = to_numpy(singular_values(W)).astype(np.float64)  # (min(d, k),) descending
+        s = to_numpy(rank.singular_values(W)).astype(np.float64)  # (min(d, k),) descending
         i = np.arange(1, s.size + 1)  # (m,)
         y = s / s[0] if normalize and s[0] > 0 else s  # (m,)
         y = np.maximum(y, 1e-17)  # (m,) exact zeros cannot be drawn on a log axis
         axes[0].semilogy(i, y, marker="o", ms=3, lw=1.5, label=label)
         if energy:
-            total = float((s**2).sum())
-            kept = np.cumsum(s**2) / total if total > 0 else np.ones_like(s)  # (m,)
+            kept = to_numpy(rank.cumulative_energy(W)).astype(np.float64)  # (m,)
             axes[1].plot(i, kept, marker="o", ms=3, lw=1.5, label=label)
     axes[0].set_ylabel(r"$s_i\,/\,s_1$ (log scale)" if normalize else r"$s_i$ (log scale)")
     axes[0].set_xlabel(r"index $i$")
@@ -669,32 +662,6 @@ def plot_singular_values(W_list, labels=None, energy: bool = True, normalize: bo
     return fig
 
 
-def subspace_similarity_matrix(A1, A2, max_i: int | None = None, max_j: int | None = None) -> np.ndarray:
-    """phi(A1, A2, i, j) for i = 1..max_i, j = 1..max_j, as a NumPy (max_i, max_j) array.
-
-    The LoRA paper's eq. (4) (``rank.subspace_similarity``), computed from one
-    SVD of each matrix: with O = V1[:max_i] V2[:max_j]^T (the cosines between
-    right-singular vectors), phi(i, j) = sum of O[:i, :j]^2 / min(i, j).
-    """
-    A1 = to_numpy(A1).astype(np.float64)  # (r1, k)
-    A2 = to_numpy(A2).astype(np.float64)  # (r2, k)
-    if A1.ndim != 2 or A2.ndim != 2 or A1.shape[1] != A2.shape[1]:
-        raise ValueError(f"A1 and A2 must be 2-D with the same number of columns k; got shapes {A1.shape} and "
-                         f"{A2.shape}")
-    m1, m2 = min(A1.shape), min(A2.shape)
-    max_i = m1 if max_i is None else int(max_i)
-    max_j = m2 if max_j is None else int(max_j)
-    if not (1 <= max_i <= m1 and 1 <= max_j <= m2):
-        raise ValueError(f"need 1 <= max_i <= {m1} and 1 <= max_j <= {m2}; got {max_i}, {max_j}")
-    V1t = np.linalg.svd(A1, full_matrices=False)[2]  # (m1, k) right-singular vectors as rows
-    V2t = np.linalg.svd(A2, full_matrices=False)[2]  # (m2, k)
-    overlap = V1t[:max_i] @ V2t[:max_j].T  # (max_i, k) @ (k, max_j) -> (max_i, max_j)
-    cum = np.cumsum(np.cumsum(overlap**2, axis=0), axis=1)  # (max_i, max_j): sums over O[:i, :j]
-    i = np.arange(1, max_i + 1)[:, None]  # (max_i, 1)
-    j = np.arange(1, max_j + 1)[None, :]  # (1, max_j)
-    return cum / np.minimum(i, j)  # (max_i, max_j)
-
-
 @_styled
 def plot_subspace_similarity(A1, A2, ax=None, labels=("A1", "A2"), max_i=None, max_j=None):
     """LoRA paper section 7.2, Figure 3 (syllabus section 2): heatmap of phi(A1, A2, i, j).
@@ -702,9 +669,12 @@ def plot_subspace_similarity(A1, A2, ax=None, labels=("A1", "A2"), max_i=None, m
     A1 (r1, k) and A2 (r2, k) are two adapters' A matrices for the same
     layer (e.g. trained with r = 8 and r = 64). Cell (i, j) is the overlap of
     the top-i right-singular directions of A1 with the top-j of A2, from 0
-    (orthogonal) to 1 (one subspace contains the other).
+    (orthogonal) to 1 (one subspace contains the other): ``rank.subspace_similarity_matrix``,
+    computed in float64.
     """
-    phi = subspace_similarity_matrix(A1, A2, max_i, max_j)  # (I, J)
+    A1 = to_numpy(A1).astype(np.float64)  # (r1, k)
+    A2 = to_numpy(A2).astype(np.float64)  # (r2, k)
+    phi = to_numpy(rank.subspace_similarity_matrix(A1, A2, max_i, max_j))  # (I, J)
     fig, ax = _fig_ax(ax, (min(3 + 0.28 * phi.shape[1], 14), min(2.4 + 0.45 * phi.shape[0], 9)))
     im = ax.imshow(phi, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
     I, J = phi.shape

@@ -141,6 +141,21 @@ def low_rank_approximation(W, r):
     return B, A
 
 
+def cumulative_energy(W):
+    """The energy kept by the best rank-r approximation of W (d, k) for every r: shape (min(d, k),).
+
+    Entry r - 1 is (s[0]^2 + ... + s[r-1]^2) / (s[0]^2 + s[1]^2 + ...), the fraction of
+    ||W||_F^2 that the top r singular directions carry; it grows to 1 at r = min(d, k).
+    The zero matrix keeps all of its (zero) energy at every rank: all ones.
+    """
+    xp, W = _as_matrix(W)
+    s2 = xp.linalg.svd(W, compute_uv=False) ** 2  # (d, k) -> (m,), m = min(d, k)
+    total = float(s2.sum())
+    if total == 0.0:
+        return xp.ones_like(s2)  # (m,)
+    return xp.cumsum(s2) / total  # (m,)
+
+
 def energy_kept(W, r) -> float:
     """Fraction of the squared Frobenius norm of W (d, k) kept by its best rank-r approximation.
 
@@ -148,16 +163,11 @@ def energy_kept(W, r) -> float:
     approximation keeps (s[0]^2 + ... + s[r-1]^2) / (s[0]^2 + ... ), a number in
     [0, 1]; equivalently 1 - ||W - B A||_F^2 / ||W||_F^2. A value near 1 for a
     small r is what "low intrinsic rank" looks like. The zero matrix keeps all
-    of its (zero) energy: 1.0.
+    of its (zero) energy: 1.0. (Entry r - 1 of ``cumulative_energy``.)
     """
-    xp, W = _as_matrix(W)
-    d, k = W.shape
-    r = _as_count(r, "r", 1, min(d, k))
-    s2 = xp.linalg.svd(W, compute_uv=False) ** 2  # (d, k) -> (min(d, k),)
-    total = float(s2.sum())
-    if total == 0.0:
-        return 1.0
-    return float(s2[:r].sum()) / total
+    _, W = _as_matrix(W)
+    r = _as_count(r, "r", 1, min(W.shape))
+    return float(cumulative_energy(W)[r - 1])
 
 
 def effective_rank(W) -> float:
@@ -195,6 +205,34 @@ def stable_rank(W) -> float:
     return float((s**2).sum()) / (top * top)
 
 
+def _similarity_table(A1, A2, max_i: int, max_j: int):
+    """phi(A1, A2, i, j) for 1 <= i <= max_i, 1 <= j <= max_j, from checked matrices: (max_i, max_j).
+
+    With V1 (m1, k) and V2 (m2, k) the right-singular vectors of A1 and A2 as rows, O = V1[:max_i]
+    V2[:max_j]^T holds the cosines between them, and ||U1[:, :i]^T U2[:, :j]||_F^2 is the sum of
+    O[:i, :j]^2: a cumulative sum over both axes gives every (i, j) at once.
+    """
+    xp = xp_of(A1)
+    _, _, V1t = xp.linalg.svd(A1, full_matrices=False)  # (r1, k) -> (m1, k); rows: right-singular vectors
+    _, _, V2t = xp.linalg.svd(A2, full_matrices=False)  # (r2, k) -> (m2, k)
+    overlap = V1t[:max_i, :] @ V2t[:max_j, :].T  # (max_i, k) @ (k, max_j) -> (max_i, max_j)
+    squared_norms = xp.cumsum(xp.cumsum(overlap**2, axis=0), axis=1)  # (max_i, max_j): sums over O[:i, :j]
+    i = xp.arange(1, max_i + 1)[:, None]  # (max_i, 1)
+    j = xp.arange(1, max_j + 1)[None, :]  # (1, max_j)
+    return squared_norms / xp.minimum(i, j)  # (max_i, max_j)
+
+
+def _check_pair(A1, A2):
+    _, A1 = _as_matrix(A1, "A1")
+    _, A2 = _as_matrix(A2, "A2")
+    if A1.shape[1] != A2.shape[1]:
+        raise ValueError(
+            f"A1 and A2 must act on the same input size k (same number of columns); "
+            f"got A1 {tuple(A1.shape)} and A2 {tuple(A2.shape)}"
+        )
+    return A1, A2
+
+
 def subspace_similarity(A1, A2, i, j) -> float:
     """The LoRA paper's normalized subspace similarity phi(A1, A2, i, j) (section 7.2, eq. 4).
 
@@ -218,18 +256,23 @@ def subspace_similarity(A1, A2, i, j) -> float:
     the update.
 
     If A1 has rank below i, its trailing singular vectors are an arbitrary
-    orthonormal completion and phi depends on that choice.
+    orthonormal completion and phi depends on that choice. The last entry of
+    ``subspace_similarity_matrix(A1, A2, i, j)``.
     """
-    xp, A1 = _as_matrix(A1, "A1")
-    _, A2 = _as_matrix(A2, "A2")
-    if A1.shape[1] != A2.shape[1]:
-        raise ValueError(
-            f"A1 and A2 must act on the same input size k (same number of columns); "
-            f"got A1 {tuple(A1.shape)} and A2 {tuple(A2.shape)}"
-        )
+    A1, A2 = _check_pair(A1, A2)
     i = _as_count(i, "i", 1, min(A1.shape))
     j = _as_count(j, "j", 1, min(A2.shape))
-    _, _, V1t = xp.linalg.svd(A1, full_matrices=False)  # (r1, k) -> (m1, k); rows: right-singular vectors
-    _, _, V2t = xp.linalg.svd(A2, full_matrices=False)  # (r2, k) -> (m2, k)
-    overlap = V1t[:i, :] @ V2t[:j, :].T  # (i, k) @ (k, j) -> (i, j) = U1[:, :i]^T U2[:, :j]
-    return float((overlap**2).sum()) / min(i, j)
+    return float(_similarity_table(A1, A2, i, j)[i - 1, j - 1])
+
+
+def subspace_similarity_matrix(A1, A2, max_i=None, max_j=None):
+    """phi(A1, A2, i, j) of ``subspace_similarity`` for every i <= max_i and j <= max_j: shape (max_i, max_j).
+
+    Entry [i - 1, j - 1] is phi(A1, A2, i, j), all from one SVD of each matrix: the LoRA paper's
+    Figure 3 is this table as a heatmap. ``max_i`` defaults to min(r1, k), ``max_j`` to
+    min(r2, k), the most there are. An array on the inputs' backend.
+    """
+    A1, A2 = _check_pair(A1, A2)
+    max_i = min(A1.shape) if max_i is None else _as_count(max_i, "max_i", 1, min(A1.shape))
+    max_j = min(A2.shape) if max_j is None else _as_count(max_j, "max_j", 1, min(A2.shape))
+    return _similarity_table(A1, A2, max_i, max_j)

@@ -1,19 +1,27 @@
-"""Tests of memory.py: measured bytes against hand sums, and the paper-scale calculator.
+"""Tests of the memory package: measured bytes against hand sums, traced step memory, the paper calculator.
 
-LoRA paper (Hu et al., 2021) section 4.2 / 7.1 and Table 4; QLoRA (Dettmers et al., 2023) section 3.
+``memory.measured``: what a model and an optimizer hold, against sums written out from the shapes;
+what a call allocates (``traced_peak``, ``step_memory``), against known allocations.
+``memory.paper``: LoRA paper (Hu et al., 2021) section 4.2 / 7.1 and Table 4; QLoRA (Dettmers
+et al., 2023) section 3.
 """
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 
+from lora_from_scratch import lora
 from lora_from_scratch import memory as M
-from lora_from_scratch.backend import asarray
+from lora_from_scratch.backend import asarray, get_backend_name
 from lora_from_scratch.functional import cross_entropy
 from lora_from_scratch.model import GPT, GPTConfig
-from lora_from_scratch.nn import Linear, Module, Parameter
+from lora_from_scratch.nn import Buffer, Linear, Module, Parameter
 from lora_from_scratch.optim import SGD, AdamW
+from lora_from_scratch.qalora import apply_qalora
+from lora_from_scratch.qlora import apply_qlora
+from lora_from_scratch.targets import TARGET_TABLE
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -92,60 +100,211 @@ def test_sgd_without_momentum_holds_no_state():
     assert M.optimizer_state_bytes(opt_m) == M.parameter_bytes(model)
 
 
-class _Packed(Module):
-    """A module that keeps arrays outside Parameters, some of them twice."""
+class _Held(Module):
+    """A module whose parameters and buffers share arrays, beside arrays it holds in plain attributes."""
 
     def __init__(self):
         rng = np.random.default_rng(0)
         self.weight = Parameter(asarray(rng.standard_normal((4, 6)).astype(np.float32)))  # (4, 6): 96 B
-        self.codes = asarray(rng.integers(0, 255, size=(12,)).astype(np.uint8))  # (12,): 12 B
-        self.same_codes = self.codes  # the same array under a second name
-        self.state = {"absmax": asarray(np.ones(3, np.float32)), "codes": self.codes}  # (3,): 12 B
+        self.codes = Buffer(asarray(rng.integers(0, 255, size=(12,)).astype(np.uint8)))  # (12,): 12 B
+        self.same_codes = self.codes  # the same Buffer under a second name
+        self.absmax = Buffer(asarray(np.ones(3, np.float32)))  # (3,): 12 B
         self.tied = self.weight  # the same Parameter twice
         self.child = Linear(6, 2, rng=rng)  # (2, 6) + (2,): 48 + 8 B
-        self.shared = [self.child.weight.data, (self.codes,)]  # nothing new
-        self._cache = (asarray(np.zeros((100,), np.float64)),)  # (100,): 800 B, transient
+        self.bias_again = Parameter(self.child.bias.data, trainable=False)  # a second holder of the (2,) bias
+        self.plain = asarray(np.zeros(50, np.float32))  # neither a Parameter nor a Buffer: not the module's
+        self._cache = (asarray(np.zeros((100,), np.float64)),)  # (100,): 800 B of activations
 
     def forward(self, x):  # pragma: no cover - not used
         return x
 
 
-def test_resident_bytes_counts_each_array_once():
-    m = _Packed()
-    assert M.resident_bytes(m) == 96 + 12 + 12 + 48 + 8
-    assert M.resident_bytes(m, include_caches=True) == 96 + 12 + 12 + 48 + 8 + 800
-    assert M.parameter_bytes(m) == 96 + 48 + 8  # Parameters only
+def test_resident_bytes_counts_parameters_and_buffers_each_array_once():
+    m = _Held()
+    held = 96 + 12 + 12 + 48 + 8  # the plain attribute and the cache are not parameters or buffers
+    assert M.resident_bytes(m) == held
+    assert M.parameter_bytes(m) == 96 + 48 + 8  # the shared bias array once
+    assert M.buffer_bytes(m) == 12 + 12
+    assert M.parameter_count(m) == 24 + 12 + 2
     m.weight.grad = asarray(np.ones((4, 6), np.float32))  # (4, 6): 96 B
-    assert M.resident_bytes(m) == 96 + 12 + 12 + 48 + 8
-    assert M.resident_bytes(m, include_grads=True) == 2 * 96 + 12 + 12 + 48 + 8
+    assert M.resident_bytes(m) == held
+    assert M.resident_bytes(m, include_grads=True) == held + 96
     assert M.gradient_bytes(m) == 96
 
 
-def test_resident_bytes_walks_a_quantized_weight():
-    blockwise = pytest.importorskip("lora_from_scratch.quant.blockwise", reason="quant is not importable yet")
-    rng = np.random.default_rng(5)
-    W = asarray(rng.standard_normal((32, 128)).astype(np.float32))  # (32, 128)
-
-    class QuantLinear(Module):
-        def __init__(self):
-            self.qweight = blockwise.quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
-            self.bias = Parameter(asarray(np.zeros(32, np.float32)))  # (32,): 128 B
-
-    m = QuantLinear()
-    q = m.qweight
-    hand = sum(int(a.nbytes) for a in (q.packed, q.absmax, q.qabsmax, q.offset, q.absmax2) if a is not None)
-    assert int(q.packed.nbytes) == 32 * 128 // 2  # two 4-bit codes per byte
-    assert M.resident_bytes(m) == hand + 128
-    assert M.parameter_bytes(m) == 128  # the packed weight is not a Parameter
-
-
-def test_resident_bytes_after_forward_excludes_activations_by_default():
+def test_resident_bytes_after_forward_excludes_activations():
     model = GPT(TINY, seed=3)
     before = M.resident_bytes(model)
     idx = asarray(np.zeros((2, TINY.block_size), np.int64))  # (2, 8)
     model(idx)
     assert M.resident_bytes(model) == before == M.parameter_bytes(model)
-    assert M.resident_bytes(model, include_caches=True) > before  # the caches of the last forward
+
+
+# GPT with matrices large enough for whole blocks of 256 block constants: q, k, v, o are 128 x 128
+# (16,384 weights: 256 blocks of 64), fc and proj 512 x 128 and 128 x 512 (1,024 blocks)
+MID = GPTConfig(vocab_size=56, block_size=16, n_layer=2, n_head=4, n_embd=128)
+SIX = ["q", "k", "v", "o", "fc", "proj"]
+
+
+def _shapes(cfg):
+    """(out, in) of the six adapted matrices of one block, written out by hand."""
+    C = cfg.n_embd
+    return [(C, C), (C, C), (C, C), (C, C), (4 * C, C), (C, 4 * C)]
+
+
+def _unadapted_bytes(cfg, itemsize=4):
+    """Token and position embeddings, two LayerNorms per block and the final one: never adapted."""
+    C = cfg.n_embd
+    return itemsize * (cfg.vocab_size * C + cfg.block_size * C + cfg.n_layer * 4 * C + 2 * C)
+
+
+def test_resident_bytes_of_a_lora_model():
+    r = 4
+    model = lora.apply_lora(GPT(MID, seed=0), r=r, alpha=8, targets=SIX, seed=0)
+    per_block = sum(4 * (o * i + o) + 4 * r * (i + o) for o, i in _shapes(MID))  # W0 + bias + A + B, float32
+    assert M.resident_bytes(model) == _unadapted_bytes(MID) + MID.n_layer * per_block
+    assert M.buffer_bytes(model) == 0
+    assert M.resident_bytes(model) == M.parameter_bytes(model)
+
+
+def test_resident_bytes_of_a_qlora_model_and_its_bits_per_weight():
+    r = 4
+    model = apply_qlora(GPT(MID, seed=0), r=r, alpha=8, targets=SIX, seed=0)
+    storage = 0  # NF4 with double quantization, from the sizes alone
+    rest = 0
+    for o, i in _shapes(MID):
+        n = o * i
+        blocks = n // 64
+        storage += n // 2 + blocks + 4 * (-(-blocks // 256)) + 4  # codes, 8-bit constants, absmax2, offset
+        rest += 4 * o + 4 * r * (i + o)  # float32 bias, A and B
+    assert M.buffer_bytes(model) == MID.n_layer * storage
+    assert M.resident_bytes(model) == _unadapted_bytes(MID) + MID.n_layer * (storage + rest)
+    # the same from the buffers' own arrays, named
+    layers = lora.lora_layers(model)
+    by_name = sum(int(getattr(layer.base, b).data.nbytes) for layer in layers.values()
+                  for b in ("packed", "qabsmax", "offset", "absmax2"))
+    assert by_name == M.buffer_bytes(model)
+    # bits per weight: 4 + 8/64 + 32/(64*256) = 4.127, plus one float32 offset per matrix
+    n_weights = MID.n_layer * sum(o * i for o, i in _shapes(MID))
+    offsets = 4 * len(layers)
+    assert 8 * (M.buffer_bytes(model) - offsets) / n_weights == 4 + 8 / 64 + 32 / (64 * 256)
+    assert round(8 * (M.buffer_bytes(model) - offsets) / n_weights, 3) == 4.127
+    assert abs(8 * M.buffer_bytes(model) / n_weights - 4.127) < 1e-3
+    assert math.isclose(8 * (M.buffer_bytes(model) - offsets) / n_weights, M.QLORA_BITS_PER_PARAMETER)
+    # counts: a 4-bit weight counts as the weights it encodes, as in lora.count_parameters
+    rep = M.memory_report(model)
+    trainable, total = lora.count_parameters(model)
+    assert rep["parameters"] == total and rep["trainable_parameters"] == trainable
+    assert rep["frozen_parameters"] == total - trainable
+    assert total == GPT(MID, seed=0).num_parameters() + trainable
+
+
+def test_resident_bytes_of_a_qalora_model():
+    r, gs = 4, 32
+    model = apply_qalora(GPT(MID, seed=0), r=r, alpha=8, targets=SIX, bits=4, group_size=gs, seed=0)
+    per_block = 0
+    for o, i in _shapes(MID):
+        L = i // gs
+        per_block += o * i  # uint8 codes
+        per_block += 2 * 4 * o * L  # float32 scales and zero points
+        per_block += 4 * o + 4 * r * (L + o)  # float32 bias, A (r, L) and B (o, r)
+    assert M.resident_bytes(model) == _unadapted_bytes(MID) + MID.n_layer * per_block
+    assert M.resident_bytes(model) == M.parameter_bytes(model) + M.buffer_bytes(model)
+
+
+def test_to_numpy_keeps_resident_bytes():
+    model = apply_qlora(GPT(MID, seed=0), r=4, alpha=8, targets=SIX, seed=0)
+    before = M.resident_bytes(model), M.buffer_bytes(model), M.parameter_bytes(model)
+    model.to("numpy")
+    assert (M.resident_bytes(model), M.buffer_bytes(model), M.parameter_bytes(model)) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# traced: host allocations during a call
+# ---------------------------------------------------------------------------------------------
+
+MIB = 2**20
+SLACK = 64 * 1024  # the Python objects a call makes around its arrays: far below a MiB
+
+
+def test_traced_peak_of_a_known_allocation():
+    def keep():
+        return np.ones(MIB, np.uint8)  # (2^20,): 1 MiB, returned
+
+    def make_and_drop():
+        a = np.ones(MIB, np.uint8)  # (2^20,): 1 MiB, freed on return
+        return int(a[0])
+
+    kept, peak, retained = M.traced_peak(keep)
+    assert kept.nbytes == MIB
+    assert MIB <= peak < MIB + SLACK
+    assert MIB <= retained < MIB + SLACK
+    value, peak, retained = M.traced_peak(make_and_drop)
+    assert value == 1
+    assert MIB <= peak < MIB + SLACK
+    assert abs(retained) < SLACK
+    # arguments are passed through, and arrays made before the call are not counted
+    big = np.ones(MIB // 2, np.float64)  # (2^19,): 4 MiB
+    total, peak, _ = M.traced_peak(lambda a, scale=1: float(a.sum()) * scale, big, scale=2)
+    assert total == MIB and peak < SLACK  # a float64 sum reads the array in place: no copy of it
+    assert not tracemalloc.is_tracing()  # tracing is switched off again
+
+
+def test_traced_peak_calls_nest():
+    def outer():
+        a = np.ones(4 * MIB, np.uint8)  # (4 MiB,), freed before the inner call
+        del a
+        _, inner_peak, _ = M.traced_peak(lambda: np.ones(MIB, np.uint8).nbytes)  # (1 MiB,), dropped at once
+        return inner_peak
+
+    inner_peak, peak, retained = M.traced_peak(outer)
+    assert MIB <= inner_peak < MIB + SLACK
+    assert 4 * MIB <= peak < 4 * MIB + SLACK  # the inner call did not hide the outer one's earlier peak
+    assert abs(retained) < SLACK
+
+
+WIDE = GPTConfig(vocab_size=56, block_size=32, n_layer=4, n_head=4, n_embd=256)
+
+
+@pytest.mark.skipif(get_backend_name() != "numpy", reason="tracemalloc sees host (NumPy) memory only")
+def test_step_memory_lora_needs_less_than_full_finetuning():
+    """A measured property, not a timed one: the bytes NumPy allocates during one training step.
+
+    On a width-256, 4-layer GPT (3.2M parameters, 12 MiB of float32 weights), the first AdamW
+    step of full fine-tuning makes a gradient and two moments for every parameter; LoRA (r = 8 on
+    the six matrices) makes them for its 147k adapter values only. Both keep about the same
+    activations for the backward.
+    """
+    rng = np.random.default_rng(0)
+    batch = (asarray(rng.integers(0, WIDE.vocab_size, size=(4, WIDE.block_size))),  # (4, 32)
+             asarray(rng.integers(0, WIDE.vocab_size, size=(4, WIDE.block_size))))  # (4, 32)
+    full = GPT(WIDE, seed=0)
+    full_opt = AdamW(full.parameters(), lr=1e-3)
+    adapted = lora.apply_lora(GPT(WIDE, seed=0), r=8, alpha=16, targets=SIX, seed=0)
+    lora_opt = AdamW(adapted.trainable_parameters(), lr=1e-3)
+    f = M.step_memory(full, full_opt, batch)
+    lo = M.step_memory(adapted, lora_opt, batch)
+
+    P = M.parameter_bytes(full)
+    assert f["held_before"] == f["weights"] == P  # a first step: no optimizer state yet
+    assert f["gradients"] == P and f["optimizer"] == 2 * P
+    assert abs(f["retained"] - 3 * P) < SLACK  # what the step kept: its gradients and the moments
+    assert f["peak"] == f["held_before"] + f["step_peak"]
+    assert f["activations"] > 0 and f["step_peak"] >= f["activations"]
+    n_adapter = M.parameter_count(adapted, trainable=True)
+    assert n_adapter == 4 * 8 * (4 * (256 + 256) + 2 * (256 + 1024))
+    assert lo["gradients"] == 4 * n_adapter and lo["optimizer"] == 8 * n_adapter
+    assert abs(lo["retained"] - 12 * n_adapter) < SLACK
+    # the comparison: LoRA's step needs less on top of the weights, and less in all
+    assert lo["step_peak"] < f["step_peak"]
+    assert lo["peak"] < f["peak"]
+    assert f["step_peak"] - lo["step_peak"] > P / 2  # at least half the weights' size apart
+    assert 0.8 < lo["activations"] / f["activations"] < 1.25  # activations: about the same
+    assert math.isclose(lo["loss"], f["loss"], rel_tol=1e-6)  # B = 0: the same model at step 0
+    # a second step: the moments exist, so the full step keeps only its new gradients
+    f2 = M.step_memory(full, full_opt, batch)
+    assert f2["held_before"] == 3 * P  # weights + moments; the old gradients went with zero_grad
+    assert abs(f2["retained"] - P) < SLACK
 
 
 def test_memory_report_bad_arguments():
@@ -231,7 +390,6 @@ def test_lora_parameter_formula_and_gpt3_ratio():
 
 
 def test_lora_formula_equals_apply_lora_count():
-    lora = pytest.importorskip("lora_from_scratch.lora", reason="lora.py is not importable yet")
     cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=3, n_head=2, n_embd=16)
     size = M.TransformerSize.from_config(cfg)
     for r, targets in ((2, ("q", "v")), (4, ("q", "k", "v", "o", "fc", "proj")), (1, ("fc",))):
@@ -241,6 +399,29 @@ def test_lora_formula_equals_apply_lora_count():
         assert trainable == M.lora_trainable_parameters(size, r, targets)
         assert total == M.full_parameters(size) + trainable
         assert M.parameter_count(model, trainable=True) == trainable
+
+
+def test_target_shapes_come_from_the_target_table_and_match_our_gpt():
+    size = M.TransformerSize.from_config(MID)
+    shapes = M.target_shapes(size)
+    assert tuple(shapes) == tuple(TARGET_TABLE)
+    block = GPT(MID, seed=0).blocks[0]
+    for name, t in TARGET_TABLE.items():
+        assert shapes[name] == t.shape(MID.n_embd)  # d_ff = 4 d: the table's own widths
+        assert shapes[name] == block.get_submodule(f"{t.parent}.{name}").weight.shape
+
+
+def test_a_custom_mlp_width_d_ff():
+    # d = 64, d_ff = 96 (not 4 d = 256): fc is (96, 64), proj (64, 96)
+    size = M.TransformerSize("narrow MLP", n_layer=3, d_model=64, n_head=4, vocab_size=10, n_ctx=8, d_ff=96)
+    assert M.target_shapes(size)["fc"] == (96, 64) and M.target_shapes(size)["proj"] == (64, 96)
+    assert M.linear_parameters(size) == 3 * (4 * 64 * 64 + 2 * 64 * 96)
+    biases, norms = 4 * 64 + 96 + 64, 4 * 64
+    assert M.full_parameters(size) == M.linear_parameters(size) + 3 * (biases + norms) + (10 + 8) * 64 + 2 * 64
+    assert M.lora_trainable_parameters(size, 2, ("fc", "proj")) == 3 * 2 * 2 * (64 + 96)
+    assert M.lora_trainable_parameters(size, 2, ("q",)) == 3 * 2 * (64 + 64)
+    with pytest.raises(ValueError, match="exceeds"):
+        M.lora_trainable_parameters(size, 65, ("fc",))
 
 
 def test_training_memory_accounting():

@@ -1,7 +1,7 @@
 """Tests of plots.py: every figure function runs, draws what it says, and make_all_figures writes PNGs.
 
-The figures illustrate SEED.md sections 1-7; the numbers they draw are checked against the
-modules that compute them (memory, rank, quant, the model's forward pass).
+The figures illustrate SEED.md sections 1-7; plots.py only draws, and the numbers it draws are
+checked against the modules that compute them (memory, rank, quant, the model's forward pass).
 """
 
 import matplotlib
@@ -16,9 +16,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from lora_from_scratch import memory, plots  # noqa: E402
+from lora_from_scratch import memory, plots, rank  # noqa: E402
 from lora_from_scratch.backend import asarray, to_numpy  # noqa: E402
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402
+from lora_from_scratch.quant import tables  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -155,7 +156,6 @@ def test_lora_impact_draws_the_calculator_and_the_paper():
 
 
 def test_quantization_levels_draws_16_lines_per_code():
-    tables = pytest.importorskip("lora_from_scratch.quant.tables")
     fig = plots.plot_quantization_levels(n_blocks=16, blocksize=64, n_show=8)
     assert len(fig.axes) == 4
     for ax, code in zip(fig.axes[:3], (tables.INT4_CODE, tables.NF4_CODE, tables.FP4_CODE)):
@@ -171,8 +171,6 @@ def test_quantization_levels_draws_16_lines_per_code():
 
 
 def test_quantize_roundtrip_is_nearest_level_within_half_a_step():
-    tables = pytest.importorskip("lora_from_scratch.quant.tables")
-    pytest.importorskip("lora_from_scratch.quant.blockwise")
     rng = np.random.default_rng(7)
     w = rng.standard_normal((8, 64)).astype(np.float32)  # (8, 64)
     absmax = np.abs(w).max(axis=1, keepdims=True)  # (8, 1)
@@ -198,29 +196,34 @@ def test_singular_values_plot_shows_the_spectrum():
     assert np.linalg.norm(y - s / s[0]) / np.linalg.norm(s / s[0]) < 1e-12
     energy = np.asarray(fig.axes[1].lines[0].get_ydata())
     assert abs(energy[2] - 1.0) < 1e-12 and energy[1] < 1.0  # rank 3: three directions keep everything
+    for r in range(1, 16):  # the curve is rank.energy_kept at every r (float64 input: to 1e-12)
+        assert abs(energy[r - 1] - rank.energy_kept(low, r)) < 1e-12
     fig1 = plots.plot_singular_values([full], energy=False)
     assert len(fig1.axes) == 1
     with pytest.raises(ValueError, match="labels"):
         plots.plot_singular_values([low, full], ["only one"])
 
 
-def test_subspace_similarity_matrix_matches_rank_module():
-    from lora_from_scratch.rank import subspace_similarity
-
+def test_subspace_similarity_heatmap_draws_the_rank_table():
     rng = np.random.default_rng(1)
     A1 = rng.standard_normal((4, 30))  # (4, 30)
-    A2 = np.vstack([A1[:2] + 0.1 * rng.standard_normal((2, 30)), rng.standard_normal((6, 30))])  # (8, 30)
-    phi = plots.subspace_similarity_matrix(A1, A2)  # (4, 8)
-    assert phi.shape == (4, 8)
-    for i in range(1, 5):
-        for j in range(1, 9):
-            assert abs(phi[i - 1, j - 1] - subspace_similarity(A1, A2, i, j)) < 1e-12
+    # A2 holds A1's rows (scaled up, its four largest directions) and four small random rows
+    A2 = np.vstack([3 * A1, 0.1 * rng.standard_normal((4, 30))])  # (8, 30)
+    phi = to_numpy(rank.subspace_similarity_matrix(A1, A2))  # (4, 8)
     fig = plots.plot_subspace_similarity(A1, A2, labels=("r=4", "r=8"))
     assert len(fig.axes) == 2  # heatmap + colour bar
     images = [im for im in fig.axes[0].get_children() if isinstance(im, AxesImage)]
     assert len(images) == 1 and np.array_equal(images[0].get_array(), phi)
+    assert phi.shape == (4, 8)
+    assert phi[3, 3] > 0.99  # the top-4 subspaces nearly coincide (the small rows tilt them a little)
+    assert phi[3, 7] > 1 - 1e-12  # A2's eight directions span A1's four exactly
+    assert "Subspace similarity φ(r=4, r=8, i, j)" in _texts(fig)
+    # float32 inputs are drawn from the same float64 table
+    fig32 = plots.plot_subspace_similarity(A1.astype(np.float32), A2.astype(np.float32), max_i=2, max_j=3)
+    drawn = [im for im in fig32.axes[0].get_children() if isinstance(im, AxesImage)][0].get_array()
+    assert drawn.shape == (2, 3) and np.max(np.abs(drawn - phi[:2, :3])) < 1e-5  # float32 rounding of A
     with pytest.raises(ValueError, match="columns"):
-        plots.subspace_similarity_matrix(A1, rng.standard_normal((3, 29)))
+        plots.plot_subspace_similarity(A1, rng.standard_normal((3, 29)))
 
 
 def test_training_curves():

@@ -1,4 +1,5 @@
-"""Tests for lora_from_scratch.rank: rank, spectrum, Eckart-Young, LoRA eq. (4) subspace similarity.
+"""Tests for lora_from_scratch.rank: rank, spectrum, Eckart-Young, LoRA eq. (4) subspace similarity (one value
+and the whole table of Figure 3).
 
 References: numpy.linalg and torch.linalg (matrix_rank, svd); the theorems quoted in rank.py.
 """
@@ -237,9 +238,70 @@ def test_subspace_similarity_of_independent_random_subspaces_is_small():
     assert abs(np.mean(values) - expected) < 0.15 * expected
 
 
+def test_subspace_similarity_matrix_matches_definition_with_torch_svd():
+    # every entry against ||V1[:i] V2[:j]^T||_F^2 / min(i, j) from torch's SVD, written out per (i, j)
+    rng = np.random.default_rng(16)
+    A1 = rng.standard_normal((6, 25))  # (6, 25)
+    A2 = rng.standard_normal((9, 25))  # (9, 25)
+    _, _, V1 = torch.linalg.svd(torch.from_numpy(A1), full_matrices=False)  # (6, 25)
+    _, _, V2 = torch.linalg.svd(torch.from_numpy(A2), full_matrices=False)  # (9, 25)
+    phi = to_numpy(rank.subspace_similarity_matrix(asarray(A1), asarray(A2)))  # (6, 9)
+    assert phi.shape == (6, 9) and phi.dtype == np.float64
+    for i in range(1, 7):
+        for j in range(1, 10):
+            ref = float((V1[:i] @ V2[:j].T).pow(2).sum()) / min(i, j)  # (i, 25) @ (25, j) -> (i, j)
+            assert abs(phi[i - 1, j - 1] - ref) < 1e-12
+            assert abs(rank.subspace_similarity(asarray(A1), asarray(A2), i, j) - phi[i - 1, j - 1]) < 1e-15
+    # a corner of the table is the table of the smaller sizes; transposing swaps the arguments
+    corner = to_numpy(rank.subspace_similarity_matrix(asarray(A1), asarray(A2), max_i=3, max_j=4))  # (3, 4)
+    assert np.max(np.abs(corner - phi[:3, :4])) < 1e-15
+    swapped = to_numpy(rank.subspace_similarity_matrix(asarray(A2), asarray(A1)))  # (9, 6)
+    assert np.max(np.abs(swapped - phi.T)) < 1e-12
+    assert np.all((phi >= 0) & (phi <= 1 + 1e-12))
+
+
+def test_subspace_similarity_matrix_known_values():
+    rng = np.random.default_rng(17)
+    A = asarray(rng.standard_normal((5, 20)))  # (5, 20)
+    # with itself: the top-i directions lie inside the top-j ones (or contain them): 1 everywhere
+    assert np.max(np.abs(to_numpy(rank.subspace_similarity_matrix(A, A)) - 1.0)) < 1e-12
+    # orthogonal row spaces: 0 everywhere
+    E = np.eye(20)
+    zero = to_numpy(rank.subspace_similarity_matrix(asarray(E[:3]), asarray(E[3:9])))  # (3, 6)
+    assert zero.shape == (3, 6) and np.max(zero) < 1e-28
+    # one direction shared, the rest orthogonal: A1 = e0, e1; A2 = 2 e0 (its top direction), e5
+    A1 = asarray(E[[0, 1]])  # (2, 20)
+    A2 = asarray(np.vstack([2 * E[0], E[5]]))  # (2, 20)
+    phi = to_numpy(rank.subspace_similarity_matrix(A1, A2))  # (2, 2)
+    # phi(2, 1) = 1 (e0 lies in span(e0, e1)); phi(2, 2) = 1 / 2 (one of two directions shared)
+    assert abs(phi[1, 0] - 1.0) < 1e-12 and abs(phi[1, 1] - 0.5) < 1e-12
+    with pytest.raises(ValueError, match="max_i must satisfy"):
+        rank.subspace_similarity_matrix(A1, A2, max_i=3)
+    with pytest.raises(ValueError, match="max_j must satisfy"):
+        rank.subspace_similarity_matrix(A1, A2, max_j=0)
+    with pytest.raises(ValueError, match="same number of columns"):
+        rank.subspace_similarity_matrix(A1, asarray(np.ones((2, 19))))
+
+
+def test_cumulative_energy_is_energy_kept_at_every_rank():
+    rng = np.random.default_rng(18)
+    W = asarray(rng.standard_normal((14, 9)))  # (14, 9)
+    curve = to_numpy(rank.cumulative_energy(W))  # (9,)
+    assert curve.shape == (9,)
+    s2 = np.linalg.svd(to_numpy(W), compute_uv=False) ** 2  # (9,)
+    assert np.max(np.abs(curve - np.cumsum(s2) / s2.sum())) < 1e-14
+    for r in range(1, 10):
+        assert rank.energy_kept(W, r) == float(curve[r - 1])
+    assert np.all(np.diff(curve) > 0) and abs(curve[-1] - 1.0) < 1e-14
+    assert np.array_equal(to_numpy(rank.cumulative_energy(asarray(np.zeros((3, 4))))), np.ones(3))
+    # rank 2: two directions keep everything
+    L = low_rank(rng, 14, 9, 2)  # (14, 9)
+    assert abs(float(to_numpy(rank.cumulative_energy(L))[1]) - 1.0) < 1e-12
+
+
 @pytest.mark.parametrize(
     "func",
-    [rank.matrix_rank, rank.singular_values, rank.effective_rank, rank.stable_rank],
+    [rank.matrix_rank, rank.singular_values, rank.effective_rank, rank.stable_rank, rank.cumulative_energy],
 )
 def test_bad_matrices_raise(func):
     with pytest.raises(ValueError, match="2-D"):

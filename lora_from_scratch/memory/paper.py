@@ -1,29 +1,23 @@
-"""Memory accounting: what a model really holds, and the LoRA paper's GPT-3 numbers on paper.
+"""The paper-scale calculator: parameter counts and training-state bytes of a transformer, on paper.
 
-Syllabus sections 1 and 6; Hu et al., 2021 (LoRA, arXiv 2106.09685),
-section 4.2 "Practical Benefits and Limitations" and section 7.1;
-Dettmers et al., 2023 (QLoRA, arXiv 2305.14314), section 3 (double
-quantization: 4.127 bits per parameter).
+Syllabus sections 1 and 6; Hu et al., 2021 (LoRA, arXiv 2106.09685), section 4.2 "Practical
+Benefits and Limitations" and section 7.1; Dettmers et al., 2023 (QLoRA, arXiv 2305.14314),
+section 3 (double quantization: 4.127 bits per parameter).
 
-Two halves.
+Nothing is allocated here: the parameter counts of a GPT-2-architecture transformer follow from
+its sizes, and the memory a training run needs for its *state* (weights, gradients, optimizer
+moments) follows from a stated number of bytes per value. The matrices LoRA can adapt, and their
+shapes, come from ``targets.TARGET_TABLE`` (the table the model, ``lora`` and the checkpoint
+code read too); its MLP width 4 * n_embd stands for ``TransformerSize.d_ff``, so a model with
+another MLP width is counted right.
 
-**Measured** (any backend): the bytes of the arrays a model and an optimizer
-actually hold, read from each array's ``.nbytes``. Full fine-tuning keeps,
-for every parameter, the weight, its gradient and AdamW's two moments (4x
-the weights); LoRA keeps gradients and moments only for the small A and B.
-``memory_report`` puts the numbers side by side.
-
-**Calculated** (paper scale, nothing allocated): parameter counts of a
-GPT-2-architecture transformer from its sizes, and the memory a training run
-needs for its *state* (weights, gradients, optimizer moments) under a
-stated number of bytes per value. The LoRA paper reports for GPT-3 175B with
-r = 4 on Wq and Wv: trainable parameters cut "by 10,000 times", training VRAM
-1.2 TB -> 350 GB ("by 3 times"), checkpoints 350 GB -> 35 MB. The calculator
-reproduces the parameter ratio from the formula alone (about 9,250x) and the
-memory numbers to within the accuracy the accounting allows; see
-``training_memory`` for the bytes per value and for what it leaves out.
-Sizes in bytes are decimal (1 GB = 10**9 B) where compared with the paper,
-whose "350GB" is 175e9 parameters x 2 bytes.
+The LoRA paper reports for GPT-3 175B with r = 4 on Wq and Wv: trainable parameters cut "by
+10,000 times", training VRAM 1.2 TB -> 350 GB ("by 3 times"), checkpoints 350 GB -> 35 MB. The
+calculator reproduces the parameter ratio from the formula alone (about 9,250x) and the memory
+numbers to within the accuracy the accounting allows; see ``training_memory`` for the bytes per
+value and for what it leaves out. Sizes in bytes are decimal (1 GB = 10**9 B) where compared with
+the paper, whose "350GB" is 175e9 parameters x 2 bytes. What a model of ours *really* holds is
+measured by ``memory.measured``.
 """
 
 from __future__ import annotations
@@ -32,207 +26,10 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
-# ----------------------------------------------------------------------------------------------
-# formatting
-# ----------------------------------------------------------------------------------------------
-
-_BINARY = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-_DECIMAL = ("B", "kB", "MB", "GB", "TB", "PB")
-
-
-def format_bytes(n, binary: bool = True, digits: int = 1) -> str:
-    """A byte count for people: ``format_bytes(3 * 2**20) == "3.0 MiB"``.
-
-    ``binary=True`` uses powers of 1024 (KiB, MiB, GiB, TiB: how memory is
-    sized); ``binary=False`` uses powers of 1000 (kB, MB, GB, TB: how the
-    LoRA paper and disk makers write sizes). Counts below one unit step are
-    written as whole bytes (``"512 B"``).
-    """
-    if isinstance(n, bool) or not isinstance(n, numbers.Real):
-        raise ValueError(f"format_bytes needs a number of bytes; got {n!r}")
-    n = float(n)
-    if not math.isfinite(n) or n < 0:
-        raise ValueError(f"format_bytes needs a finite number of bytes >= 0; got {n!r}")
-    base, units = (1024.0, _BINARY) if binary else (1000.0, _DECIMAL)
-    if n < base:
-        return f"{n:.0f} B"
-    i = min(int(math.log(n, base)), len(units) - 1)
-    value = n / base**i
-    if round(value, digits) >= base and i + 1 < len(units):  # 1023.96 KiB would print as "1024.0 KiB"
-        i, value = i + 1, value / base
-    return f"{value:.{digits}f} {units[i]}"
-
+from ..targets import TARGET_TABLE, TARGETS
 
 # ----------------------------------------------------------------------------------------------
-# measured
-# ----------------------------------------------------------------------------------------------
-
-
-def _nbytes(a) -> int:
-    return int(a.nbytes)
-
-
-def _own(x) -> bool:
-    """An object whose class is defined in this package (a Module, a quantization state, ...)."""
-    return type(x).__module__.split(".")[0] == "lora_from_scratch"
-
-
-def _is_array(x) -> bool:
-    """Array-like of either backend (NumPy, CuPy, anything with ``nbytes`` and ``shape``).
-
-    Objects of this package that report an ``nbytes`` total of their own (e.g. a quantized
-    tensor) are not taken at their word: their arrays are walked, so that each is counted once.
-    """
-    return hasattr(x, "nbytes") and hasattr(x, "shape") and not isinstance(x, type) and not _own(x)
-
-
-def parameter_bytes(model, trainable: bool | None = None) -> int:
-    """Bytes of the model's Parameters' data: all (``None``), only trainable (``True``), only frozen (``False``).
-
-    A weight that a quantized layer keeps packed in a plain attribute (not a
-    Parameter) is not counted here; ``resident_bytes`` counts it.
-    """
-    if trainable not in (None, True, False):
-        raise ValueError(f"trainable must be None, True or False; got {trainable!r}")
-    return sum(_nbytes(p.data) for p in model.parameters() if trainable is None or p.trainable == trainable)
-
-
-def parameter_count(model, trainable: bool | None = None) -> int:
-    """Number of parameter values (same selection as ``parameter_bytes``)."""
-    if trainable not in (None, True, False):
-        raise ValueError(f"trainable must be None, True or False; got {trainable!r}")
-    return sum(p.size for p in model.parameters() if trainable is None or p.trainable == trainable)
-
-
-def gradient_bytes(model) -> int:
-    """Bytes of the gradients present (``p.grad is not None``); frozen parameters have none."""
-    return sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the optimizer's state arrays (AdamW: exp_avg and exp_avg_sq per trainable parameter).
-
-    Zero before the first ``step()``: the moments are allocated lazily.
-    """
-    if optimizer is None:
-        return 0
-    if hasattr(optimizer, "state_nbytes"):
-        return int(optimizer.state_nbytes())
-    state = getattr(optimizer, "state", None)
-    if state is None:
-        raise ValueError(f"cannot measure the state of {type(optimizer).__name__}: no state_nbytes() or .state")
-    return _walk_bytes(state, set(), include_private=True)
-
-
-def trainable_state_bytes(model, optimizer=None) -> int:
-    """Gradients plus optimizer moments: the memory that exists only for the parameters being trained."""
-    return gradient_bytes(model) + optimizer_state_bytes(optimizer)
-
-
-_TRANSIENT = ("_cache", "_rng")  # last forward's activations and dropout generators: not held between steps
-
-
-def _walk_bytes(obj, seen: set, include_private: bool, include_grads: bool = False) -> int:
-    """Sum of ``nbytes`` of the arrays reachable from ``obj``, each array (by id) and container once."""
-    from .nn import Module, Parameter
-
-    if id(obj) in seen:
-        return 0
-    if _is_array(obj):
-        seen.add(id(obj))
-        return _nbytes(obj)
-    if obj is None or isinstance(obj, (str, bytes, numbers.Number, type)):
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, Parameter):
-        total = _walk_bytes(obj.data, seen, include_private, include_grads)
-        if include_grads and obj.grad is not None:
-            total += _walk_bytes(obj.grad, seen, include_private, include_grads)
-        return total
-    if isinstance(obj, dict):
-        return sum(_walk_bytes(v, seen, include_private, include_grads) for v in obj.values())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return sum(_walk_bytes(v, seen, include_private, include_grads) for v in obj)
-    # our own containers: Modules, and state objects (e.g. a quantization state) defined in this package
-    if not (isinstance(obj, Module) or _own(obj)):
-        return 0
-    attrs = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
-    for name in getattr(type(obj), "__slots__", ()):
-        if hasattr(obj, name):
-            attrs[name] = getattr(obj, name)
-    total = 0
-    for name, value in attrs.items():
-        if not include_private and name in _TRANSIENT:
-            continue
-        total += _walk_bytes(value, seen, include_private, include_grads)
-    return total
-
-
-def resident_bytes(module, include_grads: bool = False, include_caches: bool = False) -> int:
-    """Bytes that ``module`` keeps in memory between steps: its parameters and every other array it holds.
-
-    Walks the module's attributes recursively: Parameters (their ``.data``),
-    child Modules, lists / tuples / dicts, and state objects defined in this
-    package (e.g. a quantized layer's packed 4-bit codes and block scales,
-    which are plain arrays, not Parameters). Every array-like with ``.nbytes``
-    is counted **once**, by identity: a tied weight, or one array stored under
-    two names, counts once. (A NumPy *view* of another array is a different
-    object and is counted by its own ``nbytes``.)
-
-    Left out by default: gradients (``include_grads=True`` adds them) and the
-    transient attributes ``_cache`` (the activations a layer keeps from its
-    last forward for its backward) and ``_rng`` (``include_caches=True`` adds
-    the caches, i.e. measures activation memory after a forward).
-    """
-    return _walk_bytes(module, set(), include_private=include_caches, include_grads=include_grads)
-
-
-def memory_report(model, optimizer=None) -> dict:
-    """Counts and bytes of a model (and optimizer), measured from the arrays.
-
-    Keys: ``parameters``, ``trainable_parameters``, ``frozen_parameters``
-    (counts); ``parameter_bytes``, ``trainable_bytes``, ``frozen_bytes``
-    (Parameter data), ``resident_bytes`` (all arrays the model holds,
-    quantized buffers included), ``gradient_bytes``, ``optimizer_bytes``,
-    ``trainable_state_bytes`` (gradients + optimizer), ``total_bytes``
-    (resident + gradients + optimizer), and ``trainable_fraction``.
-    """
-    n_all = parameter_count(model)
-    n_train = parameter_count(model, trainable=True)
-    grads = gradient_bytes(model)
-    opt = optimizer_state_bytes(optimizer)
-    resident = resident_bytes(model)
-    return {
-        "parameters": n_all,
-        "trainable_parameters": n_train,
-        "frozen_parameters": n_all - n_train,
-        "trainable_fraction": n_train / n_all if n_all else 0.0,
-        "parameter_bytes": parameter_bytes(model),
-        "trainable_bytes": parameter_bytes(model, trainable=True),
-        "frozen_bytes": parameter_bytes(model, trainable=False),
-        "resident_bytes": resident,
-        "gradient_bytes": grads,
-        "optimizer_bytes": opt,
-        "trainable_state_bytes": grads + opt,
-        "total_bytes": resident + grads + opt,
-    }
-
-
-def format_report(report: dict, binary: bool = True) -> str:
-    """The ``memory_report`` dict as an aligned text table."""
-    lines = [
-        f"parameters        {report['parameters']:>14,d}",
-        f"  trainable       {report['trainable_parameters']:>14,d}  ({report['trainable_fraction']:.3%})",
-        f"  frozen          {report['frozen_parameters']:>14,d}",
-    ]
-    for key, label in (("resident_bytes", "weights held"), ("gradient_bytes", "gradients"),
-                       ("optimizer_bytes", "optimizer state"), ("total_bytes", "total")):
-        lines.append(f"{label:<18}{format_bytes(report[key], binary=binary):>14}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# calculated: paper-scale sizes
+# sizes and parameter counts
 # ----------------------------------------------------------------------------------------------
 
 
@@ -292,13 +89,24 @@ def preset(name: str) -> TransformerSize:
     return PRESETS[name]
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "fc", "proj")
+_MLP_MULT = 4  # TARGET_TABLE writes the MLP width as 4 * n_embd: here it is the model's d_ff
+
+
+def _width(cfg: TransformerSize, mult: int) -> int:
+    """A width of TARGET_TABLE (in units of n_embd) for ``cfg``: 1 -> d_model, 4 (the MLP) -> d_ff."""
+    if mult == 1:
+        return cfg.d_model
+    if mult == _MLP_MULT:
+        return cfg.d_ff
+    raise ValueError(f"targets.TARGET_TABLE has a width of {mult} * n_embd, which TransformerSize does not know")
 
 
 def target_shapes(cfg: TransformerSize) -> dict:
-    """(d_out, d_in) of each adaptable matrix in one block, in the paper's orientation W0: (d, k)."""
-    d, f = cfg.d_model, cfg.d_ff
-    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "fc": (f, d), "proj": (d, f)}
+    """(d_out, d_in) of each adaptable matrix in one block, in the paper's orientation W0: (d, k).
+
+    From ``targets.TARGET_TABLE``: q, k, v, o are (d, d), fc is (d_ff, d), proj is (d, d_ff).
+    """
+    return {name: (_width(cfg, t.out_mult), _width(cfg, t.in_mult)) for name, t in TARGET_TABLE.items()}
 
 
 def _check_targets(targets) -> tuple:
@@ -306,10 +114,10 @@ def _check_targets(targets) -> tuple:
         raise ValueError(f"targets must be a sequence of names such as ({targets!r},), not a single string")
     targets = tuple(targets)
     if not targets:
-        raise ValueError(f"targets must name at least one matrix; valid targets: {list(LORA_TARGETS)}")
-    bad = [t for t in targets if t not in LORA_TARGETS]
+        raise ValueError(f"targets must name at least one matrix; valid targets: {list(TARGETS)}")
+    bad = [t for t in targets if t not in TARGET_TABLE]
     if bad:
-        raise ValueError(f"unknown target {bad[0]!r}; valid targets: {list(LORA_TARGETS)}")
+        raise ValueError(f"unknown target {bad[0]!r}; valid targets: {list(TARGETS)}")
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets repeat a name: {targets}")
     return targets
@@ -341,8 +149,7 @@ def lora_trainable_parameters(cfg: TransformerSize, r: int, targets=("q", "v")) 
 
 def linear_parameters(cfg: TransformerSize) -> int:
     """Weights of the six matrices of every block: n_layer * (4 d^2 + 2 d d_ff) (= 12 n_layer d^2)."""
-    d, f = cfg.d_model, cfg.d_ff
-    return cfg.n_layer * (4 * d * d + 2 * d * f)
+    return cfg.n_layer * sum(d_out * d_in for d_out, d_in in target_shapes(cfg).values())
 
 
 def full_parameters(cfg: TransformerSize) -> int:
@@ -351,19 +158,20 @@ def full_parameters(cfg: TransformerSize) -> int:
     Leading terms: 12 * n_layer * d^2 (the six matrices) + (vocab + n_ctx) * d
     (token and position embeddings; the LM head is tied to the token
     embedding). The rest is small: per block the biases of the six matrices
-    (4d + d_ff + d) and two LayerNorms (4d); a final LayerNorm (2d).
+    (one per output: 4d + d_ff + d) and two LayerNorms (4d); a final LayerNorm (2d).
     GPT-2 small gives 124,439,808 (the published "124M"); GPT-3 175B gives
     174.6e9 (the paper's Table 4 lists 175,255.8M, the GPT-3 paper "175.0B";
     GPT-3's exact layout differs in small terms).
     """
-    d, f = cfg.d_model, cfg.d_ff
-    per_block_small = (4 * d + f + d) + 4 * d  # biases of q, k, v, o, fc, proj + ln_1, ln_2 (gain, bias)
+    d = cfg.d_model
+    biases = sum(d_out for d_out, _ in target_shapes(cfg).values())  # q, k, v, o, fc, proj
+    per_block_small = biases + 4 * d  # + ln_1, ln_2 (gain, bias)
     embeddings = (cfg.vocab_size + cfg.n_ctx) * d
     return linear_parameters(cfg) + cfg.n_layer * per_block_small + embeddings + 2 * d
 
 
 # ----------------------------------------------------------------------------------------------
-# calculated: bytes
+# bytes
 # ----------------------------------------------------------------------------------------------
 
 
