@@ -1,5 +1,5 @@
 """LoRA adapters in Hugging Face PEFT's file layout (LoRA, Hu et al., 2021, section 4.1: only A and B
-are stored per task; the base model is shared).
+are stored per task; the base model is shared), for LoRA, QLoRA and QA-LoRA models.
 
 A PEFT LoRA adapter is a folder with two files:
 
@@ -16,6 +16,7 @@ sets ``fan_in_fan_out`` for them; that flag only tells PEFT how to add B A
 to the stored base weight when merging: A and B themselves are (r, in) and
 (out, r) either way, the orientation this package uses. We write it as true.
 
+Which of our matrices is which GPT-2 module comes from ``targets.TARGET_TABLE``.
 GPT-2 fuses Wq, Wk, Wv into one ``c_attn`` (C -> 3C); this package keeps them
 separate. The two describe the same function exactly:
 
@@ -38,11 +39,35 @@ The attention output projection and the MLP down projection are both named
 ``c_proj`` in GPT-2 (``attn.c_proj`` = our ``o``, ``mlp.c_proj`` = our
 ``proj``), so modules are always written with their full names.
 
-``load_peft_adapter`` adds LoRA layers where the file has adapters and the
-model has none (and freezes all else, as ``apply_lora``); layers that
-already have one must have the file's rank. Adapted layers the file does not
-mention keep their adapters: load into a fresh base model to reproduce a PEFT
-model exactly. Everything is read and checked before the model changes.
+The three adapter kinds:
+
+- LoRA (``lora.LoRALinear``) and QLoRA (``qlora.QLoRALinear``): a QLoRA adapter *is* a LoRA
+  adapter (QLoRA, Dettmers et al., 2023, eq. 5: only the base is stored in NF4), written and
+  read the same way. PEFT computes the same logits over a base that holds the same weights: the
+  float W0 (``hf_io.save_hf_gpt2(model, dir, base_only=True)``), or for QLoRA the NF4 base in
+  bitsandbytes' 4-bit layout (the same call writes it), loaded as ``bnb.nn.Linear4bit``.
+- QA-LoRA (``qalora.QALoRALinear``, Xu et al., 2023, section 3.3): its adapter sees the input
+  mean-pooled over groups of ``group_size`` channels, with A of shape (r, L), L = in / group_size.
+  PEFT has no pooled adapter, but pooling is linear, so the plain LoRA factor
+
+      A_full[:, i] = A[:, g(i)] / group_size          (r, in),  g(i) = i // group_size
+
+  gives x A_full^T = sum_i x_i A[:, g(i)] / group_size = pool(x) A^T exactly (and with dropout,
+  pool(dropout(x)) A^T = dropout(x) A_full^T). ``save_peft_adapter`` writes A_full and the same B
+  and scaling; PEFT then reproduces our logits over a base holding the dequantized group-wise
+  weights (``hf_io.save_hf_gpt2(model, dir, base_only=True, dequantize=True)``). Reading back,
+  an A whose columns are constant within each group folds back, A = A_full[:, ::group_size] *
+  group_size (bit for bit when group_size is a power of two); any other A (a PEFT-trained one)
+  cannot be expressed by a pooled adapter and is refused with a ValueError.
+
+``load_peft_adapter`` loads into the active adapter of existing adapted layers (same rank
+required; a merged layer is refused: new A, B would leave the old update inside W), and where
+the model has a plain layer it adds an adapter of the matching kind (``Linear`` -> LoRA,
+``NF4Linear`` -> QLoRA, ``GroupwiseLinear`` -> QA-LoRA), freezing all else as ``apply_lora``.
+Every created adapter draws its own dropout seed from one generator, so no two layers share a
+mask stream. Adapted layers the file does not mention keep their adapters: load into a fresh
+base model to reproduce a PEFT model exactly. Everything is read and checked before the model
+changes.
 
 Files are written to a temporary folder beside the target and moved into
 place by rename, so a crash never leaves a half-written adapter.
@@ -54,26 +79,25 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 
 import numpy as np
 
-from .backend import like, to_numpy
-from .lora import LoRALinear, apply_lora, lora_layers, lora_scaling
+from .adapter import AdaptedLinear, check_adapter_args
+from .backend import global_rng, like, to_numpy
+from .backend import rng as host_rng
+from .hf_io import MODULE_TARGETS, module_shape, target_rows, write_folder
+from .lora import LoRALinear, _adapter_of, lora_layers, lora_scaling, mark_only_lora_as_trainable
+from .nn import Linear
+from .qalora import GroupwiseLinear, QALoRALinear
+from .qlora import NF4Linear, QLoRALinear
+from .targets import FUSED, HF_MODULES, parse_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 SPLIT_KEY = "lora_from_scratch.c_attn_split"
-# our layer -> (GPT-2 module suffix, in-width factor, out-width factor) in units of n_embd
-_HF_MODULE = {"o": ("attn.c_proj", 1, 1), "fc": ("mlp.c_fc", 1, 4), "proj": ("mlp.c_proj", 4, 1)}
-_HF_SHAPES = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
-_OURS = {"attn.c_proj": "attn.o", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
-_OUR_LAYER = re.compile(r"^blocks\.(\d+)\.(?:attn\.(q|k|v|o)|mlp\.(fc|proj))$")
-_KEY = re.compile(r"^base_model\.model\.(transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj))"
-                  r"\.lora_([AB])\.weight$")
+_MODULE = re.compile(r"^transformer\.h\.(\d+)\.(" + "|".join(re.escape(m) for m in HF_MODULES) + r")$")
 
 
 def _denominator(r: int, use_rslora: bool) -> float:
@@ -85,60 +109,92 @@ def _clean(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
+# -------------------------------------------------------------------- QA-LoRA <-> plain LoRA factors
+def expand_pooled_A(A: np.ndarray, group_size: int) -> np.ndarray:
+    """A_full (r, L * group_size) with x A_full^T = pool(x) A^T: each column of A / group_size, repeated."""
+    return np.repeat(A / A.dtype.type(group_size), group_size, axis=1)  # (r, L) -> (r, L * group_size)
+
+
+def fold_pooled_A(A_full: np.ndarray, group_size: int, key: str) -> np.ndarray:
+    """The inverse of ``expand_pooled_A``: (r, in) -> (r, in / group_size); ValueError unless it is one."""
+    r, k = A_full.shape
+    if k % group_size:
+        raise ValueError(f"{key}: A has {k} columns, not a multiple of the QA-LoRA group size {group_size}")
+    grouped = A_full.reshape(r, k // group_size, group_size)  # (r, in) -> (r, L, group_size)
+    if not np.all(grouped == grouped[:, :, :1]):
+        raise ValueError(f"{key}: this A varies within groups of {group_size} input channels, so no QA-LoRA "
+                         "adapter (which sees only the group means of x) computes it; load it into a LoRA or "
+                         "QLoRA model instead")
+    return grouped[:, :, 0] * A_full.dtype.type(group_size)  # (r, L)
+
+
 # -------------------------------------------------------------------- saving
-def _fused_modules(model) -> dict:
-    """GPT-2 module name -> (A (R, in), B (out, R), scaling, split) for every adapted layer of ``model``."""
+def _plain_factors(path: str, layer: AdaptedLinear, adapter: str | None):
+    """(A (r, in), B (out, r), scaling, adapter) of one layer as plain LoRA factors (QA-LoRA's A expanded)."""
+    if layer.merged:
+        raise ValueError(f"{path} is merged (its base holds W0 + s B A); unmerge_lora before saving its adapter, "
+                         "or the update would be applied twice")
+    a = _adapter_of(path, layer, adapter)
+    A, B = to_numpy(a.A.data), to_numpy(a.B.data)  # (r, k'), (out, r)
+    if a.group_size:
+        A = expand_pooled_A(A, a.group_size)  # (r, L) -> (r, in)
+    return A, B, a.scaling, a
+
+
+def _fused_modules(model, adapter: str | None) -> tuple[dict, list]:
+    """GPT-2 module name -> (A (R, in), B (out, R), scaling, split) for every adapted layer; and the adapters."""
     C = model.config.n_embd
     groups: dict[str, dict] = {}
-    for name, layer in lora_layers(model).items():
-        m = _OUR_LAYER.match(name)
-        if m is None:
-            raise ValueError(f"LoRA layer {name!r} has no counterpart in GPT-2's module names")
-        i, which = int(m.group(1)), m.group(2) or m.group(3)
-        if which in "qkv":
-            groups.setdefault(f"transformer.h.{i}.attn.c_attn", {})[which] = layer
-        else:
-            groups[f"transformer.h.{i}.{_HF_MODULE[which][0]}"] = {which: layer}
-    out = {}
+    for path, layer in lora_layers(model).items():
+        try:
+            i, target = parse_path(path)
+        except ValueError:
+            raise ValueError(f"adapted layer {path!r} has no counterpart in GPT-2's module names") from None
+        groups.setdefault(target.hf_path(i), {})[target.name] = _plain_factors(path, layer, adapter)
+    out, adapters = {}, []
     for module, parts in sorted(groups.items()):
-        if module.endswith("c_attn"):
-            names = [n for n in "qkv" if n in parts]
-            s = parts[names[0]].scaling
-            R = sum(parts[n].r for n in names)
-            A = np.concatenate([to_numpy(parts[n].lora_A.data) for n in names], axis=0)  # (R, C) stacked
-            B = np.zeros((3 * C, R), dtype=A.dtype)  # (3C, R), block-structured
-            split, col = {}, 0
-            for n in names:
-                layer, j = parts[n], "qkv".index(n)
-                Bn = to_numpy(layer.lora_B.data)  # (C, r_n)
-                if layer.scaling != s:
-                    Bn = Bn * (layer.scaling / s)  # (C, r_n), fold the different scaling into B
-                B[j * C:(j + 1) * C, col:col + layer.r] = Bn  # (C, r_n) into rows of n, columns of A_n
-                split[n] = [col, col + layer.r]
-                col += layer.r
-            out[module] = (A, B, s, split)
-        else:
-            (layer,) = parts.values()
-            A, B = to_numpy(layer.lora_A.data), to_numpy(layer.lora_B.data)  # (r, in), (out, r)
-            out[module] = (A, B, layer.scaling, None)
-    return out
+        hf_module = module.split(".", 3)[3]  # "transformer.h.0.attn.c_attn" -> "attn.c_attn"
+        names = [t.name for t in MODULE_TARGETS[hf_module] if t.name in parts]
+        adapters += [parts[n][3] for n in names]
+        if len(MODULE_TARGETS[hf_module]) == 1:
+            A, B, s, _ = parts[names[0]]
+            out[module] = (A, B, s, None)
+            continue
+        s = parts[names[0]][2]
+        A = np.concatenate([parts[n][0] for n in names], axis=0)  # (R, C) stacked
+        out_f, _ = module_shape(hf_module, C)
+        B = np.zeros((out_f, A.shape[0]), dtype=A.dtype)  # (3C, R), block-structured
+        split, col = {}, 0
+        targets = {t.name: t for t in MODULE_TARGETS[hf_module]}
+        for n in names:
+            _, Bn, sn, _ = parts[n]  # Bn (C, r_n)
+            r_n = Bn.shape[1]
+            if sn != s:
+                Bn = Bn * (sn / s)  # (C, r_n), fold the different scaling into B
+            B[target_rows(targets[n], C), col:col + r_n] = Bn  # (C, r_n) into rows of n, columns of A_n
+            split[n] = [col, col + r_n]
+            col += r_n
+        out[module] = (A, B, s, split)
+    return out, adapters
 
 
-def save_peft_adapter(model, directory: str) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for a GPT with LoRA layers.
+def save_peft_adapter(model, directory: str, adapter: str | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for a GPT with LoRA, QLoRA or QA-LoRA layers.
 
-    ``peft.PeftModel.from_pretrained(GPT2LMHeadModel holding the same base weights, directory)``
-    then computes the same logits. With ``init="pissa"`` the base weights to use are the residual
-    ones now held by the layers (``layer.base.weight``), not the original W0.
+    ``adapter``: which adapter of each layer (default: the active one). ``peft.PeftModel.from_pretrained(
+    GPT2LMHeadModel holding the same base weights, directory)`` then computes the same logits; the
+    base is what ``hf_io.save_hf_gpt2(model, dir, base_only=True)`` writes (QA-LoRA: with
+    ``dequantize=True``). With ``init="pissa"`` the base weights are the residual ones now held by
+    the layers. A QA-LoRA adapter is written as the equivalent plain factors (module docstring).
+    A merged layer or one without an active adapter is refused (ValueError).
     """
     from safetensors.numpy import save_file
 
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save (call apply_lora first)")
-    first = next(iter(layers.values()))
-    use_rslora = first.use_rslora
-    modules = _fused_modules(model)
+    if not lora_layers(model):
+        raise ValueError("the model has no LoRA layers to save (use apply_lora, qlora.apply_qlora or "
+                         "qalora.apply_qalora first)")
+    modules, adapters = _fused_modules(model, adapter)
+    use_rslora = adapters[0].use_rslora  # one flag per file; each module's alpha still gives its own scaling
     tensors, ranks, alphas, splits = {}, {}, {}, {}
     for module, (A, B, s, split) in modules.items():
         for tag, arr in (("A", A), ("B", B)):
@@ -164,7 +220,7 @@ def save_peft_adapter(model, directory: str) -> None:
         "use_rslora": use_rslora,
         "target_modules": sorted(modules),
         "fan_in_fan_out": True,
-        "lora_dropout": float(first.dropout.p),
+        "lora_dropout": float(adapters[0].dropout.p),
         "bias": "none",
         "lora_bias": False,
         "use_dora": False,
@@ -175,21 +231,13 @@ def save_peft_adapter(model, directory: str) -> None:
         "inference_mode": True,
     }
     metadata = {"format": "pt", SPLIT_KEY: json.dumps(splits)}
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+
+    def write_config(path):
+        with open(path, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        if not os.path.exists(directory):
-            os.replace(tmp, directory)  # the whole folder appears at once
-        else:
-            for name in (WEIGHTS_NAME, CONFIG_NAME):  # each file replaced at once
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+
+    write_folder(directory, {WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
+                             CONFIG_NAME: write_config}, prefix=".tmp-adapter-")
 
 
 # -------------------------------------------------------------------- loading
@@ -230,19 +278,28 @@ def _read(directory: str):
     return config, tensors, metadata
 
 
+def _parse_key(key: str):
+    """(module, block, GPT-2 module, "A" or "B") of ``base_model.model.transformer.h.{i}.<module>.lora_X.weight``."""
+    for ab in "AB":
+        suffix = f".lora_{ab}.weight"
+        if key.startswith(PREFIX) and key.endswith(suffix):
+            m = _MODULE.match(key[len(PREFIX):-len(suffix)])
+            if m is not None:
+                return m.group(0), int(m.group(1)), m.group(2), ab
+    raise ValueError(f"unexpected key {key!r} in the adapter (expected GPT-2 lora_A / lora_B weights of "
+                     f"{list(HF_MODULES)})")
+
+
 def _plan(model, config: dict, tensors: dict, metadata: dict) -> list:
-    """Check every tensor; return [(our layer path, A, B, rank, alpha)] without touching the model."""
+    """Check every tensor; return [(our layer path, key, A, B, rank, alpha)] without touching the model."""
     C, n_layer = model.config.n_embd, model.config.n_layer
     use_rslora = bool(config.get("use_rslora", False))
     pairs: dict[str, dict] = {}
     for key, arr in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            raise ValueError(f"unexpected key {key!r} in the adapter (expected GPT-2 lora_A / lora_B weights)")
-        module, i, kind, ab = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        module, i, hf_module, ab = _parse_key(key)
         if i >= n_layer:
             raise ValueError(f"{key}: block {i} does not exist; the model has {n_layer} blocks")
-        pairs.setdefault(module, {"i": i, "kind": kind})[ab] = (key, np.asarray(arr))  # (r, in) or (out, r)
+        pairs.setdefault(module, {"i": i, "hf_module": hf_module})[ab] = (key, np.asarray(arr))  # (r, in) | (out, r)
     if not pairs:
         raise ValueError("the adapter holds no lora_A / lora_B weights")
     try:
@@ -257,40 +314,40 @@ def _plan(model, config: dict, tensors: dict, metadata: dict) -> list:
             if ab not in p:
                 raise ValueError(f"adapter for {module} has no lora_{ab} weight")
         (ka, A), (kb, B) = p["A"], p["B"]
-        fin, fout = _HF_SHAPES[p["kind"]]
+        out_f, in_f = module_shape(p["hf_module"], C)
         rank = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
-        if A.ndim != 2 or A.shape[1] != fin * C:
-            raise ValueError(f"{ka}: adapter has shape {tuple(A.shape)}, model expects {(A.shape[0], fin * C)}")
-        if tuple(B.shape) != (fout * C, A.shape[0]):
-            raise ValueError(f"{kb}: adapter has shape {tuple(B.shape)}, model expects {(fout * C, A.shape[0])}")
+        if A.ndim != 2 or A.shape[1] != in_f:
+            raise ValueError(f"{ka}: adapter has shape {tuple(A.shape)}, model expects {(A.shape[0], in_f)}")
+        if tuple(B.shape) != (out_f, A.shape[0]):
+            raise ValueError(f"{kb}: adapter has shape {tuple(B.shape)}, model expects {(out_f, A.shape[0])}")
         if A.shape[0] != rank:
             raise ValueError(f"{ka}: adapter has shape {tuple(A.shape)}, but adapter_config.json gives {module} "
-                             f"rank {rank}, i.e. shape {(rank, fin * C)}")
+                             f"rank {rank}, i.e. shape {(rank, in_f)}")
         for key, arr in ((ka, A), (kb, B)):
             if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
                 raise ValueError(f"{key}: expected finite floating-point values (dtype {arr.dtype})")
         s = lora_scaling(rank, alpha, use_rslora)
-        i = p["i"]
-        if p["kind"] != "attn.c_attn":
-            plan.append((f"blocks.{i}.{_OURS[p['kind']]}", ka, A, B, rank, alpha))
+        i, targets = p["i"], MODULE_TARGETS[p["hf_module"]]
+        if len(targets) == 1:
+            plan.append((targets[0].path(i), ka, A, B, rank, alpha))
             continue
         split = _valid_split(splits.get(module), B, C, rank)
-        for j, n in enumerate("qkv"):
-            Bn = B[j * C:(j + 1) * C]  # (C, R): the rows of the fused output that belong to n
+        for t in targets:
+            Bn = B[target_rows(t, C)]  # (C, R): the rows of the fused output that belong to t
             if split is None:
-                plan.append((f"blocks.{i}.attn.{n}", ka, A, Bn, rank, alpha))
-            elif n in split:
-                a, b = split[n]
+                plan.append((t.path(i), ka, A, Bn, rank, alpha))
+            elif t.name in split:
+                a, b = split[t.name]
                 rn = b - a
                 alpha_n = s * _denominator(rn, use_rslora)  # keeps scaling s at rank rn
-                plan.append((f"blocks.{i}.attn.{n}", ka, A[a:b], Bn[:, a:b], rn, alpha_n))
+                plan.append((t.path(i), ka, A[a:b], Bn[:, a:b], rn, alpha_n))  # (rn, C), (C, rn)
     return plan
 
 
 def _valid_split(split, B, C: int, R: int):
     """The q/k/v column ranges noted by ``save_peft_adapter``, if B really is block-structured that way."""
-    if not isinstance(split, dict) or not split or any(n not in ("q", "k", "v") for n in split):
+    if not isinstance(split, dict) or not split or any(n not in FUSED for n in split):
         return None
     used = np.zeros(R, dtype=bool)  # (R,) columns claimed by q, k or v
     for cols in split.values():
@@ -299,58 +356,86 @@ def _valid_split(split, B, C: int, R: int):
             return None
         if used[cols[0]:cols[1]].any():  # two matrices claiming the same columns
             return None
-        used[cols[0]:cols[1]] = True
+        used[cols[0]:cols[1]] = True  # (R,) mark this matrix's columns
     if not used.all():
         return None
-    for j, n in enumerate("qkv"):
-        rows = B[j * C:(j + 1) * C]  # (C, R)
-        keep = np.zeros(R, dtype=bool)  # (R,) the columns that belong to n
-        if n in split:
-            keep[split[n][0]:split[n][1]] = True
+    for t in MODULE_TARGETS["attn.c_attn"]:
+        rows = B[target_rows(t, C)]  # (C, R)
+        keep = np.zeros(R, dtype=bool)  # (R,) the columns that belong to t
+        if t.name in split:
+            keep[split[t.name][0]:split[t.name][1]] = True  # (R,)
         if np.any(rows[:, ~keep] != 0):  # something outside the block: fall back to the exact full split
             return None
     return {n: tuple(v) for n, v in split.items()}
 
 
-def _get_layer(model, path: str):
-    obj = model
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
+def _target_A(layer, path: str, key: str, A: np.ndarray) -> np.ndarray:
+    """The A that the layer (existing or about to be made) holds for the file's A: QA-LoRA's folded."""
+    if isinstance(layer, AdaptedLinear):
+        if layer.merged:
+            raise ValueError(f"{path} is merged (its base holds W0 + s B A); unmerge_lora before loading {key}, "
+                             "or the old update would stay inside W")
+        if layer.active is None:
+            raise ValueError(f"{path} has no active adapter (adapters are disabled) to load {key} into")
+    elif not isinstance(layer, (Linear, NF4Linear, GroupwiseLinear)):
+        raise ValueError(f"{key}: {path} is a {type(layer).__name__}, which cannot take a LoRA adapter")
+    if isinstance(layer, (QALoRALinear, GroupwiseLinear)):  # a pooled adapter: A must fold back
+        A = fold_pooled_A(A, layer.group_size, key)  # (r, in) -> (r, in / group_size)
+    if isinstance(layer, AdaptedLinear) and layer.lora_A.shape != tuple(A.shape):
+        raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}, but {path}.lora_A has shape "
+                         f"{layer.lora_A.shape}")
+    return A
 
 
-def load_peft_adapter(model, directory: str):
+def _new_layer(base, rank: int, alpha: float, dropout: float, use_rslora: bool, rng):
+    """An adapted layer of the kind that fits ``base``: LoRA (Linear), QLoRA (NF4Linear), QA-LoRA (GroupwiseLinear)."""
+    if isinstance(base, NF4Linear):
+        return QLoRALinear(base, rank, alpha, dropout=dropout, use_rslora=use_rslora, rng=rng)
+    if isinstance(base, GroupwiseLinear):
+        return QALoRALinear(base, rank, alpha, bits=base.bits, group_size=base.group_size, dropout=dropout,
+                            use_rslora=use_rslora, rng=rng)
+    return LoRALinear(base, rank, alpha, dropout=dropout, use_rslora=use_rslora, rng=rng)
+
+
+def load_peft_adapter(model, directory: str, seed: int | None = None):
     """Load a PEFT LoRA adapter for GPT-2 (saved by PEFT or by ``save_peft_adapter``) into our GPT.
 
-    Adds LoRA layers (``apply_lora``) where the file has an adapter and the model none; an
-    existing LoRA layer must have the file's rank and must not be merged. Sets each layer's
-    alpha and rsLoRA flag from the config, so s is PEFT's. Any key or shape that does not fit
-    raises ValueError naming the key and both shapes; then nothing has changed. Returns the model.
+    Existing adapted layers (LoRA, QLoRA; QA-LoRA when A is constant within each group) take the
+    file's A and B into their active adapter, which must have the file's rank and must not be
+    merged. Plain layers get a new adapter of the matching kind (see the module docstring), whose
+    dropout (the file's ``lora_dropout``) draws its own seed from one generator: ``seed``, or
+    ``backend.global_rng()``. Each loaded adapter takes alpha and the rsLoRA flag from the config,
+    so s is PEFT's. Any key or shape that does not fit raises ValueError naming the key and both
+    shapes; then nothing has changed. Returns the model.
     """
     config, tensors, metadata = _read(directory)
     plan = _plan(model, config, tensors, metadata)
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    for path, key, A, _, rank, _ in plan:
-        layer = _get_layer(model, path)
-        if isinstance(layer, LoRALinear):
-            if layer.merged:
-                raise ValueError(f"{path} is merged; unmerge it before loading {key}")
-            if layer.lora_A.shape != tuple(A.shape):
-                raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}, but {path}.lora_A has shape "
-                                 f"{layer.lora_A.shape}")
-        elif rank > min(layer.in_features, layer.out_features):
-            raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}; rank {rank} exceeds "
-                             f"min(in, out) = {min(layer.in_features, layer.out_features)} of {path}")
-    for path, _, A, B, rank, alpha in plan:
-        layer = _get_layer(model, path)
-        if not isinstance(layer, LoRALinear):
-            i, name = path.split(".")[1], path.split(".")[-1]
-            apply_lora(model, rank, alpha, [f"blocks.{i}.{name}"], dropout=dropout, use_rslora=use_rslora,
-                       seed=0)
-            layer = _get_layer(model, path)
-        layer.alpha, layer.use_rslora = float(alpha), use_rslora
-        layer.lora_A.data = like(layer.lora_A.data, A).astype(layer.lora_A.dtype)  # (r, in)
-        layer.lora_B.data = like(layer.lora_B.data, B).astype(layer.lora_B.dtype)  # (out, r)
-        layer.lora_A.grad = layer.lora_B.grad = None
+    checked = []
+    for path, key, A, B, rank, alpha in plan:
+        layer = model.get_submodule(path)
+        A_held = _target_A(layer, path, key, A)  # (r, k'): folded for QA-LoRA
+        if not isinstance(layer, AdaptedLinear):
+            max_rank = None if isinstance(layer, GroupwiseLinear) else min(layer.in_features, layer.out_features)
+            try:
+                check_adapter_args(rank, alpha, dropout, "kaiming", max_rank=max_rank,
+                                   shape=(layer.out_features, layer.in_features))
+            except ValueError as e:
+                raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}; {path}: {e}") from None
+        checked.append((path, layer, A_held, B, rank, alpha))
+    rng = host_rng(seed) if seed is not None else global_rng()
+    created = False
+    for path, layer, A, B, rank, alpha in checked:
+        if not isinstance(layer, AdaptedLinear):
+            layer = _new_layer(layer, rank, alpha, dropout, use_rslora, rng)  # one generator: own dropout seeds
+            model.set_submodule(path, layer)
+            created = True
+        a = layer.adapter
+        a.alpha, a.use_rslora = float(alpha), use_rslora
+        a.A.data = like(a.A.data, A).astype(a.A.dtype)  # (r, k')
+        a.B.data = like(a.B.data, B).astype(a.B.dtype)  # (out, r)
+        a.A.grad = a.B.grad = None
+    if created:
+        mark_only_lora_as_trainable(model)
     return model

@@ -71,10 +71,7 @@ def randomize_B(model, seed=1, scale=0.2):
 
 def hf_state_of(model):
     """The GPT-2 state dict of our (possibly adapted) model's base weights (the residual ones for PiSSA)."""
-    plain = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    g = GPT(model.config, seed=0, dtype=model.wte.weight.dtype)
-    g.load_state_dict(plain)
-    return io.to_hf_gpt2_state_dict(g)
+    return io.to_hf_gpt2_state_dict(model)
 
 
 # ----------------------------------------------------------------- one layer against peft.tuners.lora.Linear
@@ -178,7 +175,7 @@ def test_ours_to_peft(tmp_path, base_sd, targets, use_rslora, init):
     assert np.abs(base_logits - ref).max() > 1e-2  # the adapters matter: the test is not vacuous
     # and back: our loader restores the separate q/k/v ranks, so the logits are bit for bit the same
     again = load_peft_adapter(GPT(ours.config, seed=9), str(tmp_path / "adapter"))
-    again.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" not in k}, strict=False)
+    again.load_state_dict({k: v for k, v in ours.state_dict().items() if ".adapters." not in k}, strict=False)
     assert sorted(lora_layers(again)) == sorted(lora_layers(ours))
     assert all(lora_layers(again)[n].r == 4 for n in lora_layers(ours))
     assert np.array_equal(to_numpy(again(asarray(idx))), ref)
@@ -254,13 +251,13 @@ def test_peft_adapter_to_ours(peft_saved, base_sd):
     assert sorted(layers) == sorted(f"blocks.{i}.{m}" for i in range(N_LAYER)
                                     for m in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj"))
     assert layers["blocks.1.mlp.fc"].r == 2 and layers["blocks.0.attn.q"].r == 4
-    assert all(layer.use_rslora is use_rslora for layer in layers.values())
+    assert all(layer.adapter.use_rslora is use_rslora for layer in layers.values())
     peft_layer = pm.base_model.model.transformer.h[0].attn.c_proj
     assert layers["blocks.0.attn.o"].scaling == peft_layer.scaling["default"]
     idx = ids(1)
     expected = hf_logits(copy.deepcopy(pm).float(), idx)  # float32 on both sides
     assert np.abs(to_numpy(ours(asarray(idx))) - expected).max() < 1e-4
-    assert all(not p.trainable for n, p in ours.named_parameters() if "lora_" not in n)
+    assert all(p.trainable == (".adapters." in n) for n, p in ours.named_parameters())
 
 
 def test_gradients_match_peft(peft_saved, base_sd):
@@ -376,3 +373,82 @@ def test_save_replaces_files_and_io_reexports(tmp_path, base_sd):
     assert np.array_equal(to_numpy(again(idx)), to_numpy(ours(idx)))
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path / "x"))
+
+
+# ----------------------------------------------------------------- layers the loader creates, merged layers, QA-LoRA
+def test_created_layers_draw_their_own_dropout_masks(tmp_path, base_sd):
+    """Every layer load_peft_adapter creates gets its own dropout seed (q, k and v once shared one)."""
+    src = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ALL, dropout=0.25, seed=0)
+    save_peft_adapter(src, str(tmp_path))
+    model = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path), seed=7)
+    layers = lora_layers(model)
+    seeds = [layer.dropout.seed for layer in layers.values()]
+    assert all(layer.dropout.p == 0.25 for layer in layers.values())
+    assert len(set(seeds)) == len(seeds), seeds
+    x = asarray(np.ones((2, 5, C), dtype="float32"))  # (2, 5, C)
+    q, k = layers["blocks.0.attn.q"].dropout.train(), layers["blocks.0.attn.k"].dropout.train()
+    assert not np.array_equal(to_numpy(q(x)), to_numpy(k(x)))  # different masks for the same input
+    again = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path), seed=7)
+    assert [layer.dropout.seed for layer in lora_layers(again).values()] == seeds  # reproducible from seed
+
+
+def test_loading_into_a_merged_layer_is_refused_and_unmerge_restores_W0(tmp_path, base_sd):
+    from lora_from_scratch.lora import unmerge_lora
+
+    path = _saved_small(tmp_path, base_sd, r=4)
+    model = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ALL, seed=1)
+    randomize_B(model)
+    W0 = {n: to_numpy(m.base.weight.data).copy() for n, m in lora_layers(model).items()}
+    AB = {n: (to_numpy(m.lora_A.data).copy(), to_numpy(m.lora_B.data).copy()) for n, m in lora_layers(model).items()}
+    merge_lora(model)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.\w+ is merged.*unmerge_lora"):
+        load_peft_adapter(model, path)
+    with pytest.raises(ValueError, match="merged"):
+        save_peft_adapter(model, str(tmp_path / "merged"))
+    unmerge_lora(model)
+    for n, m in lora_layers(model).items():
+        assert np.array_equal(to_numpy(m.lora_A.data), AB[n][0]) and np.array_equal(to_numpy(m.lora_B.data), AB[n][1])
+        assert np.abs(to_numpy(m.base.weight.data) - W0[n]).max() < 1e-6, n
+
+
+def test_qlora_adapter_is_a_lora_adapter(tmp_path, base_sd):
+    from lora_from_scratch.qlora import apply_qlora
+
+    ours = apply_qlora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ["q", "v", "proj"], seed=2)
+    randomize_B(ours)
+    save_peft_adapter(ours, str(tmp_path))
+    plain = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))  # float bases: LoRA layers made
+    assert {type(m).__name__ for m in lora_layers(plain).values()} == {"LoRALinear"}
+    for n, m in lora_layers(ours).items():
+        assert rel(lora_layers(plain)[n].delta_weight(), m.delta_weight()) < 1e-7, n
+    idx = asarray(ids(6))
+    fresh = apply_qlora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ["q", "v", "proj"], seed=3)
+    load_peft_adapter(fresh, str(tmp_path))
+    assert np.array_equal(to_numpy(fresh(idx)), to_numpy(ours(idx)))
+
+
+def test_qalora_factors_expand_and_fold(tmp_path, base_sd, peft_saved):
+    from safetensors.numpy import load_file
+
+    from lora_from_scratch.qalora import apply_qalora
+
+    ours = apply_qalora(io.load_hf_gpt2(base_sd, N_HEAD), 3, 6, ["v", "fc"], group_size=8, seed=4)
+    randomize_B(ours)
+    save_peft_adapter(ours, str(tmp_path))
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    A_fc = t["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"]
+    pooled = to_numpy(lora_layers(ours)["blocks.0.mlp.fc"].lora_A.data)  # (3, C / 8)
+    assert A_fc.shape == (3, C) and np.array_equal(A_fc, np.repeat(pooled / 8, 8, axis=1))
+    x = np.random.default_rng(0).standard_normal((5, C)).astype("float32")  # (5, C)
+    assert rel(x @ A_fc.T, x.reshape(5, C // 8, 8).mean(axis=2) @ pooled.T) < 1e-6  # x A_full^T = pool(x) A^T
+    fresh = apply_qalora(io.load_hf_gpt2(base_sd, N_HEAD), 3, 6, ["v", "fc"], group_size=8, seed=5)
+    load_peft_adapter(fresh, str(tmp_path))
+    idx = asarray(ids(7))
+    assert np.array_equal(to_numpy(fresh(idx)), to_numpy(ours(idx)))
+    # a PEFT-trained A varies within groups: no pooled adapter computes it
+    _, path, _ = peft_saved
+    target = apply_qalora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 16, ALL, group_size=8, seed=5)
+    before = {n: to_numpy(m.lora_A.data).copy() for n, m in lora_layers(target).items()}
+    with pytest.raises(ValueError, match=r"lora_A\.weight: this A varies within groups of 8"):
+        load_peft_adapter(target, path)
+    assert all(np.array_equal(to_numpy(m.lora_A.data), before[n]) for n, m in lora_layers(target).items())
