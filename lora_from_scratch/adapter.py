@@ -415,7 +415,7 @@ class AdaptedLinear(Module):
         return self
 
     def unmerge(self):
-        """Take the merged adapter out of the base again (W0 = W - s B A, up to float rounding). A no-op when not merged."""
+        """Take the merged adapter out of the base again: W0 = W - s B A, up to float rounding (no-op if not merged)."""
         if not self.merged:
             return self
         delta = self.adapter.delta_weight()  # (out, in), the same A, B and s as the merge (they cannot change)

@@ -32,8 +32,7 @@ from numbers import Integral
 from . import data, train
 from .backend import global_rng, manual_seed, xp_of
 from .io import BASE_CHECKPOINT, load_checkpoint
-from .lora import TARGETS
-from .lora import merge_and_unload
+from .lora import TARGETS, merge_and_unload
 from .qalora import apply_qalora, quantize_model_groupwise
 
 __all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "format_table"]

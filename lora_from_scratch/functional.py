@@ -22,6 +22,7 @@ they run unchanged on NumPy or CuPy arrays.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from .backend import scatter_add, xp_of
 
@@ -222,6 +223,17 @@ def softmax_backward(dy, cache, inplace=False):
 
 
 # ----------------------------------------------------------- causal attention
+class AttentionCache(NamedTuple):
+    """What the attention backward needs: the per-head q, k, v (B, H, T, hs), the probabilities
+    ``probs`` (B, H, T, T) (row t: the weights position t puts on positions 0..t) and 1/sqrt(hs)."""
+
+    q: object
+    k: object
+    v: object
+    probs: object
+    scale: float
+
+
 def causal_attention_forward(q, k, v, n_head):
     """Multi-head causal scaled dot-product attention on already projected q, k, v.
 
@@ -249,7 +261,7 @@ def causal_attention_forward(q, k, v, n_head):
     p, _ = softmax_forward(att, inplace=True)  # (B, H, T, T), overwriting the scores
     yh = p @ vh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, hs) -> (B, T, C)
-    return y, (qh, kh, vh, p, scale)
+    return y, AttentionCache(qh, kh, vh, p, scale)
 
 
 def causal_attention_backward(dy, cache):

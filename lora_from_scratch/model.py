@@ -220,3 +220,24 @@ class GPT(Module):
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
 
+    def attention_probabilities(self, idx, layer: int = 0):
+        """The attention probabilities of every head of block ``layer`` for ``idx``: (B, H, T, T) on the backend.
+
+        Runs a forward in eval mode (dropout off) and reads ``probs`` from the block's
+        ``functional.AttentionCache``; row t holds the weights position t puts on positions 0..t.
+        The forward replaces every layer's cache: do not call this between a training forward and
+        its backward.
+        """
+        n_layer = len(self.blocks)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layer <= layer < n_layer:
+            raise ValueError(f"layer {layer!r} out of range for a model with {n_layer} blocks")
+        was_training = self.training
+        self.eval()
+        try:
+            self(idx)  # (B, T) -> (B, T, V); fills the caches
+            cache = self.blocks[layer].attn._cache
+        finally:
+            self.train(was_training)
+        self._drop_caches()  # nothing of this forward may be taken for a training step's cache
+        return cache.probs  # (B, H, T, T)
+

@@ -273,34 +273,6 @@ def plot_transformer_architecture(ax=None):
     return fig
 
 
-def attention_maps(model, idx, layer: int = 0):
-    """The attention probabilities of every head of block ``layer`` for input ``idx``: NumPy (H, T, T).
-
-    Runs ``model(idx)`` in eval mode (dropout off) and reads the probabilities
-    ``p`` that ``functional.causal_attention_forward`` leaves in the layer's
-    cache ``(qh, kh, vh, p, scale)``; row t holds the weights position t puts
-    on positions 0..t. Only the first sequence of the batch is returned. The
-    forward replaces every layer's cache, so do not call this between a
-    training forward and its backward.
-    """
-    n_layer = len(model.blocks)
-    if not -n_layer <= layer < n_layer:
-        raise ValueError(f"layer {layer} out of range for a model with {n_layer} blocks")
-    if getattr(idx, "ndim", None) != 2:
-        raise ValueError(f"idx must have shape (B, T); got shape {tuple(getattr(idx, 'shape', ()))}")
-    was_training = model.training
-    model.eval()
-    try:
-        model(idx)  # (B, T) -> (B, T, V); fills the caches
-        cache = model.blocks[layer].attn._cache
-    finally:
-        model.train(was_training)
-    if cache is None:
-        raise RuntimeError(f"block {layer} kept no attention cache after the forward")
-    p = cache[3]  # (B, H, T, T)
-    return to_numpy(p[0]).astype(np.float64)  # (H, T, T)
-
-
 @_styled
 def plot_attention_heads(model, idx, layer: int = 0, tokens=None, max_cols: int = 4):
     """Syllabus section 3: the attention map of each head of one layer, for one input.
@@ -313,7 +285,9 @@ def plot_attention_heads(model, idx, layer: int = 0, tokens=None, max_cols: int 
     """
     from . import data
 
-    maps = attention_maps(model, idx, layer)  # (H, T, T)
+    if getattr(idx, "ndim", None) != 2:
+        raise ValueError(f"idx must have shape (B, T); got shape {tuple(getattr(idx, 'shape', ()))}")
+    maps = to_numpy(model.attention_probabilities(idx, layer)[0]).astype(np.float64)  # (H, T, T)
     H, T, _ = maps.shape
     if tokens is None:
         ids = to_numpy(idx[0]).astype(np.int64)  # (T,)

@@ -85,9 +85,9 @@ def _tiny_model():
     return model, idx
 
 
-def test_attention_maps_match_a_direct_computation():
+def test_attention_probabilities_match_a_direct_computation():
     model, idx = _tiny_model()
-    maps = plots.attention_maps(model, idx, layer=0)  # (H, T, T)
+    maps = to_numpy(model.attention_probabilities(idx, layer=0))[0].astype(np.float64)  # (H, T, T)
     H, T = model.config.n_head, idx.shape[1]
     assert maps.shape == (H, T, T)
     # independent computation: softmax(q k^T / sqrt(hs) + causal mask) from the block's own layers
@@ -107,7 +107,7 @@ def test_attention_maps_match_a_direct_computation():
     assert np.allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
     assert model.training  # the training mode is restored
     with pytest.raises(ValueError, match="layer"):
-        plots.attention_maps(model, idx, layer=5)
+        model.attention_probabilities(idx, layer=5)
 
 
 def test_plot_attention_heads_one_panel_per_head():
