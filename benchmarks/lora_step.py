@@ -1,21 +1,30 @@
-"""LoRA (r=8 on Wq, Wk, Wv, Wo, MLP up, MLP down) against full fine-tuning: step time and trainable state.
+"""A LoRA training step against full fine-tuning, against PyTorch + PEFT, and QLoRA against LoRA.
 
 Hu et al. (2021), section 4.2 ("Practical Benefits and Limitations"): freezing W0 removes its
-gradient and its optimizer state. This script measures both effects on one GPT (n_layer=4, n_head=4,
-n_embd=128, block_size=128, batch 16, vocab 96, float32, the config of ``train_step.py``):
+gradient and its optimizer state, which "reduces the VRAM usage by up to 2/3". This script
+measures, on one GPT (n_layer 4, n_head 8, n_embd 512, block 128, vocab 96, float32), with LoRA
+r = 8 (alpha 16) on all six matrices of every block:
 
-- step time (forward, cross-entropy, backward, AdamW step), the two models timed alternately in one
-  run after a warm-up, medians over the repetitions; ratio LoRA / full (target <= 0.8: every frozen
-  weight skips its (out, N) @ (N, in) gradient product, the frozen tied embedding skips the LM head's
-  weight gradient and the embeddings' scatter-add);
-- trainable-state bytes: the gradients plus AdamW's two moment arrays, summed from the arrays' nbytes
-  after a step; ratio LoRA / full (target <= 5 %). Every trainable parameter costs the same three
-  arrays' worth, so this ratio is the trainable-parameter ratio; it is also measured for r = 4.
+- memory: the peak traced memory of one training step (``memory.step_memory``: tracemalloc sees
+  the weights, the gradients, the AdamW moments, the activations and every temporary), LoRA
+  against full fine-tuning, after a first step so that both already hold their optimizer state.
+  Activations cost both methods the same, so the ratio depends on how many tokens a step holds
+  next to the weights. At 256 tokens a step's activations are about the size of the weights (as in
+  the paper's regime, where the state of a 175B model dwarfs everything else; target <= 0.5);
+  at 2048 tokens they are seven times the weights and the ratio rises toward 1;
+- time, all four timed alternately in one run, medians after a warm-up:
+  ours LoRA / ours full fine-tuning, ours LoRA / PyTorch eager + PEFT on the same model and
+  the same adapters (target <= 1.0), ours QLoRA (NF4, double quantization: W0 dequantized in
+  the forward and again in the backward) / ours LoRA (target <= 1.2);
+- the trainable state (gradients + AdamW moments) of LoRA as a fraction of full fine-tuning's.
 
-Step times are reported as wall-clock medians and as process CPU-time medians; on a machine shared
-with other work the CPU time is the steadier of the two (``OMP_NUM_THREADS=1`` steadier still).
+PEFT's model is GPT-2 built from our weights (``io.to_hf_gpt2_state_dict``) with the adapter
+layout ``io.save_peft_adapter`` writes: rank 24 on the fused c_attn (our q, k, v at 8 each,
+alpha scaled so s = 2 everywhere) and rank 8 on c_proj, c_fc and mlp.c_proj. Both sides train
+the same number of adapters with the same products; PEFT's c_attn B is dense where ours is
+block-diagonal (3 x 8 columns), which costs it nothing measurable.
 
-    python benchmarks/lora_step.py [--reps 15] [--quick]
+    python benchmarks/lora_step.py [--reps 7] [--quick]
 """
 
 from __future__ import annotations
@@ -32,20 +41,18 @@ import numpy as np  # noqa: E402
 
 from lora_from_scratch.backend import get_xp, to_numpy  # noqa: E402
 from lora_from_scratch.functional import cross_entropy  # noqa: E402
-from lora_from_scratch.lora import apply_lora, count_parameters  # noqa: E402
+from lora_from_scratch.io import to_hf_gpt2_state_dict  # noqa: E402
+from lora_from_scratch.lora import apply_lora, count_parameters, lora_layers  # noqa: E402
+from lora_from_scratch.memory import format_bytes, step_memory, trainable_state_bytes  # noqa: E402
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402
 from lora_from_scratch.optim import AdamW  # noqa: E402
+from lora_from_scratch.qlora import apply_qlora  # noqa: E402
 
-CONFIG = dict(vocab_size=96, block_size=128, n_layer=4, n_head=4, n_embd=128)
-BATCH = 16
+CONFIG = dict(vocab_size=96, block_size=128, n_layer=4, n_head=8, n_embd=512)
+BATCH = 8  # for the timings
+MEMORY_BATCHES = (2, 16)  # the memory ratio: state-dominated (256 tokens) and activation-dominated (2048)
 RANK, ALPHA = 8, 16
 TARGETS = ["q", "k", "v", "o", "fc", "proj"]
-
-
-def trainable_state_bytes(model, opt) -> int:
-    """Bytes of every trainable parameter's gradient plus the optimizer's moment arrays."""
-    grads = sum(int(p.grad.nbytes) for p in model.parameters() if p.trainable and p.grad is not None)
-    return grads + opt.state_nbytes()
 
 
 def _sync():
@@ -54,72 +61,144 @@ def _sync():
         xp.cuda.Stream.null.synchronize()
 
 
+def make(method, cfg):
+    model = GPT(cfg, seed=0)
+    if method == "lora":
+        apply_lora(model, RANK, ALPHA, TARGETS, seed=1)
+    elif method == "qlora":
+        apply_qlora(model, RANK, ALPHA, TARGETS, seed=1)
+    return model, AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=0.0)
+
+
+def ours_step(model, opt, idx, tgt):
+    logits = model(idx)  # (B, T, V)
+    loss, dlogits = cross_entropy(logits, tgt)
+    opt.zero_grad()
+    model.backward(dlogits)
+    opt.step()
+    _sync()
+    return float(loss)
+
+
+def peft_model(ours, cfg):
+    """GPT-2 + PEFT holding our base weights and our adapters' layout (see the module docstring)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5)
+    hf = GPT2LMHeadModel(hf_cfg)
+    state = {k: torch.tensor(v) for k, v in to_hf_gpt2_state_dict(ours).items()}
+    hf.load_state_dict(state, strict=False)
+    lcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0,
+                      fan_in_fan_out=True, rank_pattern={"c_attn": 3 * RANK}, alpha_pattern={"c_attn": 3 * ALPHA})
+    model = get_peft_model(hf, lcfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    return model, opt
+
+
+def peft_step(model, opt, idx, tgt):
+    import torch
+
+    logits = model(input_ids=idx).logits  # (B, T, V)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def memory_ratio(cfg, batch):
+    """Peak traced memory of a second step (state already allocated) for full fine-tuning and LoRA."""
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, cfg.vocab_size, size=(batch, cfg.block_size))  # (B, T)
+    tgt = rng.integers(0, cfg.vocab_size, size=(batch, cfg.block_size))  # (B, T)
+    out = {}
+    for method in ("full", "lora"):
+        model, opt = make(method, cfg)
+        step_memory(model, opt, (idx, tgt))  # the first step allocates the AdamW moments
+        out[method] = step_memory(model, opt, (idx, tgt))
+        del model, opt
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="5 repetitions")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="3 repetitions")
     args = ap.parse_args()
-    reps = 5 if args.quick else args.reps
-
+    reps = 3 if args.quick else args.reps
     cfg = GPTConfig(**CONFIG)
-    rng = np.random.default_rng(0)
     xp = get_xp()
-    idx = xp.asarray(rng.integers(0, cfg.vocab_size, size=(BATCH, cfg.block_size)))  # (B, T)
-    tgt = xp.asarray(rng.integers(0, cfg.vocab_size, size=(BATCH, cfg.block_size)))  # (B, T)
+    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
+    print(f"config: {CONFIG}, float32, backend {xp.__name__}, {threads} threads; LoRA r={RANK}, alpha={ALPHA}, "
+          f"targets {TARGETS} in every block")
 
-    full = GPT(cfg, seed=0)
-    lora = apply_lora(GPT(cfg, seed=0), RANK, ALPHA, TARGETS, seed=1)
-    opts = {"full": AdamW(full.parameters(), lr=1e-4), "lora": AdamW(lora.parameters(), lr=1e-4)}
-    models = {"full": full, "lora": lora}
+    # ---------------------------------------------------------------- memory
+    print("\npeak traced memory of one training step (weights + gradients + AdamW moments + activations):")
+    for batch in MEMORY_BATCHES:
+        m = memory_ratio(cfg, batch)
+        f, lo = m["full"], m["lora"]
+        print(f"  batch {batch:>2} x {cfg.block_size} tokens: full {format_bytes(f['peak']):>10} "
+              f"(state {format_bytes(f['held_before'])}, activations {format_bytes(f['activations'])}); "
+              f"LoRA {format_bytes(lo['peak']):>10} (state {format_bytes(lo['held_before'])}, "
+              f"activations {format_bytes(lo['activations'])});  LoRA / full {lo['peak'] / f['peak']:.3f}"
+              + ("   (target <= 0.5)" if batch == MEMORY_BATCHES[0] else ""))
 
-    def step(name):
-        model, opt = models[name], opts[name]
-        logits = model(idx)  # (B, T, V)
-        loss, dlogits = cross_entropy(logits, tgt)
-        opt.zero_grad()
-        model.backward(dlogits)
-        opt.step()
-        _sync()
-        return float(loss)
+    # ---------------------------------------------------------------- time
+    import torch
 
-    l_full, l_lora = step("full"), step("lora")  # warm-up; B = 0, so both start from the same loss
-    assert abs(l_full - l_lora) < 1e-5, f"LoRA with B = 0 should start at the base loss: {l_lora} vs {l_full}"
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    idx_host = rng.integers(0, cfg.vocab_size, size=(BATCH, cfg.block_size))  # (B, T)
+    tgt_host = rng.integers(0, cfg.vocab_size, size=(BATCH, cfg.block_size))  # (B, T)
+    idx, tgt = xp.asarray(idx_host), xp.asarray(tgt_host)
+    runs = {name: make(name, cfg) for name in ("full", "lora", "qlora")}
+    pm, popt = peft_model(runs["lora"][0], cfg)
+    t_idx, t_tgt = torch.tensor(idx_host), torch.tensor(tgt_host)
+    steps = {name: (lambda n=name: ours_step(*runs[n], idx, tgt)) for name in runs}
+    steps["peft"] = lambda: peft_step(pm, popt, t_idx, t_tgt)
+    first = {name: fn() for name, fn in steps.items()}  # warm-up; B = 0, so LoRA and PEFT start at the base loss
+    assert abs(first["lora"] - first["peft"]) < 1e-3, f"ours and PEFT should start at one loss: {first}"
+    assert abs(first["lora"] - first["full"]) < 1e-5, first
     for _ in range(2):
-        step("full")
-        step("lora")
-    times = {"full": [], "lora": []}
-    cpu = {"full": [], "lora": []}
+        for fn in steps.values():
+            fn()
+    times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     for _ in range(reps):
-        for name in ("full", "lora"):
+        for name, fn in steps.items():
             s, c = time.perf_counter(), time.process_time()
-            step(name)
+            fn()
             times[name].append(time.perf_counter() - s)
             cpu[name].append(time.process_time() - c)
-
-    state = {name: trainable_state_bytes(models[name], opts[name]) for name in models}
-    t_full, t_lora = statistics.median(times["full"]), statistics.median(times["lora"])
-    c_full, c_lora = statistics.median(cpu["full"]), statistics.median(cpu["lora"])
-    lora4 = apply_lora(GPT(cfg, seed=0), 4, ALPHA, TARGETS, seed=1)  # one step at r = 4, for its state
-    models["lora4"], opts["lora4"] = lora4, AdamW(lora4.parameters(), lr=1e-4)
-    step("lora4")
-    state4 = trainable_state_bytes(lora4, opts["lora4"])
-    (tr_full, tot), (tr_lora, _) = count_parameters(full), count_parameters(lora)
-    frozen_grads = [n for n, p in lora.named_parameters() if not p.trainable and p.grad is not None]
+    med = {n: statistics.median(v) for n, v in times.items()}
+    cmed = {n: statistics.median(v) for n, v in cpu.items()}
+    lora_model, lora_opt = runs["lora"]
+    frozen_grads = [n for n, p in lora_model.named_parameters() if not p.trainable and p.grad is not None]
     assert not frozen_grads, f"frozen parameters received gradients: {frozen_grads}"
-    assert float(np.abs(to_numpy(lora.blocks[0].attn.q.lora_B.data)).sum()) > 0  # the adapters did train
+    assert any(float(np.abs(to_numpy(layer.lora_B.data)).sum()) > 0 for layer in lora_layers(lora_model).values())
 
-    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
-    print(f"config: {CONFIG}, batch {BATCH}, float32, backend {xp.__name__}, {threads} threads, {reps} reps")
-    print(f"LoRA: r={RANK}, alpha={ALPHA}, targets {TARGETS} in every block")
-    print(f"trainable parameters: full {tr_full:,} / {tot:,}; LoRA {tr_lora:,} ({tr_lora / tr_full:.2%} of full)")
-    print(f"full fine-tuning median step: {t_full * 1e3:8.1f} ms wall, {c_full * 1e3:8.1f} ms CPU")
-    print(f"LoRA             median step: {t_lora * 1e3:8.1f} ms wall, {c_lora * 1e3:8.1f} ms CPU")
-    print(f"step-time ratio LoRA / full:        {t_lora / t_full:6.3f} wall, {c_lora / c_full:6.3f} CPU"
-          f"   (target <= 0.8)")
-    print(f"trainable state (grads + AdamW moments): full {state['full'] / 2**20:.2f} MiB, "
-          f"LoRA {state['lora'] / 2**20:.3f} MiB")
-    print(f"trainable-state ratio LoRA / full:  {state['lora'] / state['full']:6.2%}   (target <= 5%)")
-    print(f"  the same at r=4:                  {state4 / state['full']:6.2%}")
+    print(f"\nmedian step, batch {BATCH} x {cfg.block_size} tokens, {reps} repetitions, timed alternately:")
+    labels = {"full": "ours, full fine-tuning", "lora": "ours, LoRA", "qlora": "ours, QLoRA (NF4, double quant)",
+              "peft": "PyTorch eager + PEFT, LoRA"}
+    for name, label in labels.items():
+        print(f"  {label:<34} {med[name] * 1e3:8.1f} ms wall {cmed[name] * 1e3:8.1f} ms CPU")
+    print(f"  LoRA / full fine-tuning            {med['lora'] / med['full']:6.3f} wall {cmed['lora'] / cmed['full']:6.3f} CPU")
+    print(f"  ours LoRA / PyTorch + PEFT         {med['lora'] / med['peft']:6.3f} wall "
+          f"{cmed['lora'] / cmed['peft']:6.3f} CPU   (target <= 1.0)")
+    print(f"  QLoRA / LoRA                       {med['qlora'] / med['lora']:6.3f} wall "
+          f"{cmed['qlora'] / cmed['lora']:6.3f} CPU   (target <= 1.2)")
+
+    full_model, full_opt = runs["full"]
+    (tr_full, tot), (tr_lora, _) = count_parameters(full_model), count_parameters(lora_model)
+    s_full, s_lora = trainable_state_bytes(full_model, full_opt), trainable_state_bytes(lora_model, lora_opt)
+    print(f"\ntrainable parameters: full {tr_full:,} / {tot:,}; LoRA {tr_lora:,} ({tr_lora / tr_full:.2%})")
+    print(f"trainable state (gradients + AdamW moments): full {format_bytes(s_full)}, LoRA {format_bytes(s_lora)} "
+          f"({s_lora / s_full:.2%})")
 
 
 if __name__ == "__main__":

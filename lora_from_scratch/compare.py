@@ -1,6 +1,6 @@
 """Deploying a fine-tuned model at low bit width: QLoRA (re-quantize) against QA-LoRA (merge into zeros).
 
-QA-LoRA (Xu et al., 2023), Section 1 and Section 3.3; syllabus sections 7 and 8. After QLoRA
+QA-LoRA (Xu et al., 2023), Section 1 and Section 3.3; QLoRA (Dettmers et al., 2023). After QLoRA
 training the adapter s B A is a full (out, in) float matrix: to serve a low-bit model it must be
 added to the dequantized NF4 weight and the sum quantized again, and that second rounding is a
 new error the adapter was never trained against. QA-LoRA's adapter is constant within each

@@ -1,6 +1,6 @@
 """Generated character-level tasks: the training and evaluation data of the whole library.
 
-Syllabus section 1 and LoRA paper section 4: a model is first pre-trained on a
+LoRA paper, sections 1 and 4: a model is first pre-trained on a
 broad mix of tasks, then adapted to one new task with a small (low-rank) update.
 Here the "broad knowledge" is four string transformations and the new task is a
 fifth one, all generated on the fly (nothing is downloaded).

@@ -3,7 +3,7 @@
 Starting from the shipped base model (pre-trained on copy / reverse / sort /
 upper, 0% on the new task "desc", sort descending), the demo adapts it to
 "desc" four ways and measures, side by side, what each costs and what it
-gets (syllabus sections 1, 4-8):
+gets:
 
 - full fine-tuning: every parameter trains; gradients and AdamW moments for all;
 - LoRA (Hu et al., 2021): W0 frozen, r = 8 adapters on Wq, Wk, Wv, Wo, fc, proj;

@@ -137,24 +137,35 @@ def layernorm_backward(dy, cache, need_params=True):
 
 
 # ----------------------------------------------------------------------- GELU
-def gelu_forward(x):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+def _gelu_tanh(x):
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU, in one new array."""
     xp = xp_of(x)
-    # the same formula, written with in-place steps so that no extra full-size temporaries are made
+    # in-place steps, so that only t itself is allocated
     t = x * x  # (...) x^2
     t *= GELU_C * 0.044715
     t += GELU_C
     t *= x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
     xp.tanh(t, out=t)  # (...) t = tanh(...)
-    y = t + 1.0  # (...)
+    return t
+
+
+def gelu_forward(x):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    The cache is x alone: the backward recomputes the tanh (one cheap elementwise pass) instead
+    of keeping a second (..., 4C) array per block alive from the forward to the backward.
+    """
+    y = _gelu_tanh(x)  # (...) t
+    y += 1.0
     y *= x
     y *= 0.5  # (...) 0.5 x (1 + t)
-    return y, (x, t)
+    return y, x
 
 
 def gelu_backward(dy, cache):
     """d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
-    x, t = cache
+    x = cache
+    t = _gelu_tanh(x)  # (...) recomputed from x
     d = x * x  # (...) x^2
     d *= GELU_C * 3 * 0.044715
     d += GELU_C  # (...) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -162,6 +173,7 @@ def gelu_backward(dy, cache):
     s = t * t  # (...) t^2
     s -= 1.0
     d *= s  # (...) -x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    del s
     d -= t
     d -= 1.0  # (...) -(1 + t) - x (1 - t^2) ...
     d *= -0.5  # (...) the derivative

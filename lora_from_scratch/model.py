@@ -11,8 +11,8 @@ The layout is GPT-2's (Radford et al., 2019), so Hugging Face's
 
 The attention projections are four separate ``Linear`` layers named
 ``q, k, v, o`` and the MLP's two matrices are ``fc`` (up) and ``proj``
-(down): these are the six matrices that LoRA adapts (SEED section 3;
-Hu et al., 2021, section 4.2). GPT-2 itself stores q, k, v fused in one
+(down): these are the six matrices that LoRA adapts (Hu et al., 2021,
+section 4.2). GPT-2 itself stores q, k, v fused in one
 ``c_attn`` Conv1D; ``io.load_hf_gpt2`` splits it.
 
 Randomness: the weights of ``GPT(config, seed)`` are drawn from

@@ -1,6 +1,6 @@
 """Every figure of the tutorial, as a function (the notebooks and ``python -m lora_from_scratch figures``).
 
-Each function names the syllabus section (SEED.md) it illustrates. Single-panel
+Each function names the paper and section it illustrates. Single-panel
 functions take an optional matplotlib ``ax`` and draw into it; multi-panel ones
 make their own Figure. All return the Figure. ``make_all_figures`` writes the
 figures that need no trained model into ``figures/`` with fixed seeds.
@@ -123,7 +123,7 @@ def _bytes_label(n: float) -> str:
 
 @_styled
 def plot_llm_sizes(ax=None, include_ours: bool = True):
-    """Syllabus section 1: parameter counts of large language models (log scale), ours for scale.
+    """Why adaptation is expensive: parameter counts of large language models (log scale), ours for scale.
 
     One horizontal bar per model, in order of publication; the values are the
     papers' own (see ``LLM_SIZES``). Our base model's count comes from
@@ -181,7 +181,7 @@ def _plus(ax, x, y, r=0.22):
 
 @_styled
 def plot_transformer_architecture(ax=None):
-    """Syllabus section 3: the GPT-2 block with the six matrices LoRA adapts highlighted.
+    """LoRA section 4.2: the GPT-2 block with the six matrices LoRA adapts highlighted.
 
     Bottom to top: token + position embeddings, N pre-LN blocks (LayerNorm,
     multi-head causal attention with Wq, Wk, Wv, Wo, residual; LayerNorm,
@@ -275,7 +275,7 @@ def plot_transformer_architecture(ax=None):
 
 @_styled
 def plot_attention_heads(model, idx, layer: int = 0, tokens=None, max_cols: int = 4):
-    """Syllabus section 3: the attention map of each head of one layer, for one input.
+    """Vaswani et al. (2017), section 3.2: the attention map of each head of one layer, for one input.
 
     ``idx`` (B, T) token ids (the first row is shown). ``tokens``: labels for
     the T positions; by default the characters of ``data.decode`` when the
@@ -346,7 +346,7 @@ def _bar(ax, xc, y, width, label, color="white"):
 
 @_styled
 def plot_lora_diagram(d: int = 64, k: int = 48, r: int = 4):
-    """Syllabus sections 4-5: h = W0 x + B A x with W0 (d x k) frozen, B (d x r) and A (r x k) trained.
+    """LoRA section 4.1, Figure 1: h = W0 x + B A x with W0 (d x k) frozen, B (d x r) and A (r x k) trained.
 
     Left: the forward pass in the style of the LoRA paper's Figure 1, widths
     proportional to the dimensions (x has k entries, h has d, the bottleneck
@@ -450,7 +450,7 @@ def _pair_bars(ax, labels, ours, paper, colors, log: bool, fmt):
 
 @_styled
 def plot_lora_impact(r: int = 4, targets=("q", "v")):
-    """Syllabus section 6: GPT-3 175B, full fine-tuning vs LoRA (r = 4 on Wq and Wv).
+    """LoRA section 4.2 and Table 4: GPT-3 175B, full fine-tuning vs LoRA (r = 4 on Wq and Wv).
 
     Three panels: trainable parameters (log scale), training memory (weights,
     gradients and Adam moments in fp16, linear scale) and the per-task
@@ -527,7 +527,7 @@ def quantize_roundtrip(x, quant_type: str, blocksize: int = 64):
 
 @_styled
 def plot_quantization_levels(n_blocks: int = 512, blocksize: int = 64, n_show: int = 14, seed: int = 0):
-    """Syllabus section 7: quantization maps continuous values onto 16 levels (INT4, NF4, FP4).
+    """QLoRA section 2-3: quantization maps continuous values onto 16 levels (INT4, NF4, FP4).
 
     Top row: normally distributed weights, divided block by block (blocks of
     ``blocksize``) by their largest magnitude so that they lie in [-1, 1], as
@@ -589,7 +589,7 @@ def plot_quantization_levels(n_blocks: int = 512, blocksize: int = 64, n_show: i
 
 @_styled
 def plot_singular_values(W_list, labels=None, energy: bool = True, normalize: bool = True, axes=None):
-    """Syllabus section 2: the singular value spectra of matrices, and the energy a rank-r cut keeps.
+    """Matrix rank (LoRA section 7): the singular value spectra of matrices, and the energy a rank-r cut keeps.
 
     Left: s_i (divided by s_1 when ``normalize``) against i, log scale: a
     low-rank matrix shows a cliff after its rank, noise a slow decay. Right
@@ -638,7 +638,7 @@ def plot_singular_values(W_list, labels=None, energy: bool = True, normalize: bo
 
 @_styled
 def plot_subspace_similarity(A1, A2, ax=None, labels=("A1", "A2"), max_i=None, max_j=None):
-    """LoRA paper section 7.2, Figure 3 (syllabus section 2): heatmap of phi(A1, A2, i, j).
+    """LoRA paper section 7.2, Figure 3: heatmap of phi(A1, A2, i, j).
 
     A1 (r1, k) and A2 (r2, k) are two adapters' A matrices for the same
     layer (e.g. trained with r = 8 and r = 64). Cell (i, j) is the overlap of

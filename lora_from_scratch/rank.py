@@ -1,6 +1,6 @@
 """Matrix rank, the singular value spectrum, and the best rank-r approximation.
 
-Syllabus section 2 (matrix rank) and the LoRA paper (Hu et al., 2021):
+Matrix rank and the LoRA paper (Hu et al., 2021):
 section 4.1 (the hypothesis that the weight update dW = B A has a low
 "intrinsic rank") and section 7.2, equation (4) (the normalized subspace
 similarity phi(A1, A2, i, j) used to compare adapters of different ranks).

@@ -7,7 +7,7 @@ with NumPy on the host and moved with ``backend.asarray``.
 import numpy as np
 import pytest
 
-from lora_from_scratch.backend import get_backend_name, to_numpy
+from lora_from_scratch.backend import asarray, get_backend_name, get_xp, is_cupy_array, to_numpy
 
 
 def _cupy_available() -> bool:
@@ -43,6 +43,33 @@ def rel(a, b) -> float:
 
 
 BACKEND = get_backend_name()
+
+
+class Backend:
+    """The backend the suite runs on (``LFS_BACKEND``, NumPy by default).
+
+    Test data is made on the host with NumPy and moved with ``put``; ``owns(a)`` says whether an
+    array lives on this backend, ``host(a)`` brings it back as NumPy.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.xp = get_xp()
+
+    def put(self, a, dtype=None):
+        return asarray(a, dtype=dtype)
+
+    def host(self, a):
+        return to_numpy(a)
+
+    def owns(self, a) -> bool:
+        return is_cupy_array(a) == (self.name == "cupy")
+
+
+@pytest.fixture(scope="session")
+def backend():
+    """The backend under test: every layer kind's tests take their arrays from it."""
+    return Backend(BACKEND)
 
 
 def adapter_gradient_errors(layer, x, **forward_kwargs) -> dict:

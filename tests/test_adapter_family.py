@@ -76,6 +76,21 @@ def test_layer_is_a_base_plus_an_adapter(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_every_array_lives_on_the_backend_under_test(kind, backend):
+    """With LFS_BACKEND=cupy every parameter and buffer of every kind is a CuPy array, and so are the outputs."""
+    model = randomize_B(adapt(kind))
+    arrays = dict(model.named_arrays())
+    assert all(backend.owns(h.data) for h in arrays.values()), [n for n, h in arrays.items() if not backend.owns(h.data)]
+    idx, tgt = batch()
+    out = model(backend.put(backend.host(idx)))
+    loss, dlogits = F.cross_entropy(out, tgt)
+    model.backward(dlogits)
+    assert backend.owns(out) and backend.owns(dlogits)
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert grads and all(g is not None and backend.owns(g) for g in grads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_count_parameters(kind):
     plain_total = GPT(CFG, seed=0).num_parameters()
     model = adapt(kind)

@@ -1,4 +1,4 @@
-"""Deployment at low bit width (QA-LoRA, Xu et al., 2023, Section 3.3; syllabus sections 7-8).
+"""Deployment at low bit width (QA-LoRA, Xu et al., 2023, Section 3.3; QLoRA, Dettmers et al., 2023).
 
 QLoRA's adapter must be merged into float weights and re-quantized, which costs task accuracy at
 2 bits; QA-LoRA's adapter folds into the zero points, so its deployed model scores exactly what

@@ -1,6 +1,6 @@
 """Checks on the stored notebooks themselves (no execution; the notebooks are run by ``pytest --nbmake``).
 
-The tutorial's rule (DESIGN.md, "Notebooks are executed by the test suite"; pitfalls: notebooks that
+The tutorial's rule ("notebooks are executed by the test suite"; pitfalls: notebooks that
 "test" by printing, helper code copied between notebooks) made concrete for every ``.ipynb`` under
 ``notebooks/`` and ``notebooks/solutions/``:
 

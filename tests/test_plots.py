@@ -1,6 +1,6 @@
 """Tests of plots.py: every figure function runs, draws what it says, and make_all_figures writes PNGs.
 
-The figures illustrate SEED.md sections 1-7; plots.py only draws, and the numbers it draws are
+The figures illustrate the papers (each docstring names its section); plots.py only draws, and the numbers it draws are
 checked against the modules that compute them (memory, rank, quant, the model's forward pass).
 """
 

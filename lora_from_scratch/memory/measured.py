@@ -1,6 +1,6 @@
 """What a model and an optimizer really hold, measured from their arrays; and what a step needs.
 
-Syllabus sections 1 and 6; LoRA (Hu et al., 2021), section 4.2; QLoRA (Dettmers et al., 2023),
+LoRA (Hu et al., 2021), section 4.2; QLoRA (Dettmers et al., 2023),
 section 3.
 
 Two kinds of measurement, neither of them an estimate:

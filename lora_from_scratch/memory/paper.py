@@ -1,6 +1,6 @@
 """The paper-scale calculator: parameter counts and training-state bytes of a transformer, on paper.
 
-Syllabus sections 1 and 6; Hu et al., 2021 (LoRA, arXiv 2106.09685), section 4.2 "Practical
+Hu et al., 2021 (LoRA, arXiv 2106.09685), section 4.2 "Practical
 Benefits and Limitations" and section 7.1; Dettmers et al., 2023 (QLoRA, arXiv 2305.14314),
 section 3 (double quantization: 4.127 bits per parameter).
 
