@@ -1,21 +1,35 @@
-"""Command line: ``python -m lora_from_scratch {pretrain, demo, figures, bench}``.
+"""Command line: ``python -m lora_from_scratch COMMAND``.
 
-``pretrain`` trains the small base model (4 layers, 4 heads, width 128,
-block 32) on the uniform mix of copy / reverse / sort / upper and saves it
-as safetensors; the package ships the result (``BASE_CHECKPOINT``) so later
-stages start from it in seconds.
+- ``demo``: the main job: the shipped base model adapted four ways, measured side by side, and
+  the two quantized methods deployed at low bit width (``demo.py``);
+- ``verify``: the evidence without pytest: every layer and model against the reference libraries;
+- ``experiment NAME``: one of the papers' experiments at classroom scale (``experiments/``);
+- ``pretrain``: re-train the small base model (4 layers, 4 heads, width 128, block 32) on the
+  uniform mix of copy / reverse / sort / upper and save it as safetensors; the package ships the
+  result (``io.BASE_CHECKPOINT``) so every other command starts from it in seconds;
+- ``figures``: regenerate the figures in ``figures/`` that need no training;
+- ``student-notebooks``: write the student copies of the tutorial (solutions taken out);
+- ``bench``: run the benchmark scripts.
+
+Bad input gets one line that names the problem and exit code 2, not a traceback (``LFS_DEBUG=1``
+shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .io import BASE_CHECKPOINT  # noqa: E402,F401  (re-exported: the shipped base model)
+from .io import BASE_CHECKPOINT  # noqa: F401  (re-exported: the shipped base model)
 
 BASE_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=32)
 PRETRAIN_SEED = 0
+
+
+class UsageError(Exception):
+    """Bad input on the command line: printed as one line, exit code 2."""
 
 
 def pretrain(out: str, steps: int, seed: int, batch_size: int, progress: bool = True) -> dict:
@@ -42,11 +56,18 @@ def pretrain(out: str, steps: int, seed: int, batch_size: int, progress: bool = 
     return {"exact_match": scores, "seconds": hist["seconds"], "final_loss": hist["loss"][-1]}
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from . import demo, experiments, verify
+
     parser = argparse.ArgumentParser(prog="python -m lora_from_scratch", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                         help="array backend (default: $LFS_BACKEND or numpy)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    demo.add_arguments(sub.add_parser("demo", help="the whole story: four ways to adapt, measured; deployment"))
+    verify.add_arguments(sub.add_parser("verify", help="every layer and model against the reference libraries"))
+    experiments.add_arguments(sub.add_parser("experiment", help="run one of the papers' experiments (omit NAME "
+                                                                "to list them)"))
 
     p = sub.add_parser("pretrain", help="train the base model and save it as safetensors")
     p.add_argument("--out", default=BASE_CHECKPOINT)
@@ -55,30 +76,46 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED)
     p.add_argument("--no-progress", action="store_true")
 
-    for name, helptext in (("demo", "the whole story in one table"), ("figures", "regenerate figures/"),
-                           ("bench", "run the benchmark scripts")):
-        q = sub.add_parser(name, help=helptext)
-        q.add_argument("--quick", action="store_true", help="a shorter run")
-        if name == "figures":
-            q.add_argument("--out", default="figures")
+    q = sub.add_parser("figures", help="regenerate the figures that need no training")
+    q.add_argument("--out", default="figures")
+    s = sub.add_parser("student-notebooks", help="write notebooks/student/ (the solutions taken out)")
+    s.add_argument("--out", default=None, help="folder (default: notebooks/student)")
+    b = sub.add_parser("bench", help="run the benchmark scripts")
+    b.add_argument("--quick", action="store_true", help="shorter runs")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _run(args) -> int:
     if args.backend:
         from .backend import set_backend
 
         set_backend(args.backend)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args)
+    if args.command == "verify":
+        from .verify import main as verify_main
+
+        return verify_main(args)
+    if args.command == "experiment":
+        from .experiments import main as experiment_main
+
+        return experiment_main(args)
     if args.command == "pretrain":
         result = pretrain(args.out, args.steps, args.seed, args.batch_size, progress=not args.no_progress)
         print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=None))
         return 0
-    if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(quick=args.quick)
     if args.command == "figures":
         from .plots import make_all_figures
 
         for path in make_all_figures(args.out):
+            print(path)
+        return 0
+    if args.command == "student-notebooks":
+        from .exercises.students import STUDENT, write_student_notebooks
+
+        for path in write_student_notebooks(out=args.out or STUDENT):
             print(path)
         return 0
     if args.command == "bench":
@@ -86,6 +123,20 @@ def main(argv=None) -> int:
 
         return run_benchmarks(quick=args.quick)
     return 2  # pragma: no cover
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        if os.environ.get("LFS_DEBUG"):
+            raise  # the full traceback, for developers
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -122,6 +122,14 @@ def run_demo(quick: bool = False, progress: bool = True) -> int:
     return 0
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a shorter run")
+
+
+def main(args) -> int:
+    return run_demo(quick=args.quick)
+
+
 def run_benchmarks(quick: bool = False) -> int:
     """Run every script in benchmarks/ (they print their own medians and ratios)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

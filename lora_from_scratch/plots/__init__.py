@@ -38,9 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import patches, ticker  # noqa: E402
 
-from . import memory, rank  # noqa: E402
-from .backend import to_numpy  # noqa: E402
-from .quant import FP4_CODE, INT4_CODE, NF4_CODE, dequantize_4bit, quantize_4bit  # noqa: E402
+from .. import memory, rank  # noqa: E402
+from ..backend import to_numpy  # noqa: E402
+from ..quant import FP4_CODE, INT4_CODE, NF4_CODE, dequantize_4bit, quantize_4bit  # noqa: E402
 
 FROZEN = "#9fb3c8"  # frozen weights: blue-grey
 FROZEN_EDGE = "#4a6785"
@@ -283,7 +283,7 @@ def plot_attention_heads(model, idx, layer: int = 0, tokens=None, max_cols: int 
     attends (query), column = the position attended to (key); the causal mask
     leaves the upper triangle empty.
     """
-    from . import data
+    from .. import data
 
     if getattr(idx, "ndim", None) != 2:
         raise ValueError(f"idx must have shape (B, T); got shape {tuple(getattr(idx, 'shape', ()))}")
