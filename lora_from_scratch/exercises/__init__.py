@@ -144,8 +144,8 @@ def get(exercise_id: str) -> Exercise:
     return all_[exercise_id]
 
 
-def check(exercise_id: str, answer, quiet: bool = False) -> bool:
-    """Check a student's answer; returns True (and prints a line) when right, raises ExerciseError otherwise."""
+def check(exercise_id: str, answer, quiet: bool = False) -> None:
+    """Check a student's answer: prints one line when it is right, raises ExerciseError otherwise."""
     ex = get(exercise_id)
     if answer is None or answer is Ellipsis:
         raise ExerciseError(f"{ex.id} is not answered yet: {ex.task}")
@@ -163,7 +163,7 @@ def check(exercise_id: str, answer, quiet: bool = False) -> bool:
         if not quiet:
             what = f"on {len(want)} inputs" if ex.is_function else ""
             print(f"{ex.id} correct {what}: {ex.title}".replace("  ", " "))
-        return True
+        return
     for m in ex.mistakes:
         try:
             wrong = ex.outputs(m.answer)

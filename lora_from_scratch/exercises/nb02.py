@@ -1,0 +1,165 @@
+"""Exercises of notebook 2 (matrix rank): Eckart & Young (1936); LoRA (Hu et al., 2021), sections 4.1 and 7.2.
+
+1. ``02.update_rank``: predict the rank of a LoRA update B A, and of W0 + B A (section 4.1: the
+   update has rank at most r; the merged weight keeps the rank of a full-rank W0).
+2. ``02.approx_error``: the Frobenius error of the best rank-r approximation from the singular
+   values alone (Eckart & Young, 1936): sqrt(sum over i > r of sigma_i^2).
+3. ``02.subspace_similarity``: the LoRA paper's normalized subspace similarity phi(A1, A2, i, j)
+   (section 7.2, eq. 4), from the right-singular vectors of the two A matrices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import rank
+from . import Exercise, Mistake
+
+# ---------------------------------------------------------------- 1. the rank of an update and of a merged weight
+D_FC, K_FC, R_FC = 512, 128, 8  # the MLP up-projection fc of the base model: W0 (d, k) = (4C, C), C = 128
+
+# ---------------------------------------------------------------- 2. the rank-r approximation error
+
+
+def approx_error(W, r: int) -> float:
+    """||W - W_r||_F for the best rank-r approximation W_r: the root of the discarded squared singular values."""
+    s = np.linalg.svd(W, compute_uv=False)  # (d, k) -> (min(d, k),), descending
+    return float(np.sqrt(np.sum(s[r:] ** 2)))
+
+
+def _error_kept(W, r):
+    s = np.linalg.svd(W, compute_uv=False)  # (min(d, k),)
+    return float(np.sum(s[:r]))  # the kept singular values, summed
+
+
+def _error_not_squared(W, r):
+    s = np.linalg.svd(W, compute_uv=False)  # (min(d, k),)
+    return float(np.sum(s[r:]))  # the discarded ones, not squared
+
+
+def _error_no_root(W, r):
+    s = np.linalg.svd(W, compute_uv=False)  # (min(d, k),)
+    return float(np.sum(s[r:] ** 2))  # the squared error, not the error
+
+
+def _error_spectral(W, r):
+    s = np.linalg.svd(W, compute_uv=False)  # (min(d, k),)
+    return float(s[r])  # sigma_{r+1}: the spectral-norm error
+
+
+def _error_off_by_one(W, r):
+    s = np.linalg.svd(W, compute_uv=False)  # (min(d, k),)
+    return float(np.sqrt(np.sum(s[r + 1:] ** 2)))  # drops sigma_{r+1} as if it were kept
+
+
+def _error_cases():
+    rng = np.random.default_rng(20)
+    return [(rng.standard_normal((30, 20)), 3), (rng.standard_normal((12, 16)), 5), (rng.standard_normal((9, 9)), 1)]
+
+
+# ---------------------------------------------------------------- 3. the subspace similarity phi
+
+
+def subspace_similarity(A1, A2, i: int, j: int) -> float:
+    """phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), U the right-singular vectors of A (r, k)."""
+    return rank.subspace_similarity(A1, A2, i, j)
+
+
+def _right_vectors(A):
+    _, _, Vt = np.linalg.svd(A, full_matrices=False)  # (r, k) -> (r, k): rows are right-singular vectors
+    return Vt.T  # (k, r)
+
+
+def _phi_left(A1, A2, i, j):
+    U1, _, _ = np.linalg.svd(A1, full_matrices=False)  # (r1, r1): the left-singular vectors
+    U2, _, _ = np.linalg.svd(A2, full_matrices=False)  # (r2, r2)
+    return float(np.sum((U1[:, :i].T @ U2[:, :j]) ** 2) / min(i, j))  # (i, r) @ (r, j) -> (i, j)
+
+
+def _phi_not_squared(A1, A2, i, j):
+    U1, U2 = _right_vectors(A1), _right_vectors(A2)  # (k, r1), (k, r2)
+    return float(np.linalg.norm(U1[:, :i].T @ U2[:, :j]) / min(i, j))  # (i, j): the norm, not its square
+
+
+def _phi_max(A1, A2, i, j):
+    U1, U2 = _right_vectors(A1), _right_vectors(A2)  # (k, r1), (k, r2)
+    return float(np.sum((U1[:, :i].T @ U2[:, :j]) ** 2) / max(i, j))  # (i, j), divided by max(i, j)
+
+
+def _phi_unnormalized(A1, A2, i, j):
+    U1, U2 = _right_vectors(A1), _right_vectors(A2)  # (k, r1), (k, r2)
+    return float(np.sum((U1[:, :i].T @ U2[:, :j]) ** 2))  # (i, j), not divided at all
+
+
+def _phi_cases():
+    rng = np.random.default_rng(21)
+    shared = rng.standard_normal((2, 24))  # (2, k): two directions both adapters contain
+    A1 = np.vstack([shared, rng.standard_normal((4, 24))])  # (6, 24)
+    A2 = np.vstack([shared + 0.3 * rng.standard_normal((2, 24)), rng.standard_normal((4, 24))])  # (6, 24)
+    return [(A1, A2, 1, 1), (A1, A2, 2, 4), (A1, A2, 6, 3), (A2, A1, 5, 6)]
+
+
+EXERCISES = [
+    Exercise(
+        id="02.update_rank",
+        title="a rank-r update stays rank r; the merged weight keeps W0's full rank",
+        task=(f"B ({D_FC}, {R_FC}) and A ({R_FC}, {K_FC}) are random, W0 ({D_FC}, {K_FC}) is the pretrained "
+              "(full-rank) MLP up-projection fc: give the pair (rank of B A, rank of W0 + B A) as two integers"),
+        reference=(R_FC, K_FC),
+        mistakes=(
+            Mistake("min(d, k) for B A", (K_FC, K_FC),
+                    "min(d, k) instead of r: every column of B A is a combination of the r columns of B, so "
+                    "rank(B A) <= r."),
+            Mistake("r for the merged weight", (R_FC, R_FC),
+                    "W0 + B A is not low rank: adding a rank-r matrix to a full-rank W0 changes at most r of its "
+                    "directions, and the sum stays full rank, min(d, k)."),
+            Mistake("ranks added", (R_FC, K_FC + R_FC),
+                    "rank(W0) + r is only an upper bound; no matrix of shape (d, k) has a rank above min(d, k)."),
+            Mistake("d instead of min(d, k)", (R_FC, D_FC),
+                    "the rank is at most min(d, k): fc has only k = 128 columns, so its rank cannot be d = 512."),
+        ),
+    ),
+    Exercise(
+        id="02.approx_error",
+        title="the Eckart-Young error: sqrt of the sum of the discarded sigma_i^2",
+        task=("write approx_error(W, r) returning ||W - W_r||_F of the best rank-r approximation (a float), from the "
+              "singular values of W alone (np.linalg.svd(W, compute_uv=False))"),
+        reference=approx_error,
+        cases=_error_cases,
+        mistakes=(
+            Mistake("sum of the kept singular values", _error_kept,
+                    "the sum of the kept singular values: the error is what the approximation leaves out, the "
+                    "singular values after the first r."),
+            Mistake("not squared", _error_not_squared,
+                    "the discarded singular values summed but not squared: ||E||_F^2 = sum of sigma_i^2 over i > r, "
+                    "then take the square root."),
+            Mistake("no square root", _error_no_root,
+                    "that is the squared error ||W - W_r||_F^2: take its square root."),
+            Mistake("spectral norm", _error_spectral,
+                    "sigma_(r+1) is the error in the spectral norm ||.||_2; the Frobenius error adds up every "
+                    "discarded sigma_i^2."),
+            Mistake("off by one", _error_off_by_one,
+                    "one singular value too few: with 0-based indexing the discarded ones are s[r:], not s[r+1:]."),
+        ),
+    ),
+    Exercise(
+        id="02.subspace_similarity",
+        title="the LoRA paper's subspace similarity phi(A1, A2, i, j)",
+        task=("write phi(A1, A2, i, j) for A1 (r1, k), A2 (r2, k): ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) with U "
+              "the right-singular vectors of A (the rows of Vt from np.linalg.svd), a float in [0, 1]"),
+        reference=subspace_similarity,
+        cases=_phi_cases,
+        mistakes=(
+            Mistake("left-singular vectors", _phi_left,
+                    "the left-singular vectors of A: A (r, k) acts on the k inputs, and its input directions are the "
+                    "right-singular vectors (rows of Vt, length k)."),
+            Mistake("not squared", _phi_not_squared,
+                    "the Frobenius norm not squared: phi sums the squared cosines, ||U1^T U2||_F^2."),
+            Mistake("max instead of min", _phi_max,
+                    "divided by max(i, j): the paper normalizes by min(i, j), so that phi = 1 when the smaller "
+                    "subspace lies inside the larger one."),
+            Mistake("not normalized", _phi_unnormalized,
+                    "not normalized: divide ||U1^T U2||_F^2 by min(i, j) so that phi lies in [0, 1]."),
+        ),
+    ),
+]
