@@ -7,7 +7,9 @@ new error the adapter was never trained against. QA-LoRA's adapter is constant w
 quantization group, so it folds into the zero points and the deployed model is *exactly* the
 trained one.
 
-``compare_deployment`` shows both on the same base model and the same task:
+``deploy`` deploys one fine-tuned model at one width and measures it before and after (the demo's
+table 2 calls it on the runs of its table 1); ``compare_deployment`` trains both methods on the
+same base model and the same task and deploys them:
 
 - QLoRA: base weights in NF4 (blocksize 64, double quantization), LoRA on the targeted layers,
   fine-tuned once; deployed at each bit width N by ``qalora.quantize_model_groupwise``
@@ -32,12 +34,10 @@ from numbers import Integral
 from . import data, train
 from .backend import global_rng, manual_seed, xp_of
 from .io import BASE_CHECKPOINT, load_checkpoint
-from .lora import TARGETS, merge_and_unload
+from .lora import TARGETS, lora_layers, merge_and_unload
 from .qalora import apply_qalora, quantize_model_groupwise
 
-__all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "format_table"]
-
-
+__all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "format_table", "measure"]
 
 # Settings for the shipped base model (4 layers, width 128), timed on 2 CPU cores. FULL: about a minute
 # per fine-tune, about 4.5 minutes for bits (4, 3, 2) (four fine-tunes). QUICK: about 15 s per fine-tune;
@@ -79,7 +79,7 @@ def _rel(a, b) -> float:
     return float(xp.linalg.norm(a64 - b64) / max(float(xp.linalg.norm(b64)), 1e-300))
 
 
-def _scores(model, eval_sets: dict) -> tuple[float, float | None, object]:
+def measure(model, eval_sets: dict) -> tuple[float, float | None, object]:
     """(exact match on the fine-tuning task, mean exact match on the other tasks or None, its logits)."""
     model.eval()
     scores, kept = {}, None
@@ -104,6 +104,39 @@ def _apply_qlora_seeded(model, r, alpha, targets, seed):
         return apply_qlora(model, r, alpha, targets, blocksize=64, double_quant=True)
     finally:
         global_rng().bit_generator.state = state
+
+
+def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targets=TARGETS,
+           trained=None) -> dict:
+    """Deploy a fine-tuned ``model`` at ``bits`` and measure it before and after: one row of the table.
+
+    ``method`` "qlora": the float merge dequant(W0) + s B A of every targeted layer, re-quantized
+    group-wise to INT-``bits`` with ``group_size`` (``qalora.quantize_model_groupwise``, on a copy:
+    ``model`` is unchanged, so one QLoRA run deploys at every width). "qalora": the model's own
+    INT-``bits`` base with the adapters folded into its zero points (``lora.merge_and_unload``, in
+    place: ``model`` becomes the deployed model; ``bits`` must be the width it was trained at).
+    ``trained``: ``measure(model, eval_sets)`` when already measured (else measured here).
+
+    The row: ``method``, ``bits``, ``group_size``, ``train_base``, ``trained``, ``deployed``,
+    ``difference``, ``pretrain_trained``, ``pretrain_deployed``, ``logits_rel`` (as in
+    ``compare_deployment``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
+    (b,) = _check_bits_list(bits)
+    t_ft, t_pre, t_logits = measure(model, eval_sets) if trained is None else trained
+    if method == "qlora":
+        deployed = quantize_model_groupwise(copy.deepcopy(model), b, group_size, list(targets))
+    else:
+        held = {layer.bits for layer in lora_layers(model).values()}
+        if held != {b}:
+            raise ValueError(f"a QA-LoRA model deploys at the width it was trained at ({sorted(held)}), not {b}")
+        deployed = merge_and_unload(model)
+    d_ft, d_pre, d_logits = measure(deployed, eval_sets)
+    return {"method": _NAMES[method], "bits": b, "group_size": group_size,
+            "train_base": "NF4" if method == "qlora" else f"INT{b}", "trained": t_ft,
+            "deployed": d_ft, "difference": d_ft - t_ft, "pretrain_trained": t_pre,
+            "pretrain_deployed": d_pre, "logits_rel": _rel(d_logits, t_logits)}
 
 
 def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, lr_qlora=None,
@@ -156,13 +189,6 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
         if progress:
             print(msg, flush=True)
 
-    def row(method, b, trained, deployed, seconds):
-        (t_ft, t_pre, t_logits), (d_ft, d_pre, d_logits) = trained, deployed
-        return {"method": _NAMES[method], "bits": b, "group_size": group_size,
-                "train_base": "NF4" if method == "qlora" else f"INT{b}", "trained": t_ft,
-                "deployed": d_ft, "difference": d_ft - t_ft, "pretrain_trained": t_pre,
-                "pretrain_deployed": d_pre, "logits_rel": _rel(d_logits, t_logits), "train_seconds": seconds}
-
     rows = []
     if "qlora" in methods:
         say(f"QLoRA: fine-tuning on {data.FINETUNE_TASK!r} with an NF4 base ({steps} steps, lr {lr_qlora:g})")
@@ -172,11 +198,11 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
         train.train(model, config(lr_qlora), progress=progress, eval_sets={data.FINETUNE_TASK: eval_sets[
             data.FINETUNE_TASK]})
         seconds = time.perf_counter() - t0
-        trained = _scores(model, eval_sets)
+        trained = measure(model, eval_sets)
         for b in bits:
             say(f"QLoRA: deploying at INT{b} (merge in float, re-quantize, group size {group_size})")
-            deployed = quantize_model_groupwise(copy.deepcopy(model), b, group_size, targets)
-            rows.append(row("qlora", b, trained, _scores(deployed, eval_sets), seconds))
+            rows.append({**deploy(model, "qlora", b, group_size, eval_sets, targets, trained),
+                         "train_seconds": seconds})
     if "qalora" in methods:
         for b in bits:
             say(f"QA-LoRA: fine-tuning on {data.FINETUNE_TASK!r} with an INT{b} base, group size {group_size} "
@@ -188,9 +214,8 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
             train.train(model, config(lr_qalora), progress=progress, eval_sets={data.FINETUNE_TASK: eval_sets[
                 data.FINETUNE_TASK]})
             seconds = time.perf_counter() - t0
-            trained = _scores(model, eval_sets)
             say(f"QA-LoRA: deploying at INT{b} (adapter folded into the zero points)")
-            rows.append(row("qalora", b, trained, _scores(merge_and_unload(model), eval_sets), seconds))
+            rows.append({**deploy(model, "qalora", b, group_size, eval_sets, targets), "train_seconds": seconds})
     return rows
 
 

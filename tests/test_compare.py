@@ -91,3 +91,29 @@ def test_bad_arguments():
         compare.compare_deployment(BASE, methods=("qlora", "lora"), progress=False)
     with pytest.raises(ValueError, match="checkpoint path or a GPT"):
         compare.compare_deployment(42, progress=False)
+
+
+def test_deploy_one_trained_model():
+    """``deploy``: QLoRA deploys a copy at every width (the model is left as trained); QA-LoRA folds in place."""
+    from lora_from_scratch import data
+    from lora_from_scratch.lora import lora_layers
+    from lora_from_scratch.qalora import GroupwiseLinear, apply_qalora
+    from lora_from_scratch.qlora import apply_qlora
+
+    evals = data.eval_set((data.FINETUNE_TASK,) + data.PRETRAIN_TASKS, 4, seed=0, block_size=TINY.block_size)
+    qlora = apply_qlora(GPT(TINY, seed=0), 4, 8, ["q", "v", "fc"], seed=0)
+    for layer in lora_layers(qlora).values():  # as after training: the adapters change the model
+        layer.lora_B.data = layer.lora_B.data + 0.1
+    trained = compare.measure(qlora, evals)
+    rows = [compare.deploy(qlora, "qlora", b, 16, evals, ["q", "v", "fc"], trained) for b in (4, 2)]
+    assert [r["bits"] for r in rows] == [4, 2] and all(r["trained"] == trained[0] for r in rows)
+    assert all(r["logits_rel"] > 0 and r["train_base"] == "NF4" for r in rows)
+    assert len(lora_layers(qlora)) == 3 * TINY.n_layer  # the trained model is still adapted
+    qalora = apply_qalora(GPT(TINY, seed=0), 4, 8, ["q", "v"], bits=3, group_size=16, seed=0)
+    with pytest.raises(ValueError, match="width it was trained at"):
+        compare.deploy(qalora, "qalora", 4, 16, evals, ["q", "v"])
+    row = compare.deploy(qalora, "qalora", 3, 16, evals, ["q", "v"])
+    assert row["deployed"] == row["trained"] and row["logits_rel"] < 1e-5 and row["train_base"] == "INT3"
+    assert not lora_layers(qalora) and isinstance(qalora.blocks[0].attn.q, GroupwiseLinear)  # folded in place
+    with pytest.raises(ValueError, match="unknown method 'lora'"):
+        compare.deploy(qalora, "lora", 4, 16, evals)

@@ -5,16 +5,17 @@ backward dequantize it on the fly. Checked here: float64 central differences for
 PyTorch autograd through the same dequantized weight; exact equality with the dequantized base
 layer at B = 0; no float copy of W0 held between calls; resident bytes against a float32
 LoRALinear; the shipped base model after NF4 quantization; a short fine-tune; bad input.
+The gradient check and the torch comparison are ``lora_from_scratch.verify``'s
+(``adapter_gradients``, ``adapter_vs_torch``), the same that ``python -m lora_from_scratch verify`` prints.
 """
 
 import pathlib
 
 import numpy as np
 import pytest
-import torch
-from conftest import adapter_gradient_errors, rel
+from conftest import rel
 
-from lora_from_scratch import data, io
+from lora_from_scratch import data, io, verify
 from lora_from_scratch import qlora as qlora_module
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.functional import cross_entropy
@@ -71,40 +72,20 @@ def test_gradcheck(p, use_rslora, double_quant, blocksize):
     # float64 layer from a float64 base: the NF4 weight is fixed data, dequantized and cast to float64
     layer, x, mask = make_layer(p, use_rslora, double_quant, blocksize)
 
-    errs = adapter_gradient_errors(layer, x, dropout_mask=mask)
-    assert max(errs.values()) < 1e-7, errs
+    measured = verify.assert_ok(verify.adapter_gradients(layer, x, dropout_mask=mask))  # rel error < 1e-7
+    assert [m.what for m in measured] == ["d/dx", "d/dA", "d/dB"]
     assert layer.bias.grad is None and not layer.bias.trainable
-
-
-def torch_qlora(layer, x, mask, G, dtype):
-    """The layer in torch ops through the same dequantized weight; returns (y, dx, dA, dB) from autograd."""
-    td = getattr(torch, dtype)
-    W = to_numpy(layer.dequantized_weight()).astype(dtype)  # (out, in) float32 NF4 values -> dtype
-    t = {k: torch.tensor(to_numpy(v), dtype=td) for k, v in
-         dict(W=W, b=layer.bias.data, A=layer.lora_A.data, B=layer.lora_B.data, x=x).items()}
-    for k in ("A", "B", "x"):
-        t[k].requires_grad_(True)
-    xd = t["x"]
-    if mask is not None:
-        xd = xd * torch.tensor(to_numpy(mask), dtype=td) / (1.0 - layer.dropout.p)
-    y = t["x"] @ t["W"].T + t["b"] + layer.scaling * (xd @ t["A"].T) @ t["B"].T
-    y.backward(torch.tensor(to_numpy(G), dtype=td))
-    return y.detach().numpy(), t["x"].grad.numpy(), t["A"].grad.numpy(), t["B"].grad.numpy()
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("p,use_rslora", [(0.0, False), (0.4, True)])
 def test_torch_parity(p, use_rslora, dtype, tol):
+    pytest.importorskip("torch")
     layer, x, mask = make_layer(p, use_rslora, dtype=dtype)
     G = asarray(np.random.default_rng(5).standard_normal((3, 5, OUT)), dtype=dtype)  # (3, 5, OUT)
-    y = layer(x, dropout_mask=mask)
-    dx = layer.backward(G)
-    ty, tdx, tdA, tdB = torch_qlora(layer, x, mask, G, dtype)
-    assert y.dtype == np.dtype(dtype) and dx.dtype == np.dtype(dtype)
-    assert rel(y, ty) < tol
-    assert rel(dx, tdx) < tol
-    assert rel(layer.lora_A.grad, tdA) < tol
-    assert rel(layer.lora_B.grad, tdB) < tol
+    # the layer in torch ops through the same dequantized weight: output, dx, dA, dB (and their dtypes)
+    measured = verify.assert_ok(verify.adapter_vs_torch(layer, x, G, dtype, mask=mask))
+    assert [m.what for m in measured] == ["output", "dx", "dA", "dB"] and all(m.bound == tol for m in measured)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

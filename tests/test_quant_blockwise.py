@@ -3,7 +3,9 @@
 Reference: bitsandbytes' CPU implementation (``bitsandbytes.functional.quantize_4bit`` /
 ``dequantize_4bit``), compared bit for bit; where bitsandbytes' CPU dequantization is wrong, a
 float64 loop-per-block implementation of the same algorithm written here.
-Test data is made on the host with NumPy and moved to the backend under test.
+Test data is made on the host with NumPy and moved to the backend under test. The bit-for-bit
+comparisons are ``lora_from_scratch.verify``'s (``bnb_quantize``, ``bnb_4bit_mismatches``,
+``mismatching_floats``), the same that ``python -m lora_from_scratch verify`` prints.
 """
 
 import math
@@ -13,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_from_scratch import verify
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.quant import (
     DYNAMIC_MAP,
@@ -38,34 +41,13 @@ CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
 HYPOTHESIS = settings(max_examples=25, deadline=None)
 
 
-def _bits(a) -> np.ndarray:
-    """Raw float32 bit patterns: equal bits means equal to the last bit (sign of zero included)."""
-    return np.ascontiguousarray(to_numpy(a), dtype=np.float32).view(np.uint32)
+_bits = verify.float_bits  # raw float32 bit patterns
+_bnb_quantize = verify.bnb_quantize  # (packed bytes, the quant state, the dequantized values)
 
 
 def _assert_same_floats(ours, ref) -> None:
-    """Bit-for-bit equality of float32 arrays, except that 0.0 and -0.0 count as equal.
-
-    bitsandbytes' own CPU kernels disagree on the sign of the zero that FP4 code 8 ("minus
-    zero") dequantizes to: +0.0 when the length is a multiple of the block size, -0.0 otherwise.
-    """
-    ours = np.ascontiguousarray(to_numpy(ours), dtype=np.float32)
-    ref = np.ascontiguousarray(ref, dtype=np.float32)
-    assert ours.shape == ref.shape
-    np.testing.assert_array_equal(_bits(ours + np.float32(0.0)), _bits(ref + np.float32(0.0)))
-
-
-def _bnb_quantize(x: np.ndarray, quant_type: str, double_quant: bool = False, blocksize: int = 64):
-    # bitsandbytes wraps part of its CPU path in torch.compile, which spends seconds compiling for
-    # each new odd shape; run it eagerly (same operations) to keep the tests fast.
-    with torch._dynamo.config.patch(disable=True):
-        packed, state = bnbf.quantize_4bit(
-            torch.from_numpy(x), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
-        )
-        # bitsandbytes' CPU path returns packed bytes of shape (ceil(n/2), 1) and, for a 1-D input,
-        # a dequantized tensor of shape (1, n): compare flattened / reshaped.
-        dequantized = bnbf.dequantize_4bit(packed, state).numpy().reshape(x.shape)
-    return packed.numpy().reshape(-1), state, dequantized
+    """Bit-for-bit equality of float32 arrays, 0.0 and -0.0 counted as equal (see verify.mismatching_floats)."""
+    assert verify.mismatching_floats(ours, ref) == 0
 
 
 def _unpack_codes(q: Quantized4bit) -> np.ndarray:
@@ -100,30 +82,22 @@ def _reference_float64(x: np.ndarray, quant_type: str, blocksize: int = 64):
 
 # ------------------------------------------------------------------ bit-for-bit against bitsandbytes
 
-PARITY_SHAPES = [(1,), (7,), (64,), (65,), (1000,), (4097,), (5, 37), (128, 64), (33, 64), (3, 2, 64), (2, 1000)]
+PARITY_SHAPES = list(verify.PARITY_SHAPES)  # (1,), (7,), (64,), (65,), (1000,), (4097,), (5, 37), ... (2, 1000)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", PARITY_SHAPES, ids=str)
 def test_matches_bitsandbytes_bit_for_bit(shape, quant_type):
-    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 0.02
-    q = quantize_4bit(asarray(x), blocksize=64, quant_type=quant_type)
-    packed_ref, state, dequantized_ref = _bnb_quantize(x, quant_type)
-    np.testing.assert_array_equal(to_numpy(q.packed), packed_ref)
-    np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax.numpy()))
-    out = dequantize_4bit(q)
-    assert out.shape == shape and out.dtype == np.float32
-    _assert_same_floats(out, dequantized_ref)
+    x = verify.parity_input(shape)  # N(0, 0.02^2) float32
+    measured = verify.assert_ok(verify.bnb_4bit_mismatches(x, quant_type))  # packed bytes, absmax, dequantized
+    assert [m.error for m in measured] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
 def test_matches_bitsandbytes_other_blocksizes(blocksize):
+    assert blocksize in verify.BLOCKSIZES
     x = np.random.default_rng(blocksize).standard_normal(5000).astype(np.float32)
-    q = quantize_4bit(asarray(x), blocksize=blocksize, quant_type="nf4")
-    packed_ref, state, dequantized_ref = _bnb_quantize(x, "nf4", blocksize=blocksize)
-    np.testing.assert_array_equal(to_numpy(q.packed), packed_ref)
-    np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax.numpy()))
-    _assert_same_floats(dequantize_4bit(q), dequantized_ref)
+    verify.assert_ok(verify.bnb_4bit_mismatches(x, "nf4", blocksize))
 
 
 # bitsandbytes 0.50.2's CPU dequantize_4bit kernel applies the wrong block constant to part of
@@ -142,9 +116,8 @@ def test_awkward_2d_shapes_match_float64_reference(shape, quant_type):
     out = to_numpy(dequantize_4bit(q)).astype(np.float64)
     # ours is level * absmax rounded once to float32: within half an ulp (2^-24 relative)
     np.testing.assert_allclose(out, out_ref, rtol=2.0**-24, atol=0)
-    packed_ref, state, _ = _bnb_quantize(x, quant_type)
-    np.testing.assert_array_equal(to_numpy(q.packed), packed_ref)
-    np.testing.assert_array_equal(_bits(q.absmax), _bits(state.absmax.numpy()))
+    # bitsandbytes' packed bytes and absmax are right here: bit for bit
+    verify.assert_ok(verify.bnb_4bit_mismatches(x, quant_type, dequantized=False))
 
 
 @pytest.mark.xfail(reason="bitsandbytes 0.50.2 CPU dequantize_4bit uses wrong block constants here", strict=False)
@@ -178,7 +151,7 @@ def test_double_quant_against_bitsandbytes(quant_type):
     q = quantize_4bit(asarray(x), quant_type=quant_type, double_quant=True)
     packed_ref, state, dequantized_ref = _bnb_quantize(x, quant_type, double_quant=True)
     # The 4-bit codes come from the float32 block constants before they are compressed.
-    np.testing.assert_array_equal(to_numpy(q.packed), packed_ref)
+    verify.assert_ok(verify.bnb_double_quant_codes(quant_type))  # this x: packed bytes bit for bit
     assert q.absmax is None and q.qabsmax.dtype == np.uint8 and q.offset.shape == (1,)
     # offset: ours is the float64 mean rounded once, torch's a float32 mean: within one ulp.
     offset, offset_ref = to_numpy(q.offset), state.offset.numpy().reshape(1)
