@@ -73,15 +73,10 @@ def backend():
 
 
 def adapter_gradient_errors(layer, x, **forward_kwargs) -> dict:
-    """Central-difference check of an adapter layer (LoRA, QLoRA, QA-LoRA): rel errors of dx, dA, dB."""
-    from lora_from_scratch.gradcheck import check_gradients
+    """Central-difference check of an adapter layer (LoRA, QLoRA, QA-LoRA): rel errors of dx, dA, dB.
 
-    def forward():
-        return layer(x, **forward_kwargs)
+    The comparison is ``verify.adapter_gradients``, the one ``python -m lora_from_scratch verify`` prints.
+    """
+    from lora_from_scratch.verify import adapter_gradients
 
-    def backward(G):
-        layer.lora_A.grad = layer.lora_B.grad = None
-        dx = layer.backward(G)
-        return {"x": dx, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
-
-    return check_gradients(forward, backward, {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})
+    return {m.what: m.error for m in adapter_gradients(layer, x, **forward_kwargs)}

@@ -21,8 +21,9 @@ from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.gradcheck import check_gradients, numerical_gradient
 from lora_from_scratch.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from lora_from_scratch.nn import LayerNorm, Linear
+from lora_from_scratch.verify import GRADCHECK_TOL, assert_ok, gradcheck_pair
 
-TOL = 1e-7  # relative error of every gradient against central differences (float64)
+TOL = GRADCHECK_TOL  # relative error of every gradient against central differences (float64): 1e-7
 
 
 def host(rng, *shape, scale=1.0):
@@ -31,24 +32,10 @@ def host(rng, *shape, scale=1.0):
 
 
 def check_pair(fwd, bwd, inputs, seed=0, h=1e-6):
-    """Run check_gradients on a forward/backward pair; ``fwd()`` -> (y, cache), ``bwd(G, cache)`` -> dict."""
-    state = {}
-
-    def forward():
-        y, state["cache"] = fwd()
-        return y
-
-    def backward(G):
-        grads = bwd(G, state["cache"])
-        for name, g in grads.items():  # a zero gradient would make the comparison vacuous
-            assert g is not None and float(np.linalg.norm(to_numpy(g))) > 0, f"{name}: gradient is zero/None"
-        return grads
-
-    errors = check_gradients(forward, backward, inputs, seed=seed, h=h)
-    assert set(errors) == set(inputs)
-    for name, e in errors.items():
-        assert e < TOL, f"d/d{name}: relative error {e:.3e} >= {TOL}"
-    return errors
+    """``verify.gradcheck_pair`` (the comparison the verify command prints), every error below TOL."""
+    measurements = assert_ok(gradcheck_pair(fwd, bwd, inputs, seed=seed, h=h))
+    assert all(m.bound == TOL for m in measurements)
+    return {m.what.removeprefix("d/d"): m.error for m in measurements}
 
 
 # ----------------------------------------------------------------- the checker itself

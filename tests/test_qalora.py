@@ -6,7 +6,6 @@ merge into the zero points is checked on random shapes at every bit width 2..8.
 
 import numpy as np
 import pytest
-import torch
 from conftest import adapter_gradient_errors, rel
 
 from lora_from_scratch.backend import asarray, to_numpy
@@ -25,6 +24,7 @@ from lora_from_scratch.qalora import (
     quantize_model_groupwise,
 )
 from lora_from_scratch.quant import dequantize_groupwise, quantize_groupwise
+from lora_from_scratch.verify import adapter_vs_torch, assert_ok
 
 IN, OUT, R, GS = 12, 5, 2, 4  # L = 3 groups
 CFG = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
@@ -40,25 +40,6 @@ def make_layer(dtype="float64", bits=4, seed=0, in_features=IN, out_features=OUT
     layer.lora_B.data = asarray(rng.standard_normal((out_features, r)) * 0.5, dtype=dtype)  # (out, r)
     x = asarray(rng.standard_normal((2, 3, in_features)), dtype=dtype)  # (2, 3, in)
     return layer, x
-
-
-def torch_qalora(layer, x, G, dtype):
-    """The same layer written with torch ops (dequantize, avg_pool1d, two thin products); autograd gradients."""
-    td = getattr(torch, dtype)
-    codes = torch.tensor(to_numpy(layer.codes).astype(np.int64))
-    scales = torch.tensor(to_numpy(layer.scales), dtype=td)
-    zeros = torch.tensor(to_numpy(layer.zeros), dtype=td)
-    gs = layer.group_size
-    W = (codes.to(td) - zeros.repeat_interleave(gs, dim=1)) * scales.repeat_interleave(gs, dim=1)  # (out, in)
-    b = torch.tensor(to_numpy(layer.base.bias.data), dtype=td)
-    A = torch.tensor(to_numpy(layer.lora_A.data), dtype=td, requires_grad=True)
-    B = torch.tensor(to_numpy(layer.lora_B.data), dtype=td, requires_grad=True)
-    tx = torch.tensor(to_numpy(x), dtype=td, requires_grad=True)
-    lead = tx.shape[:-1]
-    pooled = torch.nn.functional.avg_pool1d(tx.reshape(-1, 1, tx.shape[-1]), gs).reshape(*lead, -1)  # (..., L)
-    y = tx @ W.T + b + layer.scaling * (pooled @ A.T) @ B.T
-    y.backward(torch.tensor(to_numpy(G), dtype=td))
-    return y.detach().numpy(), tx.grad.numpy(), A.grad.numpy(), B.grad.numpy()
 
 
 # ----------------------------------------------------------------- gradients
@@ -88,20 +69,16 @@ def test_gradcheck(bits):
     assert sorted(n for n, _ in layer.base.named_buffers()) == ["codes", "scales", "zeros"]
 
 
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_torch_parity(bits, dtype, tol):
+def test_torch_parity(bits, dtype):
+    """Output, dx, dA, dB against torch ops (torch dequantizes the codes itself and pools with avg_pool1d;
+    ``verify.adapter_vs_torch``): float64 rel < 1e-10, float32 rel < 1e-5, every array in the dtype asked for."""
     layer, x = make_layer(dtype=dtype, bits=bits, seed=bits)
     G = asarray(np.random.default_rng(5).standard_normal((2, 3, OUT)), dtype=dtype)  # (2, 3, OUT)
-    y = layer(x)
-    dx = layer.backward(G)
-    ty, tdx, tdA, tdB = torch_qalora(layer, x, G, dtype)
-    assert y.dtype == np.dtype(dtype) and dx.dtype == np.dtype(dtype)
-    assert layer.lora_A.grad.dtype == np.dtype(dtype) and layer.lora_B.grad.dtype == np.dtype(dtype)
-    assert rel(y, ty) < tol
-    assert rel(dx, tdx) < tol
-    assert rel(layer.lora_A.grad, tdA) < tol
-    assert rel(layer.lora_B.grad, tdB) < tol
+    measurements = assert_ok(adapter_vs_torch(layer, x, G, dtype))
+    assert [m.what for m in measurements] == ["output", "dx", "dA", "dB"]
+    assert all(m.bound == {"float64": 1e-10, "float32": 1e-5}[dtype] for m in measurements)
 
 
 def test_groupwise_linear_forward_backward():
