@@ -187,7 +187,8 @@ def main() -> None:
               "peft": "PyTorch eager + PEFT, LoRA"}
     for name, label in labels.items():
         print(f"  {label:<34} {med[name] * 1e3:8.1f} ms wall {cmed[name] * 1e3:8.1f} ms CPU")
-    print(f"  LoRA / full fine-tuning            {med['lora'] / med['full']:6.3f} wall {cmed['lora'] / cmed['full']:6.3f} CPU")
+    print(f"  LoRA / full fine-tuning            {med['lora'] / med['full']:6.3f} wall "
+          f"{cmed['lora'] / cmed['full']:6.3f} CPU")
     print(f"  ours LoRA / PyTorch + PEFT         {med['lora'] / med['peft']:6.3f} wall "
           f"{cmed['lora'] / cmed['peft']:6.3f} CPU   (target <= 1.0)")
     print(f"  QLoRA / LoRA                       {med['qlora'] / med['lora']:6.3f} wall "
