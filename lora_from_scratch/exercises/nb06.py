@@ -1,0 +1,175 @@
+"""Exercises of notebook 6 (LoRA on the transformer): LoRA (Hu et al., 2021), sections 7.1, 7.2 and 7.3.
+
+1. ``06.budget_rank``: the rank that a fixed parameter budget allows when it is spread over
+   several matrices of every block (section 7.1, Table 5: 18M parameters on GPT-3 are r = 8 on
+   one matrix, r = 4 on two, r = 2 on four).
+2. ``06.subspace_similarity``: the normalized subspace similarity phi(A1, A2, i, j) of section
+   7.2, eq. (4), from two adapters' A matrices.
+3. ``06.amplification``: the amplification factor ||dW||_F / ||U^T W V||_F of section 7.3 (Table 7),
+   with U, V the top-r singular vectors of the update dW.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import Exercise, Mistake
+
+
+# ---------------------------------------------------------------- 1. the rank a budget allows
+def budget_rank(budget, shapes, n_layer):
+    """r such that r * n_layer * sum over the matrices (d_out, d_in) of (d_out + d_in) equals ``budget``."""
+    return budget / (n_layer * sum(d_out + d_in for d_out, d_in in shapes))
+
+
+def _rank_over_d(budget, shapes, n_layer):
+    return budget / shapes[0][1]  # the budget divided by the width d
+
+
+def _rank_only_A(budget, shapes, n_layer):
+    return budget / (n_layer * sum(d_in for _, d_in in shapes))  # only A's r * d_in counted
+
+
+def _rank_one_matrix(budget, shapes, n_layer):
+    d_out, d_in = shapes[0]
+    return budget / (n_layer * (d_out + d_in))  # as if the whole budget went to the first matrix
+
+
+def _budget_cases():
+    gpt3 = (12288, 12288)  # GPT-3 175B's attention matrices, 96 blocks
+    return [(18_874_368, [gpt3], 96), (18_874_368, [gpt3, gpt3], 96), (18_874_368, [gpt3] * 4, 96),
+            (8192, [(128, 128), (128, 128)], 4), (10_240, [(512, 128), (128, 512)], 4),
+            (4608, [(128, 128), (512, 128)], 4)]
+
+
+# ---------------------------------------------------------------- 2. the subspace similarity
+def subspace_similarity(A1, A2, i, j):
+    """phi = ||V1[:, :i]^T V2[:, :j]||_F^2 / min(i, j), V the right-singular vectors of A (r, k) as columns."""
+    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r1, k) -> rows of V1t: right-singular vectors
+    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r2, k)
+    overlap = V1t[:i] @ V2t[:j].T  # (i, k) @ (k, j) -> (i, j)
+    return float(np.sum(overlap**2) / min(i, j))
+
+
+def _phi_left(A1, A2, i, j):
+    U1, _, _ = np.linalg.svd(A1, full_matrices=False)  # (r, r): left-singular vectors, in R^r
+    U2, _, _ = np.linalg.svd(A2, full_matrices=False)  # (r, r)
+    return float(np.sum((U1[:, :i].T @ U2[:, :j]) ** 2) / min(i, j))  # (i, r) @ (r, j) -> (i, j)
+
+
+def _phi_unnormalized(A1, A2, i, j):
+    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r1, k)
+    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r2, k)
+    return float(np.sum((V1t[:i] @ V2t[:j].T) ** 2))  # (i, j), no division by min(i, j)
+
+
+def _phi_vt_columns(A1, A2, i, j):
+    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r, k)
+    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r, k)
+    return float(np.sum((V1t[:, :i].T @ V2t[:, :j]) ** 2) / min(i, j))  # columns of Vt: (i, r) @ (r, j)
+
+
+def _similarity_cases():
+    rng = np.random.default_rng(6)
+    cases = []
+    for (r, k), (i, j) in zip([(4, 10), (4, 10), (6, 12), (5, 9)], [(1, 1), (2, 3), (3, 6), (4, 2)]):
+        A1 = rng.standard_normal((r, k))  # (r, k)
+        A2 = A1 + 0.8 * rng.standard_normal((r, k))  # (r, k): a second adapter, partly aligned with the first
+        cases.append((A1, A2, i, j))
+    return cases
+
+
+# ---------------------------------------------------------------- 3. the amplification factor
+def amplification(W, dW, r):
+    """||dW||_F / ||U^T W V||_F, U (d, r) and V (k, r) the top-r left and right singular vectors of dW."""
+    U, _, Vt = np.linalg.svd(dW, full_matrices=False)  # (d, m), (m,), (m, k)
+    projected = U[:, :r].T @ W @ Vt[:r].T  # (r, d) @ (d, k) @ (k, r) -> (r, r)
+    return float(np.linalg.norm(dW) / np.linalg.norm(projected))
+
+
+def _amp_over_W(W, dW, r):
+    return float(np.linalg.norm(dW) / np.linalg.norm(W))  # the whole of W, not its part in dW's directions
+
+
+def _amp_own_directions(W, dW, r):
+    U, _, Vt = np.linalg.svd(W, full_matrices=False)  # (d, m), (m,), (m, k): W's own directions
+    return float(np.linalg.norm(dW) / np.linalg.norm(U[:, :r].T @ W @ Vt[:r].T))  # (r, r)
+
+
+def _amp_vt_columns(W, dW, r):
+    U, _, Vt = np.linalg.svd(dW, full_matrices=False)  # (d, m), (m,), (m, k)
+    return float(np.linalg.norm(dW) / np.linalg.norm(U[:, :r].T @ W @ Vt[:, :r]))  # columns of Vt: (r, r)
+
+
+def _amplification_cases():
+    rng = np.random.default_rng(7)
+    cases = []
+    for d, r in [(8, 2), (10, 1), (12, 3)]:
+        W = rng.standard_normal((d, d))  # (d, d): a frozen square weight
+        dW = 0.3 * rng.standard_normal((d, r)) @ rng.standard_normal((r, d))  # (d, r) @ (r, d): a rank-r update
+        cases.append((W, dW, r))
+    return cases
+
+
+EXERCISES = [
+    Exercise(
+        id="06.budget_rank",
+        title="the rank of a fixed budget: budget / (n_layer * sum of (d_out + d_in))",
+        task=("write budget_rank(budget, shapes, n_layer): the rank r (a number, not necessarily whole) at which "
+              "LoRA on the matrices of `shapes` (a list of (d_out, d_in), one per adapted matrix of a block) in "
+              "all n_layer blocks has exactly `budget` trainable parameters"),
+        reference=budget_rank,
+        cases=_budget_cases,
+        mistakes=(
+            Mistake("budget / d", _rank_over_d,
+                    "budget / d divides by one width only: a rank costs d_out + d_in numbers (B's column and A's "
+                    "row) in every adapted matrix of every block, so divide by n_layer * sum(d_out + d_in)."),
+            Mistake("only A", _rank_only_A,
+                    "only A's r x d_in numbers are counted: B (d_out x r) costs r * d_out more, so one rank of a "
+                    "matrix costs d_out + d_in."),
+            Mistake("one matrix", _rank_one_matrix,
+                    "the whole budget given to the first matrix: it is shared by all the adapted matrices, so sum "
+                    "d_out + d_in over all of them (Table 5: r = 8 for one matrix, 4 for two, 2 for four)."),
+        ),
+    ),
+    Exercise(
+        id="06.subspace_similarity",
+        title="phi(A1, A2, i, j) = ||V1_i^T V2_j||_F^2 / min(i, j) from the right-singular vectors of A",
+        task=("write phi(A1, A2, i, j) for two A matrices of shape (r, k): with np.linalg.svd, take the top-i "
+              "right-singular vectors of A1 and the top-j of A2 (directions in the input space R^k) and return "
+              "the squared Frobenius norm of their overlap divided by min(i, j)"),
+        reference=subspace_similarity,
+        cases=_similarity_cases,
+        mistakes=(
+            Mistake("left singular vectors", _phi_left,
+                    "left-singular vectors of A: they live in R^r (the adapter's r latent channels), not in the "
+                    "input space R^k; the paper's U_A are A's right-singular vectors, the rows of Vt."),
+            Mistake("not normalized", _phi_unnormalized,
+                    "not normalized: divide ||V1_i^T V2_j||_F^2 by min(i, j), so that phi lies in [0, 1] (1: one "
+                    "subspace contains the other)."),
+            Mistake("columns of Vt", _phi_vt_columns,
+                    "the columns of Vt: np.linalg.svd returns V transposed, so the right-singular vectors are the "
+                    "rows, Vt[:i] (or Vt[:i].T as columns)."),
+        ),
+    ),
+    Exercise(
+        id="06.amplification",
+        title="the amplification factor ||dW||_F / ||U^T W V||_F, U and V from dW's top-r singular vectors",
+        task=("write amplification(W, dW, r): project W onto the top-r left (U) and right (V) singular vectors "
+              "of the update dW, U^T W V of shape (r, r), and return ||dW||_F divided by the Frobenius norm of "
+              "that projection"),
+        reference=amplification,
+        cases=_amplification_cases,
+        mistakes=(
+            Mistake("divided by ||W||_F", _amp_over_W,
+                    "divided by ||W||_F: the factor compares dW with the part of W in dW's own directions, "
+                    "||U^T W V||_F (section 7.3), not with all of W."),
+            Mistake("W's own directions", _amp_own_directions,
+                    "U and V from W's own SVD: that is Table 7's second column (W's top directions); the "
+                    "amplification factor projects W onto the top-r singular vectors of dW."),
+            Mistake("columns of Vt", _amp_vt_columns,
+                    "the columns of Vt: np.linalg.svd returns V transposed, so V's top-r columns are Vt[:r].T, "
+                    "not Vt[:, :r]."),
+        ),
+    ),
+]
