@@ -80,6 +80,17 @@ def evaluate(model, eval_sets: dict) -> dict:
         model.train(was_training)
 
 
+def held_out_loss(model, eval_sets: dict) -> float:
+    """Cross-entropy on held-out rows (dropout off), the mean over the tasks of ``eval_sets``."""
+    was_training = model.training
+    model.eval()
+    try:
+        losses = [float(cross_entropy(model(idx), targets)[0]) for idx, targets in eval_sets.values()]  # scalars
+        return sum(losses) / len(losses)
+    finally:
+        model.train(was_training)
+
+
 def make_optimizer(model, cfg: TrainConfig) -> AdamW:
     """AdamW over the trainable parameters; weight decay on matrices only (not biases, gains or 1-D vectors)."""
     params = model.trainable_parameters()

@@ -1,14 +1,16 @@
 """Checks on the stored notebooks themselves (no execution; the notebooks are run by ``pytest --nbmake``).
 
 The tutorial's rule ("notebooks are executed by the test suite"; pitfalls: notebooks that
-"test" by printing, helper code copied between notebooks) made concrete for every ``.ipynb`` under
-``notebooks/`` and ``notebooks/solutions/``:
+"test" by printing, helper code copied between notebooks) made concrete for every tutorial notebook
+``notebooks/NN_*.ipynb`` (the student copies in ``notebooks/student/`` are generated from them and
+checked in ``test_exercises.py``):
 
 - the saved outputs come from one clean top-to-bottom run: the code cells' execution counts are
   1, 2, ..., n with none missing, and no cell holds an error output;
 - at least one code cell asserts something (a claim checked on measured values, not only printed);
 - the code comes from the package: some code cell imports ``lora_from_scratch`` and no code cell
-  defines a class.
+  defines a class;
+- at least one plot (a PNG among the stored outputs), and every notebook is listed in the README.
 """
 
 import json
@@ -18,8 +20,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.rglob("*.ipynb"))
-NOTEBOOKS = [p for p in NOTEBOOKS if ".ipynb_checkpoints" not in p.parts]
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 IDS = [str(p.relative_to(NOTEBOOK_DIR)) for p in NOTEBOOKS]
 
 ASSERT = re.compile(r"^\s*assert\b", re.MULTILINE)
@@ -38,10 +39,14 @@ def source(cell: dict) -> str:
 
 
 def test_notebooks_found():
-    names = {p.name for p in NOTEBOOKS}
-    for expected in ("01_why_adaptation_is_expensive.ipynb", "02_matrix_rank.ipynb", "03_lora_math.ipynb",
-                     "04_lora_in_practice.ipynb"):
-        assert expected in names
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 10)], [p.name for p in NOTEBOOKS]
+    assert not (NOTEBOOK_DIR / "solutions").exists(), "the solutions live in the tutorial notebooks now"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_at_least_one_plot(path):
+    pngs = [o for c in code_cells(path) for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert pngs, f"{path.name} shows no plot"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -66,8 +71,7 @@ def test_asserts_and_imports_from_package(path):
     assert not classes, f"{path.name} defines classes in code cells ({classes}); put them in the package"
 
 
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.parent == NOTEBOOK_DIR],
-                         ids=[p.name for p in NOTEBOOKS if p.parent == NOTEBOOK_DIR])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_listed_in_readme(path):
     readme = (NOTEBOOK_DIR / "README.md").read_text(encoding="utf-8")
     assert path.name in readme, f"{path.name} is missing from notebooks/README.md"

@@ -28,10 +28,10 @@ import numpy as np
 
 from .. import data, train
 from ..backend import to_numpy
-from ..functional import cross_entropy
 from ..lora import lora_layers
 from ..methods import adapt
 from ..targets import TARGETS
+from ..train import held_out_loss
 from .common import base_model, eval_sets, progress_bar
 from .init_curves import train_and_watch
 
@@ -56,17 +56,6 @@ def update_norm(model) -> float:
     """||s B A||_F over every adapted matrix of the model: sqrt(sum of squares), in float64."""
     return float(np.sqrt(sum(np.sum(to_numpy(layer.delta_weight()).astype(np.float64) ** 2)  # (d, k) -> scalar
                              for layer in lora_layers(model).values())))
-
-
-def held_out_loss(model, evals: dict) -> float:
-    """Cross-entropy on the held-out rows (dropout off), the mean over the tasks of ``evals``."""
-    was_training = model.training
-    model.eval()
-    try:
-        return float(np.mean([float(cross_entropy(model(idx), targets)[0])  # (N, T) -> (N, T, V) -> scalar
-                              for idx, targets in evals.values()]))
-    finally:
-        model.train(was_training)
 
 
 def grid_run(r: int, lr: float, use_rslora: bool, settings: dict, evals: dict) -> dict:

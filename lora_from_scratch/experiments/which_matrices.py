@@ -29,11 +29,11 @@ from __future__ import annotations
 import numpy as np
 
 from .. import data, train
-from ..functional import cross_entropy
 from ..lora import count_parameters
 from ..memory import PRESETS, lora_trainable_parameters
 from ..methods import adapt
 from ..targets import TARGETS
+from ..train import held_out_loss
 from .common import base_model, eval_sets, progress_bar
 
 TITLE = "Which matrices to adapt at a fixed parameter budget: Wq, Wk, Wv, Wo, pairs, all four, the MLP"
@@ -85,16 +85,6 @@ def budget_rank(budget: int, targets, size=BASE_SIZE) -> int:
         raise ValueError(f"the budget must be a positive number of parameters, got {budget!r}")
     per_rank = lora_trainable_parameters(size, 1, tuple(targets))
     return max(1, int(round(budget / per_rank)))
-
-
-def held_out_loss(model, evals: dict) -> float:
-    """Cross-entropy on the held-out rows (dropout off), the mean over the tasks of ``evals``."""
-    was_training = model.training
-    model.eval()
-    try:
-        return float(np.mean([float(cross_entropy(model(idx), targets)[0]) for idx, targets in evals.values()]))
-    finally:
-        model.train(was_training)
 
 
 def fine_tune(targets, r: int, lr: float, seed: int, settings: dict, evals: dict, init_seed: int | None = None):
