@@ -7,7 +7,7 @@ in = out = 1024, 2048 tokens, r = 16, alpha = 32, INT4 with group size 32, float
 
 - training step (forward + backward, dy fixed): ``QALoRALinear`` over ``LoRALinear`` of the same
   shape (both hold a frozen base; QA-LoRA's is dequantized from its codes on every forward);
-- inference (forward only): the merged layer (``QALoRALinear.merge()``, a ``GroupwiseLinear``)
+- inference (forward only): the merged layer (``QALoRALinear.merged_base()``, a ``GroupwiseLinear``)
   over the unmerged ``QALoRALinear``; and, for reference, the merged layer over a float
   ``nn.Linear`` (the price of dequantizing on the fly in NumPy, with no low-bit kernel).
 
@@ -79,12 +79,12 @@ def main() -> None:
     qalora.lora_B.data = asarray(rng.standard_normal((OUT, RANK)) * 0.01, dtype="float32")  # (OUT, r)
     x = asarray(rng.standard_normal((TOKENS, IN)), dtype="float32")  # (N, in)
     dy = asarray(rng.standard_normal((TOKENS, OUT)), dtype="float32")  # (N, out)
-    merged = qalora.merge()
+    merged = qalora.merged_base()  # a new GroupwiseLinear: same codes, merged zero points
 
     y_unmerged = qalora(x)  # (N, out)
     rel = float(np.linalg.norm(to_numpy(merged(x)) - to_numpy(y_unmerged)) / np.linalg.norm(to_numpy(y_unmerged)))
     assert rel < 1e-5, f"merged and unmerged outputs differ: rel {rel:.2e}"
-    assert np.array_equal(to_numpy(merged.codes), to_numpy(qalora.codes))
+    assert np.array_equal(to_numpy(merged.codes.data), to_numpy(qalora.codes))
 
     def train_step(layer):
         def step():
