@@ -172,6 +172,25 @@ def _nearest_code(v: float, order: list, ascending: list) -> int:
     return order[best]
 
 
+def _reference_absmax_blocks(values: list, blocksize: int, levels: list, order: list, ascending: list):
+    """Blockwise absmax quantization of Python floats, one value at a time in float64.
+
+    For each block of ``blocksize`` consecutive values (the last may be shorter): c = max |v|, each
+    code is the nearest level of v / c (``_nearest_code``; 0.0 for an all-zero block), restored as
+    level * c. Returns (codes, absmax, restored) as Python lists.
+    """
+    codes, absmax, restored = [], [], []
+    for start in range(0, len(values), blocksize):
+        block = values[start : start + blocksize]
+        c = max(abs(v) for v in block)
+        absmax.append(c)
+        for v in block:
+            k = _nearest_code(v / c if c > 0 else 0.0, order, ascending)
+            codes.append(k)
+            restored.append(levels[k] * c)  # exact in float64: 24-bit times 24-bit significands
+    return codes, absmax, restored
+
+
 def _reference_4bit(x: np.ndarray, blocksize: int, quant_type: str):
     """Blockwise absmax 4-bit quantization, one value at a time in float64 Python floats.
 
@@ -182,16 +201,8 @@ def _reference_4bit(x: np.ndarray, blocksize: int, quant_type: str):
     """
     levels = REFERENCE_LEVELS[quant_type]
     order, ascending = _sorted_levels(levels)
-    flat = [float(v) for v in x.reshape(-1)]
-    codes, absmax, dequantized = [], [], []
-    for start in range(0, len(flat), blocksize):
-        block = flat[start : start + blocksize]
-        c = max(abs(v) for v in block)
-        absmax.append(c)
-        for v in block:
-            k = _nearest_code(v / c if c > 0 else 0.0, order, ascending)
-            codes.append(k)
-            dequantized.append(levels[k] * c)  # exact in float64: 24-bit times 24-bit significands
+    codes, absmax, dequantized = _reference_absmax_blocks([float(v) for v in x.reshape(-1)], blocksize, levels,
+                                                          order, ascending)
     padded = codes + [_nearest_code(0.0, order, ascending)] * (len(codes) % 2)
     packed = [(padded[i] << 4) | padded[i + 1] for i in range(0, len(padded), 2)]
     return codes, packed, absmax, dequantized
@@ -395,16 +406,7 @@ def _reference_8bit(values: list, blocksize: int = 256):
     restored) as Python lists.
     """
     order = list(range(256))  # the dynamic map is stored ascending: index = sorted position
-    codes, absmax2, restored = [], [], []
-    for start in range(0, len(values), blocksize):
-        block = values[start : start + blocksize]
-        a2 = max(abs(v) for v in block)
-        absmax2.append(a2)
-        for v in block:
-            k = _nearest_code(v / a2 if a2 > 0 else 0.0, order, DYNAMIC_LEVELS)
-            codes.append(k)
-            restored.append(DYNAMIC_LEVELS[k] * a2)
-    return codes, absmax2, restored
+    return _reference_absmax_blocks(values, blocksize, DYNAMIC_LEVELS, order, DYNAMIC_LEVELS)
 
 
 def test_8bit_dynamic_quantization_matches_the_float64_loop_reference():
