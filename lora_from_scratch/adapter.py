@@ -245,8 +245,7 @@ def frozen_base(base):
     if not isinstance(base, (Linear, QuantizedLinear)):
         raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
                          f"got {type(base).__name__}")
-    for p in base.parameters():
-        p.trainable = False
+    base.freeze()  # every parameter frozen (the weight, the bias); buffers never train anyway
     return base
 
 
@@ -349,7 +348,8 @@ class AdaptedLinear(Module):
         self.check_args(r, alpha, dropout, init)
         if init == "pissa":
             raise ValueError("a PiSSA adapter replaces W0 by a residual, so it can only be a layer's first adapter "
-                             "(make it with apply_lora(..., init='pissa'))")
+                             "(make it with apply_lora(..., init='pissa')); an added adapter takes one of "
+                             f"{list(RANDOM_INITS)}")
         ref = next(iter(self.adapters.values())).A.data
         return LowRankAdapter.create(self.in_features, self.out_features, r, alpha, init=init, dropout=dropout,
                                      use_rslora=use_rslora, group_size=self.group_size, rng=rng, like_array=ref)
@@ -386,19 +386,17 @@ class AdaptedLinear(Module):
 
         Float base: a Linear holding W0 + s B A. NF4 base: a float Linear of dequant(W0) + s B A, or
         with ``requantize=True`` that sum quantized to NF4 again. Group-wise base: the same codes and
-        scales with merged zero points. ValueError if the result would not be finite.
+        scales with merged zero points (``requantize`` matters only to an NF4 base; the others ignore
+        it). ValueError if the result would not be finite.
         """
         if self.merged:
             raise ValueError("the layer is already merged: its base is the merged layer")
-        delta = self.delta_weight()  # (out, in)
-        if isinstance(self.base, Linear):
-            return self.base.with_update(delta)
-        return self.base.with_update(delta, requantize=requantize)
+        return self.base.with_update(self.delta_weight(), requantize=requantize)  # delta (out, in)
 
     @property
     def merges_in_place(self) -> bool:
         """Whether the base can hold the update and give it back: a float weight, or QA-LoRA's zero points."""
-        return isinstance(self.base, Linear) or getattr(self.base, "absorbs_updates", False)
+        return self.base.absorbs_updates
 
     def merge(self):
         """Fold the active adapter into the base, in place (where the base allows it). A no-op when merged."""
@@ -408,7 +406,10 @@ class AdaptedLinear(Module):
             raise ValueError(f"a {type(self).__name__} cannot merge in place: its {type(self.base).__name__} "
                              "cannot hold the update; use lora.merge_lora(model), which replaces the layer by a "
                              "float (or re-quantized) one")
-        new = self.merged_base()
+        return self._commit_merge(self.merged_base())
+
+    def _commit_merge(self, new):
+        """Make ``new`` (from ``merged_base``) the base and mark the layer merged (``merge``, ``lora.merge_lora``)."""
         for p in self.adapter.parameters():
             p.grad = None  # no stale gradient may move A or B while they are folded into the base
         self.base, self.merged, self._cache = new, True, None

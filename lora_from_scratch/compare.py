@@ -35,6 +35,7 @@ from . import data, train
 from .backend import global_rng, manual_seed, xp_of
 from .io import BASE_CHECKPOINT, load_checkpoint
 from .lora import TARGETS, lora_layers, merge_and_unload
+from .methods import NAMES
 from .qalora import apply_qalora, quantize_model_groupwise
 
 __all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "format_table", "measure"]
@@ -46,7 +47,6 @@ __all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "
 FULL = {"steps": 600, "batch_size": 64, "eval_per_task": 256, "lr_qlora": 3e-3, "lr_qalora": 2e-2}
 QUICK = {"steps": 300, "batch_size": 32, "eval_per_task": 128, "lr_qlora": 3e-3, "lr_qalora": 3e-2}
 METHODS = ("qlora", "qalora")
-_NAMES = {"qlora": "QLoRA", "qalora": "QA-LoRA"}
 
 
 def _fresh_model(base):
@@ -133,7 +133,7 @@ def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targ
             raise ValueError(f"a QA-LoRA model deploys at the width it was trained at ({sorted(held)}), not {b}")
         deployed = merge_and_unload(model)
     d_ft, d_pre, d_logits = measure(deployed, eval_sets)
-    return {"method": _NAMES[method], "bits": b, "group_size": group_size,
+    return {"method": NAMES[method], "bits": b, "group_size": group_size,
             "train_base": "NF4" if method == "qlora" else f"INT{b}", "trained": t_ft,
             "deployed": d_ft, "difference": d_ft - t_ft, "pretrain_trained": t_pre,
             "pretrain_deployed": d_pre, "logits_rel": _rel(d_logits, t_logits)}

@@ -47,9 +47,9 @@ from .targets import TARGETS, resolve_targets
 
 __all__ = [
     "INITS", "TARGETS", "AdaptedLinear", "LoRALinear", "LowRankAdapter", "active_adapter", "adapter_names",
-    "add_adapter", "apply_lora", "count_parameters", "delete_adapter", "disable_adapters", "is_adapter",
-    "load_lora_state_dict", "lora_layers", "lora_scaling", "lora_state_dict", "mark_only_lora_as_trainable",
-    "merge_and_unload", "merge_lora", "replace_targets", "set_adapter", "unmerge_lora",
+    "add_adapter", "apply_lora", "check_lora_args", "count_parameters", "delete_adapter", "disable_adapters",
+    "is_adapter", "load_lora_state_dict", "lora_layers", "lora_scaling", "lora_state_dict",
+    "mark_only_lora_as_trainable", "merge_and_unload", "merge_lora", "replace_targets", "set_adapter", "unmerge_lora",
 ]
 
 
@@ -68,8 +68,7 @@ class LoRALinear(AdaptedLinear):
                  use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
         if not isinstance(base, Linear):
             raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        check_adapter_args(r, alpha, dropout, init, max_rank=min(base.in_features, base.out_features),
-                           shape=(base.out_features, base.in_features), inits=self.inits)
+        check_lora_args(r, alpha, dropout, init, base.in_features, base.out_features)
         rng = global_rng() if rng is None else rng
         if init == "pissa":
             adapter = _pissa_adapter(base, r, alpha, dropout, use_rslora, rng)
@@ -78,6 +77,12 @@ class LoRALinear(AdaptedLinear):
                                             dropout=dropout, use_rslora=use_rslora, rng=rng,
                                             like_array=base.weight.data)
         super().__init__(base, adapter, adapter_name)
+
+
+def check_lora_args(r, alpha, dropout, init, in_features: int, out_features: int) -> None:
+    """LoRA's checks for a float weight (out, in): 1 <= r <= min(in, out), alpha > 0, dropout, an init of ``INITS``."""
+    check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
+                       shape=(out_features, in_features), inits=INITS)
 
 
 def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslora: bool, rng) -> LowRankAdapter:
@@ -165,12 +170,9 @@ def apply_lora(model, r: int, alpha: float, targets, dropout: float = 0.0, init:
     or from a new generator seeded with ``seed``, or else ``backend.global_rng()``.
     Everything is checked before the model changes. Returns the model.
     """
-    def check(lin):
-        check_adapter_args(r, alpha, dropout, init, max_rank=min(lin.in_features, lin.out_features),
-                           shape=(lin.out_features, lin.in_features), inits=INITS)
-
     return replace_targets(
-        model, targets, check=check,
+        model, targets,
+        check=lambda lin: check_lora_args(r, alpha, dropout, init, lin.in_features, lin.out_features),
         make=lambda lin, g: LoRALinear(lin, r, alpha, dropout=dropout, init=init, use_rslora=use_rslora, rng=g,
                                        adapter_name=adapter_name),
         seed=seed, rng=rng)
@@ -221,9 +223,6 @@ def add_adapter(model, name: str, r: int, alpha: float, dropout: float = 0.0, in
             layer.check_args(r, alpha, dropout, init)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-    if init == "pissa":
-        raise ValueError("a PiSSA adapter replaces W0 by a residual, so it can only be a layer's first adapter "
-                         "(apply_lora(..., init='pissa')); add_adapter takes 'kaiming' or 'gaussian'")
     _check_name(name, "adapter")
     if rng is None:
         rng = host_rng(seed) if seed is not None else global_rng()
@@ -347,30 +346,30 @@ def merge_lora(model, requantize: bool = False):
 
     Every merge is computed and checked (finite) before any layer changes.
     """
-    from .qlora import NF4Linear
-
     layers = _layers(model, "merge_lora")
     pending = [(path, layer) for path, layer in layers.items() if not layer.merged]
     if not pending:
         raise ValueError("merge_lora: every adapted layer is already merged")
-    if requantize and not any(isinstance(layer.base, NF4Linear) for _, layer in pending):
-        raise ValueError("merge_lora(requantize=True) re-quantizes QLoRA layers (NF4 bases); this model has none")
+    if requantize:
+        _check_requantize("merge_lora", [layer for _, layer in pending])
     plan = []
     for path, layer in pending:
-        if layer.active is None:
-            raise ValueError(f"{path} has no active adapter to merge (adapters are disabled)")
-        try:
+        try:  # a layer with adapters disabled refuses here ("no active adapter")
             plan.append((path, layer, layer.merged_base(requantize=requantize)))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     for path, layer, new in plan:
         if layer.merges_in_place:
-            for p in layer.adapter.parameters():
-                p.grad = None
-            layer.base, layer.merged, layer._cache = new, True, None
+            layer._commit_merge(new)
         else:  # QLoRA: the layer leaves the 4-bit world
             model.set_submodule(path, new)
     return model
+
+
+def _check_requantize(what: str, layers) -> None:
+    """``requantize=True`` is for QLoRA layers (an NF4 base, which cannot hold the update): refuse a model without."""
+    if all(layer.merges_in_place for layer in layers):
+        raise ValueError(f"{what}(requantize=True) re-quantizes QLoRA layers (NF4 bases); this model has none")
 
 
 def unmerge_lora(model):
@@ -390,10 +389,14 @@ def merge_and_unload(model, requantize: bool = False):
 
     LoRA -> ``nn.Linear`` (W0 + s B A); QLoRA -> ``nn.Linear`` (dequant(W0) + s B A) or, with
     ``requantize=True``, ``qlora.NF4Linear``; QA-LoRA -> ``qalora.GroupwiseLinear`` with the merged
-    zero points (the deployed model stays quantized). Checked before anything changes.
+    zero points (the deployed model stays quantized). ``requantize=True`` on a model without QLoRA
+    layers is refused, as by ``merge_lora``. Checked before anything changes.
     """
+    layers = _layers(model, "merge_and_unload")
+    if requantize:
+        _check_requantize("merge_and_unload", layers.values())
     plan = []
-    for path, layer in _layers(model, "merge_and_unload").items():
+    for path, layer in layers.items():
         try:
             plan.append((path, layer.base if layer.merged else layer.merged_base(requantize=requantize)))
         except ValueError as e:

@@ -14,7 +14,7 @@ notebooks all make a method's model the same way.
 from __future__ import annotations
 
 from .lora import apply_lora
-from .qalora import apply_qalora, check_bits
+from .qalora import apply_qalora
 from .qlora import apply_qlora
 from .targets import TARGETS
 
@@ -46,5 +46,5 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=TARGETS, *,
     if method == "qlora":
         return apply_qlora(model, r, alpha, targets, blocksize=blocksize, double_quant=double_quant,
                            dropout=dropout, init=init, use_rslora=use_rslora, seed=seed)
-    return apply_qalora(model, r, alpha, targets, bits=check_bits(bits), group_size=group_size, dropout=dropout,
+    return apply_qalora(model, r, alpha, targets, bits=bits, group_size=group_size, dropout=dropout,
                         init=init, use_rslora=use_rslora, seed=seed)

@@ -352,6 +352,10 @@ def _need_cache(cache, name):
 class Linear(Module):
     """y = x W^T + b with W of shape (out_features, in_features), as in the LoRA paper's W0 (d x k)."""
 
+    # a float weight holds an update exactly and gives it back (``with_update(delta)``, then ``-delta``),
+    # so an adapter merges into it in place (``adapter.QuantizedLinear.absorbs_updates``)
+    absorbs_updates = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, std=None,
                  rng=None, dtype="float32"):
         if in_features <= 0 or out_features <= 0:
@@ -401,10 +405,12 @@ class Linear(Module):
         lin._cache = None
         return lin
 
-    def with_update(self, delta) -> Linear:
+    def with_update(self, delta, requantize: bool = False) -> Linear:
         """A new frozen Linear computing x (W + delta)^T + b: how an update merges into a float weight.
 
         The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes).
+        (``requantize`` has no meaning here: a float weight is not quantized. It is accepted, and
+        ignored, so that every base takes ``with_update(delta, requantize=...)``.)
         """
         W = self.weight.data  # (out, in)
         if tuple(delta.shape) != tuple(W.shape):

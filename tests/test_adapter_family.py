@@ -96,8 +96,10 @@ def test_count_parameters(kind):
     plain_total = GPT(CFG, seed=0).num_parameters()
     model = adapt(kind)
     expected = 0
-    for layer in lora.lora_layers(model).values():
-        expected += layer.r * (layer.adapter_in_features + layer.out_features)
+    for path, layer in lora.lora_layers(model).items():
+        n = layer.r * (layer.adapter_in_features + layer.out_features)  # r (k' + d), by hand
+        assert layer.adapter.num_parameters() == n, path
+        expected += n
     # the quantized weights count as the weights they encode, so every kind has the same total
     assert lora.count_parameters(model) == (expected, plain_total + expected)
 
@@ -210,6 +212,27 @@ def test_qlora_merge_requantized_is_nf4():
         lora.merge_lora(randomize_B(adapt("lora")), requantize=True)
 
 
+@pytest.mark.parametrize("kind", ["lora", "qalora"])
+def test_requantize_without_an_nf4_base_is_refused_by_both_merges(kind):
+    """merge_lora and merge_and_unload refuse requantize=True alike on a model with no QLoRA layer; nothing changes."""
+    model = randomize_B(adapt(kind))
+    idx, _ = batch(4)
+    y = logits(model, idx)
+    before = {k: to_numpy(v).copy() for k, v in model.state_dict().items()}
+    for merge in (lora.merge_lora, lora.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"{merge.__name__}\(requantize=True\).*this model has none"):
+            merge(model, requantize=True)
+    assert all(type(layer) is LAYER_CLASS[kind] and not layer.merged for layer in lora.lora_layers(model).values())
+    assert len(lora.lora_layers(model)) == len(TARGETS) * CFG.n_layer
+    assert np.array_equal(logits(model, idx), y)
+    assert all(np.array_equal(to_numpy(v), before[k]) for k, v in model.state_dict().items())
+    if kind == "lora":  # a merged model too: merge_and_unload(requantize=True) does not deploy it silently
+        lora.merge_lora(model)
+        with pytest.raises(ValueError, match="requantize"):
+            lora.merge_and_unload(model, requantize=True)
+        assert all(layer.merged for layer in lora.lora_layers(model).values())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_and_unload_deploys_plain_layers(kind):
     model = randomize_B(adapt(kind))
@@ -289,6 +312,25 @@ def test_named_adapters_switch_tasks_on_one_base(kind):
         lora.add_adapter(model, "default", r=2, alpha=4)
     with pytest.raises(ValueError, match="name"):
         lora.add_adapter(model, "a.b", r=2, alpha=4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refusals_leave_the_model_unchanged(kind):
+    """A PiSSA adapter cannot be added, and merging with adapters disabled names the layer; nothing changes."""
+    model = randomize_B(adapt(kind))
+    idx, _ = batch(7)
+    y = logits(model, idx)
+    why = "first adapter" if kind == "lora" else "unsupported LoRA init 'pissa'"
+    with pytest.raises(ValueError, match=why):
+        lora.add_adapter(model, "second", r=2, alpha=4, init="pissa", seed=3)
+    assert lora.adapter_names(model) == ["default"]
+    with lora.disable_adapters(model):
+        for merge in (lora.merge_lora, lora.merge_and_unload):
+            with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.q: .*no active adapter"):
+                merge(model)
+    assert all(type(layer) is LAYER_CLASS[kind] and not layer.merged for layer in lora.lora_layers(model).values())
+    assert len(lora.lora_layers(model)) == len(TARGETS) * CFG.n_layer
+    assert np.array_equal(logits(model, idx), y)
 
 
 # ----------------------------------------------------------------- no silent no-ops
