@@ -113,7 +113,7 @@ def test_projection_table_on_known_answers():
     assert row["W"] == pytest.approx(s[0])
     assert row["amplification"] == pytest.approx(3.0 / s[-1])
     assert row["W_norm"] == pytest.approx(np.sqrt(np.sum(s**2))) and row["dW_norm"] == pytest.approx(3.0)
-    assert us.amplification_factor(W, dW, 1) == pytest.approx(nb06.amplification(W, dW, 1))
+    assert us.amplification_factor(W, dW, 1) == pytest.approx(3.0 / s[-1])  # ||dW||_F / sigma in dW's direction
     with pytest.raises(ValueError, match="same shape"):
         us.projection_table(W, dW[:, :5], 1, rng)
     with pytest.raises(ValueError, match="r <= min"):
@@ -136,7 +136,10 @@ def test_random_similarity_is_max_ij_over_k():
               for _ in range(400)]  # (r1, r2) each
     np.testing.assert_allclose(np.mean(tables, axis=0), us.random_similarity(r1, r2, k), atol=0.02)
     A1, A2 = rng.standard_normal((4, 10)), rng.standard_normal((4, 10))  # (4, 10) each
-    assert nb06.subspace_similarity(A1, A2, 2, 3) == pytest.approx(rank.subspace_similarity(A1, A2, 2, 3))
+    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (4, 10): rows are the right-singular vectors
+    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (4, 10)
+    phi = np.sum((V1t[:2] @ V2t[:3].T) ** 2) / 2  # (2, 10) @ (10, 3) -> (2, 3): eq. (4), i = 2, j = 3
+    assert rank.subspace_similarity(A1, A2, 2, 3) == pytest.approx(phi)
 
 
 # ---------------------------------------------------------------- figures

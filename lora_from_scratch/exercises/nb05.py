@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import math
 
+from ..adapter import lora_scaling  # the solution of 05.scaling: s = alpha / r, or alpha / sqrt(r) with rsLoRA
 from . import Exercise, Mistake
-
-
-def scaling(r: int, alpha: float, rslora: bool = False) -> float:
-    """s = alpha / r (LoRA), or alpha / sqrt(r) (rsLoRA)."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def _scaling_alpha(r, alpha, rslora=False):
@@ -51,7 +47,7 @@ EXERCISES = [
         id="05.scaling",
         title="the scaling factor: alpha / r, or alpha / sqrt(r) with rsLoRA",
         task="write scale(r, alpha, rslora=False) returning the factor s that multiplies B A",
-        reference=scaling,
+        reference=lora_scaling,
         cases=_scaling_cases,
         mistakes=(
             Mistake("alpha", _scaling_alpha,

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import rank  # the solution of 06.subspace_similarity: rank.subspace_similarity
+from ..experiments.update_subspaces import amplification_factor  # the solution of 06.amplification
 from . import Exercise, Mistake
+from .nb02 import _phi_left, _phi_unnormalized  # the same mistakes as in 02.subspace_similarity
 
 
 # ---------------------------------------------------------------- 1. the rank a budget allows
@@ -43,26 +46,6 @@ def _budget_cases():
 
 
 # ---------------------------------------------------------------- 2. the subspace similarity
-def subspace_similarity(A1, A2, i, j):
-    """phi = ||V1[:, :i]^T V2[:, :j]||_F^2 / min(i, j), V the right-singular vectors of A (r, k) as columns."""
-    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r1, k) -> rows of V1t: right-singular vectors
-    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r2, k)
-    overlap = V1t[:i] @ V2t[:j].T  # (i, k) @ (k, j) -> (i, j)
-    return float(np.sum(overlap**2) / min(i, j))
-
-
-def _phi_left(A1, A2, i, j):
-    U1, _, _ = np.linalg.svd(A1, full_matrices=False)  # (r, r): left-singular vectors, in R^r
-    U2, _, _ = np.linalg.svd(A2, full_matrices=False)  # (r, r)
-    return float(np.sum((U1[:, :i].T @ U2[:, :j]) ** 2) / min(i, j))  # (i, r) @ (r, j) -> (i, j)
-
-
-def _phi_unnormalized(A1, A2, i, j):
-    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r1, k)
-    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r2, k)
-    return float(np.sum((V1t[:i] @ V2t[:j].T) ** 2))  # (i, j), no division by min(i, j)
-
-
 def _phi_vt_columns(A1, A2, i, j):
     _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r, k)
     _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r, k)
@@ -80,13 +63,6 @@ def _similarity_cases():
 
 
 # ---------------------------------------------------------------- 3. the amplification factor
-def amplification(W, dW, r):
-    """||dW||_F / ||U^T W V||_F, U (d, r) and V (k, r) the top-r left and right singular vectors of dW."""
-    U, _, Vt = np.linalg.svd(dW, full_matrices=False)  # (d, m), (m,), (m, k)
-    projected = U[:, :r].T @ W @ Vt[:r].T  # (r, d) @ (d, k) @ (k, r) -> (r, r)
-    return float(np.linalg.norm(dW) / np.linalg.norm(projected))
-
-
 def _amp_over_W(W, dW, r):
     return float(np.linalg.norm(dW) / np.linalg.norm(W))  # the whole of W, not its part in dW's directions
 
@@ -138,7 +114,7 @@ EXERCISES = [
         task=("write phi(A1, A2, i, j) for two A matrices of shape (r, k): with np.linalg.svd, take the top-i "
               "right-singular vectors of A1 and the top-j of A2 (directions in the input space R^k) and return "
               "the squared Frobenius norm of their overlap divided by min(i, j)"),
-        reference=subspace_similarity,
+        reference=rank.subspace_similarity,
         cases=_similarity_cases,
         mistakes=(
             Mistake("left singular vectors", _phi_left,
@@ -158,7 +134,7 @@ EXERCISES = [
         task=("write amplification(W, dW, r): project W onto the top-r left (U) and right (V) singular vectors "
               "of the update dW, U^T W V of shape (r, r), and return ||dW||_F divided by the Frobenius norm of "
               "that projection"),
-        reference=amplification,
+        reference=amplification_factor,
         cases=_amplification_cases,
         mistakes=(
             Mistake("divided by ||W||_F", _amp_over_W,

@@ -9,6 +9,8 @@ tasks), the seconds, and the model itself.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import data, train
 from ..io import BASE_CHECKPOINT, load_checkpoint
 from ..methods import adapt
@@ -25,6 +27,20 @@ def eval_sets(n_per_task: int = 128, seed: int = 1, tasks=(data.FINETUNE_TASK,))
     return data.eval_set(tuple(tasks), n_per_task, seed=seed)
 
 
+def desc_config(steps: int, batch_size: int, lr: float, seed: int = 0, *, warmup_steps: int | None = None,
+                eval_every: int = 0, **extra) -> train.TrainConfig:
+    """The training recipe of a fine-tune on "desc": warm-up over the first tenth (at least one step), no evaluation
+    during training unless ``eval_every`` says so; ``extra`` sets any other field of ``train.TrainConfig``."""
+    return train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
+                             warmup_steps=max(1, steps // 10) if warmup_steps is None else warmup_steps,
+                             tasks=(data.FINETUNE_TASK,), eval_every=eval_every, seed=seed, **extra)
+
+
+def spread(values) -> dict:
+    """{"mean", "min", "max"} of ``values`` (over seeds), as Python floats."""
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
 def finetune(method: str = "lora", r: int = 8, alpha: float = 16, targets=TARGETS, *, steps: int = 200,
              batch_size: int = 32, lr: float = 3e-3, seed: int = 0, warmup_steps: int | None = None,
              evals=None, model=None, progress: bool = False, **adapt_kwargs) -> dict:
@@ -38,9 +54,7 @@ def finetune(method: str = "lora", r: int = 8, alpha: float = 16, targets=TARGET
     model = base_model() if model is None else model
     adapt(model, method, r, alpha, targets, seed=seed, **adapt_kwargs)
     evals = eval_sets() if evals is None else evals
-    cfg = train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
-                            warmup_steps=max(1, steps // 10) if warmup_steps is None else warmup_steps,
-                            tasks=(data.FINETUNE_TASK,), eval_every=0, seed=seed)
+    cfg = desc_config(steps, batch_size, lr, seed, warmup_steps=warmup_steps)
     hist = train.train(model, cfg, progress=progress, eval_sets=evals)
     scores = hist["eval"][-1][1]
     tail = hist["loss"][-10:]

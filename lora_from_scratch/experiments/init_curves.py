@@ -38,7 +38,7 @@ from ..backend import to_numpy
 from ..lora import lora_layers
 from ..methods import adapt
 from ..targets import TARGETS
-from .common import base_model, eval_sets, progress_bar
+from .common import base_model, desc_config, eval_sets, progress_bar, spread
 
 TITLE = "Initialization: Gaussian A, kaiming-uniform A and PiSSA on the fine-tuning task"
 PAPER = ("LoRA (Hu et al., 2021), section 4.1 (A Gaussian, B = 0) and section 7.2 (eq. 4, Figure 4: two random "
@@ -92,9 +92,7 @@ def finetune_from(init: str, init_seed: int, settings: dict, evals) -> tuple[dic
     model = adapted_model(init, settings["r"], settings["alpha"], init_seed)
     start = {name: to_numpy(layer.delta_weight()).astype(np.float64)  # (d, k): 0, or PiSSA's top-r part of W0
              for name, layer in lora_layers(model).items()}
-    cfg = train.TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"],
-                            warmup_steps=max(1, settings["steps"] // 10), tasks=(data.FINETUNE_TASK,),
-                            eval_every=0, seed=settings["data_seed"])
+    cfg = desc_config(settings["steps"], settings["batch_size"], settings["lr"], settings["data_seed"])
     hist = train.train(model, cfg, progress=False, eval_sets=evals)
     loss = [round(v, 5) for v in hist["loss"]]
     tail = loss[-10:]
@@ -194,8 +192,7 @@ def train_and_watch(model, steps: int, batch_size: int, lr: float, every: int, w
     (on 8 held-out rows, which cost next to nothing).
     """
     seen = [(0, watch(model))]
-    cfg = train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
-                            tasks=(data.FINETUNE_TASK,), eval_every=every, seed=seed)
+    cfg = desc_config(steps, batch_size, lr, seed, eval_every=every)
     hist = train.train(model, cfg, progress=False, eval_sets=eval_sets(8),
                        on_eval=lambda step, scores: seen.append((step, watch(model))))
     return hist, seen
@@ -212,12 +209,8 @@ def run(scale: str = "full", progress: bool = True) -> dict:
         out["early_loss"] = early_loss(out["loss"])
         runs.setdefault(init, []).append({"init_seed": seed, **out})
         updates[init, seed] = upd
-    summary = {}
-    for init, rows in runs.items():
-        summary[init] = {key: {"mean": float(np.mean([row[key] for row in rows])),
-                               "min": float(np.min([row[key] for row in rows])),
-                               "max": float(np.max([row[key] for row in rows]))}
-                         for key in ("final_loss", "early_loss", "exact_match")}
+    summary = {init: {key: spread([row[key] for row in rows]) for key in ("final_loss", "early_loss", "exact_match")}
+               for init, rows in runs.items()}
     r = settings["r"]
     some = next(iter(updates.values()))
     # two independent random i-dimensional subspaces of R^k: E[phi(i, i)] = i / k, averaged over the layers' k
@@ -240,9 +233,9 @@ def run(scale: str = "full", progress: bool = True) -> dict:
 def findings(summary: dict, similarity: dict, settings: dict) -> list[str]:
     def line(init):
         s = summary[init]
-        spread = (f" (init seeds: {s['final_loss']['min']:.3f} to {s['final_loss']['max']:.3f})"
-                  if s["final_loss"]["max"] > s["final_loss"]["min"] else "")
-        return (f"{INIT_NAMES[init]}: final loss {s['final_loss']['mean']:.3f}{spread}, early loss "
+        seeds = (f" (init seeds: {s['final_loss']['min']:.3f} to {s['final_loss']['max']:.3f})"
+                 if s["final_loss"]["max"] > s["final_loss"]["min"] else "")
+        return (f"{INIT_NAMES[init]}: final loss {s['final_loss']['mean']:.3f}{seeds}, early loss "
                 f"{s['early_loss']['mean']:.3f}, exact match {s['exact_match']['mean']:.1%}")
 
     out = [f"r = {settings['r']}, alpha = {settings['alpha']}, lr = {settings['lr']:g}, {settings['steps']} steps "

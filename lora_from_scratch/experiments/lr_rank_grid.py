@@ -13,7 +13,8 @@ fine-tuned on "desc" for every rank and learning rate of the grid, with the same
 and init seed. A run is scored by its held-out loss (cross-entropy on held-out "desc" rows after
 training; lower is better), with exact match and the final size of the update ||s B A||_F
 (summed over the adapted matrices) recorded next to it. The best learning rate of each rank is
-the grid's lowest held-out loss in that rank's row.
+the grid's lowest held-out loss in that rank's row. At r = 1 both scalings are s = alpha, so that
+row is trained once per learning rate and entered in both grids (the same scores and seconds).
 
 Used live by notebook 5: ``update_sizes`` measures the size of the update over the first steps
 for the three scalings alpha/r, alpha/sqrt(r) and none (s = 1), at one learning rate, and
@@ -27,12 +28,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import data, train
+from ..adapter import lora_scaling
 from ..backend import to_numpy
 from ..lora import lora_layers
 from ..methods import adapt
 from ..targets import TARGETS
 from ..train import held_out_loss
-from .common import base_model, eval_sets, progress_bar
+from .common import base_model, desc_config, eval_sets, progress_bar
 from .init_curves import train_and_watch
 
 TITLE = "Learning rate x rank: the best learning rate per rank with alpha/r and with rsLoRA's alpha/sqrt(r)"
@@ -62,9 +64,7 @@ def grid_run(r: int, lr: float, use_rslora: bool, settings: dict, evals: dict) -
     """One cell of the grid: fine-tune LoRA at rank r and learning rate lr; its scores."""
     model = base_model()
     adapt(model, "lora", r, settings["alpha"], TARGETS, seed=settings["seed"], use_rslora=use_rslora)
-    cfg = train.TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=lr,
-                            warmup_steps=max(1, settings["steps"] // 10), tasks=(data.FINETUNE_TASK,),
-                            eval_every=0, seed=settings["seed"])
+    cfg = desc_config(settings["steps"], settings["batch_size"], lr, settings["seed"])
     hist = train.train(model, cfg, progress=False, eval_sets=evals)
     tail = hist["loss"][-10:]
     loss = held_out_loss(model, evals)
@@ -88,12 +88,16 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     evals = eval_sets(settings["eval_rows"])
     jobs = [(name, r, lr) for name in settings["scalings"] for r in settings["ranks"] for lr in settings["lrs"]]
     grids = {name: {} for name in settings["scalings"]}
+    done = {}  # (r, s, lr) -> scores; at r = 1 alpha / r = alpha / sqrt(r): the two scalings share one run
     for name, r, lr in progress_bar(jobs, progress, "lr x rank"):
-        try:
-            grids[name][f"{r},{lr:g}"] = grid_run(r, lr, SCALINGS[name], settings, evals)
-        except train.TrainingDiverged:
-            grids[name][f"{r},{lr:g}"] = {"held_out_loss": None, "final_train_loss": None, "exact_match": 0.0,
-                                         "update_norm": None, "seconds": None, "diverged": True}
+        run_key = (r, lora_scaling(r, settings["alpha"], SCALINGS[name]), lr)
+        if run_key not in done:
+            try:
+                done[run_key] = grid_run(r, lr, SCALINGS[name], settings, evals)
+            except train.TrainingDiverged:
+                done[run_key] = {"held_out_loss": None, "final_train_loss": None, "exact_match": 0.0,
+                                 "update_norm": None, "seconds": None, "diverged": True}
+        grids[name][f"{r},{lr:g}"] = dict(done[run_key])  # a shared run: its scores and seconds in each grid
     best = {name: best_lrs(grids[name], settings["ranks"], settings["lrs"]) for name in grids}
     return {"grids": grids, "best_lr": best, "findings": findings(grids, best, settings)}
 
@@ -147,11 +151,6 @@ def findings(grids: dict, best: dict, settings: dict) -> list[str]:
     return out
 
 
-def refresh_findings(result: dict) -> dict:
-    """The result with its findings recomputed from its own grids (after ``findings`` changed; no run needed)."""
-    return {**result, "findings": findings(result["grids"], result["best_lr"], result["settings"])}
-
-
 # ---------------------------------------------------------------- the update's size, live in notebook 5
 UPDATE_SCALINGS = ("alpha/r", "alpha/sqrt(r)", "none (s = 1)")
 
@@ -177,8 +176,7 @@ def finetune_curve(r: int, alpha: float, lr: float, *, a_scale: float = 1.0, ste
     for layer in lora_layers(model).values():
         layer.lora_A.data = layer.lora_A.data * a_scale  # (r, k)
     extra = {"weight_decay": 0.0, "grad_clip": 0.0} if exact_adam else {}
-    cfg = train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
-                            tasks=(data.FINETUNE_TASK,), eval_every=0, seed=seed, **extra)
+    cfg = desc_config(steps, batch_size, lr, seed, **extra)
     return train.train(model, cfg, progress=False, eval_sets=eval_sets(8))
 
 

@@ -34,12 +34,12 @@ import numpy as np
 from .. import data
 from ..backend import to_numpy
 from ..lora import lora_layers, merge_and_unload
+from ..methods import NAMES
 from ..qalora import GroupwiseLinear, quantize_model_groupwise
 from ..targets import TARGETS
 from .common import base_model, finetune, progress_bar
 from .qlora_vs_lora import all_eval_sets, measure, pretrain_mean
 
-NAMES = {"qlora": "QLoRA", "qalora": "QA-LoRA"}
 TITLE = "QLoRA re-quantized vs QA-LoRA merged, deployed at INT4 / INT3 / INT2"
 PAPER = "QA-LoRA (Xu et al., 2023), section 3.3 and Table 1 (QLoRA w/ GPTQ vs QA-LoRA at 4, 3 and 2 bits)"
 
@@ -141,11 +141,43 @@ def em(row: dict, stage: str, task: str = "desc") -> float:
     return m["pretrain_mean"] if task == "pretrain" else m["exact_match"][task]
 
 
+def select(rows: list, method: str, **keys) -> list:
+    """The result rows of ``method`` whose entries equal ``keys`` (e.g. bits=2, group_size=8): one per seed."""
+    return [r for r in rows if r["method"] == method and all(r[k] == v for k, v in keys.items())]
+
+
 def mean_over_seeds(rows: list, method: str, stage: str, task: str = "desc", **keys) -> float:
-    sel = [r for r in rows if r["method"] == method and all(r[k] == v for k, v in keys.items())]
+    """The mean ``em`` over the rows that ``select`` picks (KeyError if there is none)."""
+    sel = select(rows, method, **keys)
     if not sel:
         raise KeyError((method, keys))
     return float(np.mean([em(r, stage, task) for r in sel]))
+
+
+def train_and_deploy_all(s: dict, cells: list, evals: dict, *, curve_stride: int, curve_keys: tuple, desc: str,
+                         progress: bool) -> tuple[list, list]:
+    """Per seed, QLoRA trained once and deployed at every (bits, group size) of ``cells``; QA-LoRA trained and
+    deployed at each. Returns (rows, curves): one row per seed, method and cell (``train_qlora`` with
+    ``deploy_qlora``, ``train_and_deploy_qalora``), one loss curve per training run, every ``curve_stride``-th
+    step, labelled by ``curve_keys`` (of "bits", "group_size"; None for QLoRA's).
+    """
+    rows, curves = [], []
+    jobs = [(seed, None) for seed in s["seeds"]] + [(seed, cell) for seed in s["seeds"] for cell in cells]
+    for seed, cell in progress_bar(jobs, progress, desc):
+        where = dict(zip(("bits", "group_size"), cell or (None, None)))
+        label = {"seed": seed, **{k: where[k] for k in curve_keys}}
+        if cell is None:
+            q, model, logits = train_qlora(s, seed, evals)
+            curves.append({"method": "qlora", **label, "loss": q["loss"][::curve_stride]})
+            for b, g in cells:
+                rows.append({"method": "qlora", "seed": seed, "bits": b, "group_size": g, "trained": q["trained"],
+                             "deployed": deploy_qlora(model, logits, b, g, evals), "final_loss": q["final_loss"],
+                             "seconds": q["seconds"]})
+        else:
+            row = train_and_deploy_qalora(s, seed, *cell, evals)
+            curves.append({"method": "qalora", **label, "loss": row.pop("loss")[::curve_stride]})
+            rows.append(row)
+    return rows, curves
 
 
 # ---------------------------------------------------------------- the experiment
@@ -174,21 +206,8 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     sweep = lr_sweep(s["lr_sweep"], s, evals) if s["lr_sweep"] else None
     if sweep is not None:  # the full runs take each method's learning rate from the sweep
         s = {**s, "lr_qlora": sweep["best"]["qlora"], "lr_qalora": sweep["best"]["qalora"]}
-    rows, curves = [], []
-    jobs = [(seed, "qlora", None) for seed in s["seeds"]] + [(seed, "qalora", b) for seed in s["seeds"]
-                                                              for b in s["bits"]]
-    for seed, method, bits in progress_bar(jobs, progress, f"qalora_bits ({scale})"):
-        if method == "qlora":
-            q, model, logits = train_qlora(s, seed, evals)
-            curves.append({"method": "qlora", "seed": seed, "bits": None, "loss": q["loss"][::2]})
-            for b in s["bits"]:
-                rows.append({"method": "qlora", "seed": seed, "bits": b, "group_size": gs, "trained": q["trained"],
-                             "deployed": deploy_qlora(model, logits, b, gs, evals), "final_loss": q["final_loss"],
-                             "seconds": q["seconds"]})
-        else:
-            row = train_and_deploy_qalora(s, seed, bits, gs, evals)
-            curves.append({"method": "qalora", "seed": seed, "bits": bits, "loss": row.pop("loss")[::2]})
-            rows.append(row)
+    rows, curves = train_and_deploy_all(s, [(b, gs) for b in s["bits"]], evals, curve_stride=2, curve_keys=("bits",),
+                                        desc=f"qalora_bits ({scale})", progress=progress)
     bases = [quantized_base(b, gs, evals) for b in s["bits"]]
     base_float, _ = measure(base_model(), evals)
     result = {"rows": rows, "curves": curves, "curve_stride": 2, "quantized_base": bases, "base_float": base_float,
@@ -213,8 +232,8 @@ def findings(result: dict, s: dict) -> list[str]:
     for b in s["bits"]:
         qt, qd = (mean_over_seeds(rows, "qlora", st, bits=b) for st in ("trained", "deployed"))
         at, ad = (mean_over_seeds(rows, "qalora", st, bits=b) for st in ("trained", "deployed"))
-        q_rel = np.mean([r["deployed"]["logits_rel"] for r in rows if r["method"] == "qlora" and r["bits"] == b])
-        a_rel = np.mean([r["deployed"]["logits_rel"] for r in rows if r["method"] == "qalora" and r["bits"] == b])
+        q_rel = np.mean([r["deployed"]["logits_rel"] for r in select(rows, "qlora", bits=b)])
+        a_rel = np.mean([r["deployed"]["logits_rel"] for r in select(rows, "qalora", bits=b)])
         dep_bits = next(r["deployed"]["deployed_bits"] for r in rows if r["bits"] == b)
         lines.append(f"INT{b} ({dep_bits:.2f} bits/weight): QLoRA trained {qt:.1%} -> deployed {qd:.1%} "
                      f"({100 * (qd - qt):+.1f} points, logits change {q_rel:.1e}); QA-LoRA trained {at:.1%} -> "
@@ -241,4 +260,4 @@ def plot(result: dict):
 
 
 __all__ = ["SCALES", "deploy_qlora", "deployed_bits", "em", "mean_over_seeds", "pretrain_mean", "quantized_base",
-           "run", "train_and_deploy_qalora", "train_qlora", "with_float16_zeros"]
+           "run", "select", "train_and_deploy_all", "train_and_deploy_qalora", "train_qlora", "with_float16_zeros"]

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import base_model, progress_bar
-from .qalora_bits import deploy_qlora, mean_over_seeds, quantized_base, train_and_deploy_qalora, train_qlora
+from .common import base_model
+from .qalora_bits import mean_over_seeds, quantized_base, select, train_and_deploy_all, train_and_deploy_qalora
 from .qlora_vs_lora import all_eval_sets, measure
 
 TITLE = "Group size: QLoRA re-quantized vs QA-LoRA merged at INT2 / INT3, groups of 8 to 64 input channels"
@@ -46,23 +46,9 @@ SCALES = {
 def run(scale: str = "full", progress: bool = True) -> dict:
     s = SCALES[scale]
     evals = all_eval_sets(s["eval_rows"], s["pretrain_rows"])
-    rows, curves = [], []
     cells = [(b, g) for b in s["bits"] for g in s["group_sizes"]]
-    jobs = [(seed, None) for seed in s["seeds"]] + [(seed, cell) for seed in s["seeds"] for cell in cells]
-    for seed, cell in progress_bar(jobs, progress, f"qalora_group_size ({scale})"):
-        if cell is None:
-            q, model, logits = train_qlora(s, seed, evals)
-            curves.append({"method": "qlora", "seed": seed, "bits": None, "group_size": None, "loss": q["loss"][::5]})
-            for b, g in cells:
-                rows.append({"method": "qlora", "seed": seed, "bits": b, "group_size": g, "trained": q["trained"],
-                             "deployed": deploy_qlora(model, logits, b, g, evals), "final_loss": q["final_loss"],
-                             "seconds": q["seconds"]})
-        else:
-            b, g = cell
-            row = train_and_deploy_qalora(s, seed, b, g, evals)
-            curves.append({"method": "qalora", "seed": seed, "bits": b, "group_size": g,
-                           "loss": row.pop("loss")[::5]})
-            rows.append(row)
+    rows, curves = train_and_deploy_all(s, cells, evals, curve_stride=5, curve_keys=("bits", "group_size"),
+                                        desc=f"qalora_group_size ({scale})", progress=progress)
     checks = []
     for c in s["lr_checks"]:
         row = train_and_deploy_qalora(s, s["seeds"][0], c["bits"], c["group_size"], evals, lr=c["lr"])
@@ -90,10 +76,10 @@ def findings(result: dict, s: dict) -> list[str]:
             dep_bits = next(r["deployed"]["deployed_bits"] for r in rows if r["bits"] == b and r["group_size"] == g)
             parts.append(f"g{g} ({dep_bits:.2f} bits) QLoRA {qd:.1%} / QA-LoRA {ad:.1%}")
         lines.append(f"INT{b}, desc exact match deployed: " + "; ".join(parts))
-        a_equal = all(r["deployed"]["exact_match"] == r["trained"]["exact_match"] for r in rows
-                      if r["method"] == "qalora" and r["bits"] == b)
-        q_rel = [float(np.mean([r["deployed"]["logits_rel"] for r in rows if r["method"] == "qlora"
-                                and r["bits"] == b and r["group_size"] == g])) for g in s["group_sizes"]]
+        a_equal = all(r["deployed"]["exact_match"] == r["trained"]["exact_match"]
+                      for r in select(rows, "qalora", bits=b))
+        q_rel = [float(np.mean([r["deployed"]["logits_rel"] for r in select(rows, "qlora", bits=b, group_size=g)]))
+                 for g in s["group_sizes"]]
         lines.append(f"INT{b}: QA-LoRA deployed = trained at every group size ({a_equal}); QLoRA's logits change "
                      "at deployment: " + ", ".join(f"g{g} {v:.2e}" for g, v in zip(s["group_sizes"], q_rel)))
         bases = [q for q in result["quantized_base"] if q["bits"] == b]

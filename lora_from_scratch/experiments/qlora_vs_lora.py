@@ -33,7 +33,7 @@ from ..functional import cross_entropy
 from ..lora import lora_layers, merge_lora
 from ..memory import resident_bytes
 from ..qlora import NF4Linear
-from .common import eval_sets, finetune, progress_bar
+from .common import eval_sets, finetune, progress_bar, spread
 
 TITLE = "QLoRA vs LoRA: the same adapters on an NF4 and a float32 base, and the cost of re-quantizing the merge"
 PAPER = ("QLoRA (Dettmers et al., 2023), section 3 (eq. 5-6, storage and computation type) and section 4 "
@@ -228,8 +228,7 @@ def summarize(runs: list) -> dict:
         vals = {"final_loss": [r["final_loss"] for r in rows],
                 "desc": [r["exact_match"][data.FINETUNE_TASK] for r in rows],
                 "pretrain_mean": [r["pretrain_mean"] for r in rows]}
-        out[method] = {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-                       for k, v in vals.items()}
+        out[method] = {k: spread(v) for k, v in vals.items()}
         out[method]["resident_bytes"] = rows[0]["resident_bytes"]
     return out
 

@@ -27,11 +27,6 @@ from .which_matrices import BASE_SIZE, best_lr, fine_tune, key, label, summarize
 TITLE = "The rank sweep: r = 1 ... 64 on Wq, Wq+Wv, the four attention matrices and all six"
 PAPER = "LoRA (Hu et al., 2021), section 7.2 and Table 6 (validation accuracy for r = 1, 2, 4, 8, 64)"
 
-# Table 6, WikiSQL validation accuracy (%) of GPT-3 175B (+-0.5) for r = 1, 2, 4, 8, 64
-PAPER_TABLE6_WIKISQL = {"q": [68.8, 69.6, 70.5, 70.4, 70.0], "q+v": [73.4, 73.3, 73.7, 73.8, 73.5],
-                        "q+k+v+o": [74.1, 73.7, 74.0, 74.0, 73.9]}
-PAPER_RANKS = [1, 2, 4, 8, 64]
-
 SCALES = {
     "full": {"target_sets": [["q"], ["q", "v"], ["q", "k", "v", "o"], list(TARGETS)], "ranks": [1, 2, 4, 8, 16, 64],
              "alpha": 16, "lrs": [3e-3, 6e-3, 1.2e-2, 2.4e-2], "seeds": [0], "steps": 150, "batch_size": 32,

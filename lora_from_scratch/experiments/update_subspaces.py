@@ -31,10 +31,9 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..lora import lora_layers
-from ..methods import adapt
 from ..rank import subspace_similarity_matrix
-from .common import base_model, eval_sets, progress_bar
-from .which_matrices import fine_tune
+from .common import eval_sets, progress_bar
+from .which_matrices import fine_tune, lora_model
 
 TITLE = "What the adapters learn: r = 8 vs r = 64 subspaces, and how the update dW relates to W"
 PAPER = ("LoRA (Hu et al., 2021), section 7.2, eq. (4), Figures 3 and 4 (subspace similarity) and "
@@ -124,11 +123,9 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     trained, started, scores = {}, {}, {}
     jobs = [(seed, r) for seed in settings["seeds"] for r in settings["ranks"]]
     for seed, r in progress_bar(jobs, progress, "update subspaces"):
-        init_seed = 1000 * seed + r
-        start = base_model()
-        adapt(start, "lora", r, settings["alpha"], settings["targets"], seed=init_seed)
-        started[seed, r] = {p: a[0] for p, a in _adapters(start).items()}  # the A's at step 0
-        out, model = fine_tune(settings["targets"], r, settings["lr"], seed, settings, evals, init_seed=init_seed)
+        model = lora_model(settings["targets"], r, settings["alpha"], init_seed=1000 * seed + r)
+        started[seed, r] = {p: a[0] for p, a in _adapters(model).items()}  # the A's at step 0 (host copies)
+        out, model = fine_tune(settings["targets"], r, settings["lr"], seed, settings, evals, model=model)
         scores[f"seed {seed}, r = {r}"] = out
         trained[seed, r] = _adapters(model)
     paths = list(next(iter(trained.values())))

@@ -20,7 +20,7 @@ adapter's initial A and the batches); a configuration is scored at its best lear
 held-out loss (cross-entropy on held-out "desc" rows after training, lower is better), with exact
 match on the same rows next to it.
 
-The helpers here (``budget_rank``, ``label``, ``held_out_loss``, ``fine_tune``) are shared with
+The helpers here (``budget_rank``, ``label``, ``held_out_loss``, ``lora_model``, ``fine_tune``) are shared with
 the ``rank_sweep`` and ``update_subspaces`` experiments and notebook 6.
 """
 
@@ -34,7 +34,7 @@ from ..memory import PRESETS, lora_trainable_parameters
 from ..methods import adapt
 from ..targets import TARGETS
 from ..train import held_out_loss
-from .common import base_model, eval_sets, progress_bar
+from .common import base_model, desc_config, eval_sets, progress_bar, spread
 
 TITLE = "Which matrices to adapt at a fixed parameter budget: Wq, Wk, Wv, Wo, pairs, all four, the MLP"
 PAPER = "LoRA (Hu et al., 2021), section 7.1 and Table 5 (which weight matrices, at a fixed budget)"
@@ -87,19 +87,25 @@ def budget_rank(budget: int, targets, size=BASE_SIZE) -> int:
     return max(1, int(round(budget / per_rank)))
 
 
-def fine_tune(targets, r: int, lr: float, seed: int, settings: dict, evals: dict, init_seed: int | None = None):
+def lora_model(targets, r: int, alpha: float, init_seed: int):
+    """A fresh base model with LoRA at rank r on ``targets`` (every block), A drawn with ``init_seed``."""
+    return adapt(base_model(), "lora", r, alpha, list(targets), seed=init_seed)
+
+
+def fine_tune(targets, r: int, lr: float, seed: int, settings: dict, evals: dict, init_seed: int | None = None,
+              model=None):
     """LoRA on ``targets`` with rank r, fine-tuned on "desc"; returns (scores, model).
 
-    ``seed`` draws the batches, ``init_seed`` (default: ``seed``) the adapters' initial A. Scores:
+    ``seed`` draws the batches, ``init_seed`` (default: ``seed``) the adapters' initial A. ``model``:
+    train this LoRA model instead (as ``lora_model(targets, r, settings["alpha"], init_seed)`` makes
+    it, e.g. to look at its adapters before training); ``init_seed`` is then not used. Scores:
     held-out loss, exact match (on ``evals``' "desc" rows), the final training loss (mean of the
     last 10 steps), the trainable parameter count and the seconds; a run whose loss becomes NaN or
     inf (``train.TrainingDiverged``) gets held-out loss None and exact match 0.
     """
-    model = base_model()
-    adapt(model, "lora", r, settings["alpha"], list(targets), seed=seed if init_seed is None else init_seed)
-    cfg = train.TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=lr,
-                            warmup_steps=max(1, settings["steps"] // 10), tasks=(data.FINETUNE_TASK,),
-                            eval_every=0, seed=seed)
+    if model is None:
+        model = lora_model(targets, r, settings["alpha"], seed if init_seed is None else init_seed)
+    cfg = desc_config(settings["steps"], settings["batch_size"], lr, seed)
     try:
         hist = train.train(model, cfg, progress=False, eval_sets=evals)
     except train.TrainingDiverged:  # a NaN or inf loss: the run is scored as failed, the sweep goes on
@@ -116,11 +122,8 @@ def fine_tune(targets, r: int, lr: float, seed: int, settings: dict, evals: dict
 
 def summarize(rows: list[dict]) -> dict:
     """mean / min / max over seeds of the held-out loss and exact match (a diverged run counts as inf loss)."""
-    out = {}
-    for name in ("held_out_loss", "exact_match"):
-        values = [np.inf if row[name] is None else row[name] for row in rows]
-        out[name] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
-    return out
+    return {name: spread([np.inf if row[name] is None else row[name] for row in rows])
+            for name in ("held_out_loss", "exact_match")}
 
 
 def best_lr(by_lr: dict) -> str:
@@ -155,9 +158,9 @@ def findings(configs: dict, ranking: list, settings: dict) -> list[str]:
     def line(k):
         c = configs[k]
         loss, em = c["held_out_loss"], c["exact_match"]
-        spread = f" (seeds {loss['min']:.3f}-{loss['max']:.3f})" if len(settings["seeds"]) > 1 else ""
+        seeds = f" (seeds {loss['min']:.3f}-{loss['max']:.3f})" if len(settings["seeds"]) > 1 else ""
         return (f"{c['label']} (r = {c['r']}, {c['parameters']:,d} parameters = {c['budget_ratio']:.2f} x the budget): "
-                f"held-out loss {loss['mean']:.3f}{spread}, exact match {em['mean']:.1%}, best lr {c['best_lr']:g}")
+                f"held-out loss {loss['mean']:.3f}{seeds}, exact match {em['mean']:.1%}, best lr {c['best_lr']:g}")
 
     out = [f"budget {settings['budget']:,d} LoRA parameters (r x matrices = 8 on the attention matrices), "
            f"alpha = {settings['alpha']}, lr in {settings['lrs']} (best per configuration), {settings['steps']} steps "

@@ -6,6 +6,7 @@
 - ``plot_symmetry``: B's columns, equal (zero) at the start, stay equal under identical rows of A
   and grow apart under random rows, and what that does to the spectrum of the update s B A.
 - ``plot_gradient_share``: the share of a weight gradient that a random row space of A sees.
+- ``mean_band``: a mean loss curve over seeds with their min-max range shaded (here and in ``plots.qlora``).
 
 Host-side drawing only: the numbers come from ``experiments.init_curves`` and the notebook.
 """
@@ -21,6 +22,18 @@ from . import FROZEN_EDGE, TRAINABLE, _minor_log_label, _smooth, _styled
 INIT_COLORS = {"gaussian": "#4e79a7", "kaiming": TRAINABLE, "uniform-1/r": "#59a14f", "pissa": "#e15759"}
 
 
+def mean_band(ax, losses, smooth: int, color, label: str) -> None:
+    """The mean over seeds of the ``smooth``-step averaged loss curves, with their min-max range shaded (2+ seeds).
+
+    ``losses``: one loss curve per seed, all of the same length; steps are numbered from 1.
+    """
+    curves = np.array([_smooth(np.asarray(loss, dtype=np.float64), smooth) for loss in losses])  # (seeds, T)
+    steps = np.arange(1, curves.shape[1] + 1)  # (T,)
+    ax.plot(steps, curves.mean(axis=0), color=color, lw=2, label=label)
+    if len(losses) > 1:
+        ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.2, lw=0)
+
+
 @_styled
 def plot_init_curves(result: dict, smooth: int = 10):
     """Three panels from an ``init_curves`` result: loss curves, exact match per run, subspace similarity."""
@@ -31,13 +44,8 @@ def plot_init_curves(result: dict, smooth: int = 10):
     runs = {init: runs[init] for init in order}  # the settings' order (the JSON file sorts its keys)
     fig, (ax_l, ax_e, ax_s) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [2.0, 1.1, 1.5]})
     for init, rows in runs.items():
-        color = INIT_COLORS.get(init, "#333333")
-        curves = np.array([_smooth(np.asarray(row["loss"], dtype=np.float64), smooth) for row in rows])  # (seeds, T)
-        steps = np.arange(1, curves.shape[1] + 1)  # (T,)
-        label = f"{init} ({len(rows)} init seed{'s' if len(rows) > 1 else ''})"
-        ax_l.plot(steps, curves.mean(axis=0), color=color, lw=2, label=label)
-        if len(rows) > 1:
-            ax_l.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.2, lw=0)
+        mean_band(ax_l, [row["loss"] for row in rows], smooth, INIT_COLORS.get(init, "#333333"),
+                  f"{init} ({len(rows)} init seed{'s' if len(rows) > 1 else ''})")
     ax_l.set_yscale("log")
     ax_l.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.3, not 3 x 10^-1
     ax_l.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))

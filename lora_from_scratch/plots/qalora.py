@@ -19,11 +19,13 @@ import numpy as np
 from matplotlib import ticker
 
 from ..backend import to_numpy
+from ..experiments.qalora_bits import em, select
+from ..methods import NAMES
 from ..quant.groupwise import dequantize_groupwise, quantize_groupwise
 from . import CODE_COLORS, FROZEN_EDGE, _minor_log_label, _smooth, _styled
 
 METHOD_COLORS = {"qlora": CODE_COLORS["nf4"], "qalora": "#76b7b2"}
-METHOD_LABELS = {"qlora": "QLoRA", "qalora": "QA-LoRA"}
+METHOD_LABELS = {m: NAMES[m] for m in ("qlora", "qalora")}
 BITS_COLORS = {4: "#4e79a7", 3: "#f28e2b", 2: "#b07aa1"}
 
 
@@ -96,14 +98,11 @@ def plot_pooled_update(lora_update, qalora_update, group_size: int, rows: int = 
 
 
 def _cell(rows, method, bits, stage, key="desc", **keys):
-    sel = [r for r in rows if r["method"] == method and r["bits"] == bits and all(r[k] == v for k, v in keys.items())]
-    if key == "pretrain":
-        vals = [100 * r[stage]["pretrain_mean"] for r in sel]
-    elif key == "logits_rel":
-        vals = [r[stage]["logits_rel"] for r in sel]
-    else:
-        vals = [100 * r[stage]["exact_match"][key] for r in sel]
-    return vals
+    """Per seed (``qalora_bits.select``): the logits' change, or exact match in % (``qalora_bits.em``)."""
+    sel = select(rows, method, bits=bits, **keys)
+    if key == "logits_rel":
+        return [r[stage]["logits_rel"] for r in sel]
+    return [100 * em(r, stage, key) for r in sel]
 
 
 @_styled

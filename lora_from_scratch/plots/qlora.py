@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
 
-from . import CODE_COLORS, FROZEN, FROZEN_EDGE, NEUTRAL, TRAINABLE, _minor_log_label, _smooth, _styled
+from . import CODE_COLORS, FROZEN, FROZEN_EDGE, NEUTRAL, TRAINABLE, _minor_log_label, _styled
+from .init import mean_band
 
 METHOD_COLORS = {"lora": "#4e79a7", "qlora": CODE_COLORS["nf4"]}
 METHOD_LABELS = {"lora": "LoRA (float32 W0)", "qlora": "QLoRA (NF4 W0)"}
@@ -68,13 +69,8 @@ def plot_qlora_vs_lora(result: dict, smooth: int = 10):
     methods = list(dict.fromkeys(r["method"] for r in runs))
     for m in methods:
         rows = [r for r in runs if r["method"] == m]
-        curves = np.array([_smooth(np.asarray(r["loss"], dtype=np.float64), smooth) for r in rows])  # (seeds, T)
-        steps = np.arange(1, curves.shape[1] + 1)  # (T,)
-        ax_l.plot(steps, curves.mean(axis=0), color=METHOD_COLORS.get(m, "black"), lw=2,
-                  label=f"{METHOD_LABELS.get(m, m)}, {len(rows)} seed{'s' if len(rows) > 1 else ''}")
-        if len(rows) > 1:
-            ax_l.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=METHOD_COLORS.get(m, "black"),
-                              alpha=0.2, lw=0)
+        mean_band(ax_l, [r["loss"] for r in rows], smooth, METHOD_COLORS.get(m, "black"),
+                  f"{METHOD_LABELS.get(m, m)}, {len(rows)} seed{'s' if len(rows) > 1 else ''}")
     ax_l.set_yscale("log")
     ax_l.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax_l.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
 
+from ..experiments.rank_sweep import curve
+from ..experiments.update_subspaces import PAPER_TABLE7
 from . import FROZEN, FROZEN_EDGE, TRAINABLE, TRAINABLE_EDGE, _minor_log_label, _styled
 
 ATTENTION = "#4e79a7"
@@ -24,7 +26,8 @@ MLP = "#59a14f"
 BOTH = TRAINABLE
 SET_COLORS = {"q": "#4e79a7", "q+v": TRAINABLE, "q+k+v+o": "#e15759", "q+k+v+o+fc+proj": "#59a14f"}
 _MLP_TARGETS = {"fc", "proj"}
-PAPER_AMPLIFICATION = {4: 6.91 / 0.32, 64: 3.57 / 1.90}  # Table 7: ||dW_q||_F / ||U^T W_q V||_F on GPT-3, layer 48
+# Table 7's amplification factor ||dW_q||_F / ||U^T W_q V||_F on GPT-3, layer 48: {4: 21.6, 64: 1.88}
+PAPER_AMPLIFICATION = {int(r): row["dW_norm"] / row["dW"] for r, row in PAPER_TABLE7.items()}
 
 
 def _config_color(targets) -> str:
@@ -38,7 +41,7 @@ def _config_color(targets) -> str:
 def plot_which_matrices(result: dict):
     """Two panels from a ``which_matrices`` result: held-out loss and exact match per configuration, best first."""
     configs = result["configs"]
-    ranking = result.get("ranking") or sorted(configs, key=lambda k: configs[k]["held_out_loss"]["mean"])
+    ranking = result["ranking"]  # which_matrices.run: the configurations by mean held-out loss, best first
     if not ranking:
         raise ValueError("the result holds no configurations")
     fig, (ax_l, ax_e) = plt.subplots(1, 2, figsize=(15, 0.62 * len(ranking) + 2.4), sharey=True)
@@ -80,12 +83,11 @@ def plot_rank_sweep(result: dict):
     order = ["+".join(t) for t in result.get("settings", {}).get("target_sets", [])] or list(sweeps)
     for k in order:
         sweep = sweeps[k]
-        rows = sorted(sweep["ranks"].values(), key=lambda row: row["r"])
-        ranks = [row["r"] for row in rows]
+        ranks, loss = curve(sweep)
+        _, em = curve(sweep, "exact_match")
         color = SET_COLORS.get(k, "#333333")
-        ax_l.plot(ranks, [row["held_out_loss"]["mean"] for row in rows], "o-", lw=2, color=color,
-                  label=sweep["label"])
-        ax_e.plot(ranks, [row["exact_match"]["mean"] for row in rows], "o-", lw=2, color=color, label=sweep["label"])
+        ax_l.plot(ranks, loss, "o-", lw=2, color=color, label=sweep["label"])
+        ax_e.plot(ranks, em, "o-", lw=2, color=color, label=sweep["label"])
     for ax in (ax_l, ax_e):
         ax.set_xscale("log", base=2)
         ranks = sorted({row["r"] for s in sweeps.values() for row in s["ranks"].values()})
@@ -167,7 +169,7 @@ def plot_update_subspaces(result: dict):
     for m, color in zip(matrices, (ATTENTION, TRAINABLE)):
         ax_a.plot([int(r) for r in ranks], [table[r][m]["amplification"] for r in ranks], "o-", lw=2, color=color,
                   label=f"W{m}, ours")
-    ax_a.plot([4, 64], [PAPER_AMPLIFICATION[4], PAPER_AMPLIFICATION[64]], "s--", color="#555555",
+    ax_a.plot(list(PAPER_AMPLIFICATION), list(PAPER_AMPLIFICATION.values()), "s--", color="#555555",
               label="GPT-3 Wq, layer 48 (paper)")
     ax_a.set_xscale("log", base=2)
     ax_a.set_yscale("log")
