@@ -128,3 +128,8 @@ def like(reference, a):
     if is_cupy_array(reference):
         return _cupy().asarray(a)
     return np.asarray(to_numpy(a))
+
+
+def like_of(reference, a):
+    """``a`` on the backend *and* in the dtype of ``reference`` (``like`` then ``astype``: always a copy)."""
+    return like(reference, a).astype(reference.dtype)

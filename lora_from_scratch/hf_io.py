@@ -81,6 +81,7 @@ import numpy as np
 
 from .adapter import AdaptedLinear, QuantizedLinear
 from .backend import to_numpy
+from .io import host_tensors, json_writer, usual_mode
 from .model import GPT, GPTConfig
 from .nn import Linear
 from .qalora import GroupwiseLinear
@@ -409,7 +410,8 @@ def write_folder(directory: str, files: dict, prefix: str = ".tmp-") -> None:
 
     Everything is written into a temporary folder beside ``directory`` first; a new folder then
     appears at once by rename, and in an existing one each file is replaced by rename. Other files
-    in it are left alone. ValueError if ``directory`` exists and is not a folder.
+    in it are left alone. ValueError if ``directory`` exists and is not a folder. The folder and
+    its files get the modes ``os.makedirs`` and ``open`` give (``io.usual_mode``), not private ones.
     """
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -418,8 +420,10 @@ def write_folder(directory: str, files: dict, prefix: str = ".tmp-") -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
+        os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes the folder private (0700); give it the usual mode
         for name, write in files.items():
             write(os.path.join(tmp, name))
+            os.chmod(os.path.join(tmp, name), usual_mode())  # as atomic_write: safetensors writes 0600 files
         if not os.path.exists(directory):
             os.replace(tmp, directory)  # the whole folder appears at once
         else:
@@ -452,7 +456,7 @@ def save_hf_gpt2(model: GPT, directory: str, base_only: bool = False, dequantize
         raise ValueError(f"{grouped[0]} is group-wise quantized (QA-LoRA): transformers reads no group-wise INT-N "
                          "format with our codes, scales and zero points, so it cannot be written as such; pass "
                          "dequantize=True to write the dequantized float weights")
-    dtype = str(to_numpy(model.wte.weight.data).dtype)
+    dtype = str(model.wte.weight.data.dtype)  # the array's own dtype: no copy to the host
     tensors = _shared_tensors(model)
     has_nf4 = any(isinstance(layer, NF4Linear) for layer in layers.values())
     qconfig = None
@@ -462,15 +466,7 @@ def save_hf_gpt2(model: GPT, directory: str, base_only: bool = False, dequantize
         qconfig = dict(QUANTIZATION_CONFIG, bnb_4bit_quant_type=settings[1], bnb_4bit_use_double_quant=settings[2])
     else:
         tensors.update(_float_modules(model, layers, dequantize))
-    for k, v in tensors.items():
-        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-            raise ValueError(f"refusing to save: {k!r} holds NaN or inf")
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # same shapes, C order for safetensors
+    tensors = host_tensors(tensors, "refusing to save")  # same shapes, C order for safetensors
     config = hf_gpt2_config_dict(model.config, dtype, qconfig)
-
-    def write_config(path):
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-
     write_folder(directory, {WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-                             CONFIG_NAME: write_config}, prefix=".tmp-hf-")
+                             CONFIG_NAME: json_writer(config, indent=2)}, prefix=".tmp-hf-")

@@ -11,7 +11,8 @@
 - ``save_adapter`` / ``load_adapter``: one adapter of every adapted layer, the per-task file of
   the LoRA paper (Hu et al., 2021, section 4.2: only A and B differ between tasks).
 - Writing is atomic: a file goes to a temporary name in the same folder and is renamed over the
-  target only when complete, so a crash or Ctrl-C never leaves half a checkpoint.
+  target only when complete, so a crash or Ctrl-C never leaves half a checkpoint (``atomic_write``;
+  ``write_json`` for results). Files and folders get the usual umask-based mode (``usual_mode``).
 - A file that is missing, truncated, not safetensors, or not ours raises an error naming the file
   and what is wrong with it.
 - ``load_hf_gpt2`` / ``to_hf_gpt2_state_dict`` / ``save_hf_gpt2`` (in ``hf_io``): Hugging Face GPT-2;
@@ -26,7 +27,7 @@ import tempfile
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import like_of, to_numpy
 from .model import GPT, GPTConfig
 from .targets import TARGETS, resolve_targets
 
@@ -34,6 +35,17 @@ FORMAT = "lora_from_scratch.gpt"
 ADAPTER_FORMAT = "lora_from_scratch.adapter"
 # the pre-trained base model that ships with the package (``python -m lora_from_scratch pretrain`` makes it)
 BASE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
+
+
+def usual_mode(folder: bool = False) -> int:
+    """The mode ``open`` (0o666) or ``os.makedirs`` (0o777, ``folder=True``) gives under the current umask.
+
+    ``tempfile`` makes its files (0600) and folders (0700) private; a temporary that is renamed
+    into place is first given this mode, so what we write looks like any other file or folder.
+    """
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def atomic_write(path: str, write_fn) -> None:
@@ -44,14 +56,50 @@ def atomic_write(path: str, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it the usual mode
+        os.chmod(tmp, usual_mode())  # mkstemp makes the file private (0600); give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def json_writer(obj, indent: int = 2, end: str = ""):
+    """A ``write_fn(path)`` that writes ``json.dumps(obj, indent=indent, sort_keys=True) + end``.
+
+    The text is made now, so an object JSON cannot hold fails before any file is opened.
+    """
+    text = json.dumps(obj, indent=indent, sort_keys=True) + end
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+
+    return write
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON (indent 1, sorted keys, a final newline) at ``path``, written atomically.
+
+    NaN and inf are written as ``NaN`` / ``Infinity`` (``json``'s default); a missing folder is
+    created; an object JSON cannot hold raises before anything is created.
+    """
+    atomic_write(path, json_writer(obj, indent=1, end="\n"))
+
+
+def host_tensors(arrays: dict, refusal: str) -> dict:
+    """``{name: C-ordered NumPy array}`` for safetensors; ValueError ``"<refusal>: 'name' holds NaN or inf"``.
+
+    Each array is copied to the host (when on a GPU) and made contiguous; a floating one with a
+    NaN or inf is refused, so nothing non-finite is ever written.
+    """
+    tensors = {}
+    for name, a in arrays.items():
+        arr = np.ascontiguousarray(to_numpy(a))
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"{refusal}: {name!r} holds NaN or inf")
+        tensors[name] = arr
+    return tensors
 
 
 # ------------------------------------------------------------ layer kinds
@@ -103,12 +151,8 @@ def save_checkpoint(model: GPT, path: str, metadata: dict | None = None) -> None
     """
     from safetensors.numpy import save_file
 
-    tensors = {}
-    for name, holder in model.named_arrays():
-        arr = np.ascontiguousarray(to_numpy(holder.data))
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise ValueError(f"refusing to save a checkpoint: {name!r} holds NaN or inf")
-        tensors[name] = arr
+    tensors = host_tensors({name: holder.data for name, holder in model.named_arrays()},
+                           "refusing to save a checkpoint")
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict()),
             "layers": json.dumps(layer_specs(model)),
             "trainable": json.dumps([n for n, p in model.named_parameters() if p.trainable])}
@@ -171,11 +215,12 @@ def load_checkpoint(path: str, dtype=None) -> GPT:
         raise ValueError(f"{path}: the file does not match the model it describes: {e}") from None
     trainable = _json_field(meta, "trainable", path, default=[p for p, _ in model.named_parameters()])
     named = dict(model.named_parameters())
-    unknown = sorted(set(trainable) - set(named))
+    trainable = set(trainable)
+    unknown = sorted(trainable - set(named))
     if unknown:
         raise ValueError(f"{path}: 'trainable' names parameters the model does not have: {unknown[:3]}")
     for name, p in named.items():
-        p.trainable = name in set(trainable)
+        p.trainable = name in trainable
     if dtype is not None:
         model.astype(dtype)
     return model
@@ -202,18 +247,13 @@ def save_adapter(model, path: str, adapter: str | None = None) -> None:
     """
     from safetensors.numpy import save_file
 
-    from .lora import _adapter_of, lora_layers, lora_state_dict
+    from .lora import _adapter_of, active_adapter, lora_layers, lora_state_dict
 
     state = lora_state_dict(model, adapter)
     layers = lora_layers(model)
-    name = adapter if adapter is not None else next(iter(layers.values())).active
+    name = adapter if adapter is not None else active_adapter(model)
     specs = {p: {"kind": layer.kind, **_adapter_of(p, layer, adapter).spec()} for p, layer in layers.items()}
-    tensors = {}
-    for k, v in state.items():
-        arr = np.ascontiguousarray(to_numpy(v))
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"refusing to save the adapter: {k!r} holds NaN or inf")
-        tensors[k] = arr
+    tensors = host_tensors(state, "refusing to save the adapter")
     meta = {"format": ADAPTER_FORMAT, "name": str(name), "layers": json.dumps(specs)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -227,7 +267,7 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
     checked before the model changes.
     """
     from .adapter import LowRankAdapter
-    from .lora import lora_layers, mark_only_lora_as_trainable
+    from .lora import lora_layers, set_adapter
 
     tensors, meta = read_checkpoint(path)
     if meta.get("format") != ADAPTER_FORMAT:
@@ -248,6 +288,9 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
         A, B = tensors.get(f"{p}.lora_A"), tensors.get(f"{p}.lora_B")
         if A is None or B is None:
             raise ValueError(f"{path}: no {p}.lora_A / {p}.lora_B tensors")
+        for key, arr in ((f"{p}.lora_A", A), (f"{p}.lora_B", B)):  # as lora.load_lora_state_dict checks
+            if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
+                raise ValueError(f"{path}: {key!r}: expected finite floating-point values (dtype {arr.dtype})")
         try:
             new = LowRankAdapter.from_spec(spec)
             if new.A.shape != tuple(A.shape) or new.B.shape != tuple(B.shape):
@@ -269,17 +312,8 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
             q.trainable = False
         layer.adapters[name] = new
     if activate:
-        for layer in layers.values():
-            layer.active = name
-        mark_only_lora_as_trainable(model)
+        set_adapter(model, name)
     return name
-
-
-def like_of(reference, host_array):
-    """``host_array`` on the backend and in the dtype of ``reference``."""
-    from .backend import like
-
-    return like(reference, host_array).astype(reference.dtype)
 
 
 # ------------------------------------------------------------ GPT-2 and PEFT

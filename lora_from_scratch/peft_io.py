@@ -84,9 +84,10 @@ from collections import Counter
 import numpy as np
 
 from .adapter import AdaptedLinear, check_adapter_args
-from .backend import global_rng, like, to_numpy
+from .backend import global_rng, like_of, to_numpy
 from .backend import rng as host_rng
 from .hf_io import MODULE_TARGETS, module_shape, target_rows, write_folder
+from .io import host_tensors, json_writer, read_checkpoint
 from .lora import LoRALinear, _adapter_of, lora_layers, lora_scaling, mark_only_lora_as_trainable
 from .nn import Linear
 from .qalora import GroupwiseLinear, QALoRALinear
@@ -195,18 +196,16 @@ def save_peft_adapter(model, directory: str, adapter: str | None = None) -> None
                          "qalora.apply_qalora first)")
     modules, adapters = _fused_modules(model, adapter)
     use_rslora = adapters[0].use_rslora  # one flag per file; each module's alpha still gives its own scaling
-    tensors, ranks, alphas, splits = {}, {}, {}, {}
+    factors, ranks, alphas, splits = {}, {}, {}, {}
     for module, (A, B, s, split) in modules.items():
-        for tag, arr in (("A", A), ("B", B)):
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"refusing to save: the lora_{tag} of {module} holds NaN or inf")
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(A)  # (R, in)
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(B)  # (out, R)
+        factors[f"{PREFIX}{module}.lora_A.weight"] = A  # (R, in)
+        factors[f"{PREFIX}{module}.lora_B.weight"] = B  # (out, R)
         R = A.shape[0]
         ranks[module] = R
         alphas[module] = _clean(s * _denominator(R, use_rslora))  # alpha with alpha / R (or sqrt R) = s
         if split is not None:
             splits[module] = split
+    tensors = host_tensors(factors, "refusing to save the PEFT adapter")  # (R, in), (out, R), C order
     r_default = Counter(ranks.values()).most_common(1)[0][0]
     a_default = Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -231,13 +230,8 @@ def save_peft_adapter(model, directory: str, adapter: str | None = None) -> None
         "inference_mode": True,
     }
     metadata = {"format": "pt", SPLIT_KEY: json.dumps(splits)}
-
-    def write_config(path):
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-
     write_folder(directory, {WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
-                             CONFIG_NAME: write_config}, prefix=".tmp-adapter-")
+                             CONFIG_NAME: json_writer(config, indent=2)}, prefix=".tmp-adapter-")
 
 
 # -------------------------------------------------------------------- loading
@@ -263,8 +257,6 @@ def _check_config(config: dict, path: str) -> None:
 
 
 def _read(directory: str):
-    from safetensors import safe_open
-
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for p in (cpath, wpath):
         if not os.path.exists(p):
@@ -272,9 +264,7 @@ def _read(directory: str):
     with open(cpath) as f:
         config = json.load(f)
     _check_config(config, cpath)
-    with safe_open(wpath, framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = read_checkpoint(wpath)  # ValueError naming the file if it is truncated or corrupt
     return config, tensors, metadata
 
 
@@ -433,8 +423,8 @@ def load_peft_adapter(model, directory: str, seed: int | None = None):
             created = True
         a = layer.adapter
         a.alpha, a.use_rslora = float(alpha), use_rslora
-        a.A.data = like(a.A.data, A).astype(a.A.dtype)  # (r, k')
-        a.B.data = like(a.B.data, B).astype(a.B.dtype)  # (out, r)
+        a.A.data = like_of(a.A.data, A)  # (r, k')
+        a.B.data = like_of(a.B.data, B)  # (out, r)
         a.A.grad = a.B.grad = None
     if created:
         mark_only_lora_as_trainable(model)

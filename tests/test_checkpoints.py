@@ -172,3 +172,81 @@ def test_non_finite_buffer_is_refused_and_nothing_is_written(tmp_path):
 def test_reserved_metadata_keys_are_refused(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         lio.save_checkpoint(make("plain"), str(tmp_path / "x.safetensors"), metadata={"layers": "mine"})
+
+
+# ----------------------------------------------------------------- adapter files: what load_adapter refuses
+def _adapter_file(tmp_path, plant=None):
+    """A saved LoRA adapter file, rewritten with ``plant(tensors)`` applied (save_adapter refuses NaN itself)."""
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "task.safetensors")
+    lio.save_adapter(make("lora"), path)
+    tensors, meta = lio.read_checkpoint(path)
+    if plant is not None:
+        plant(tensors)
+        save_file(tensors, path, metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("what,plant", [
+    ("NaN", lambda t: t["blocks.1.attn.v.lora_B"].__setitem__((0, 0), np.nan)),
+    ("inf", lambda t: t["blocks.1.attn.v.lora_B"].__setitem__((1, 2), -np.inf)),
+    ("int", lambda t: t.__setitem__("blocks.1.attn.v.lora_B", t["blocks.1.attn.v.lora_B"].astype(np.int32))),
+])
+def test_load_adapter_refuses_non_finite_or_non_float_arrays(tmp_path, what, plant):
+    path = _adapter_file(tmp_path, plant)
+    target = make("lora")
+    before = {k: to_numpy(v).copy() for k, v in target.state_dict().items()}
+    trainable = {n: p.trainable for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match=r"task\.safetensors.*'blocks\.1\.attn\.v\.lora_B'.*expected finite "
+                                         r"floating-point values"):
+        lio.load_adapter(target, path, name="task")
+    assert all("task" not in layer.adapters for layer in lora.lora_layers(target).values())  # nothing changed
+    assert {n: p.trainable for n, p in target.named_parameters()} == trainable
+    after = target.state_dict()
+    assert sorted(after) == sorted(before) and all(np.array_equal(to_numpy(after[k]), v) for k, v in before.items())
+
+
+def test_load_adapter_activates_like_set_adapter(tmp_path):
+    path = _adapter_file(tmp_path)
+    a, b = make("lora"), make("lora")
+    assert lio.load_adapter(a, path, name="task") == "task"
+    lio.load_adapter(b, path, name="task", activate=False)
+    assert lora.active_adapter(b) == "default"
+    lora.set_adapter(b, "task")
+    assert {n: p.trainable for n, p in a.named_parameters()} == {n: p.trainable for n, p in b.named_parameters()}
+    assert lora.active_adapter(a) == "task"
+
+
+def test_save_adapter_refuses_layers_with_different_active_adapters(tmp_path):
+    model = make("lora_two_adapters")
+    lora.lora_layers(model)["blocks.0.attn.q"].active = "default"  # the others use task2
+    path = tmp_path / "mixed.safetensors"
+    with pytest.raises(ValueError, match="different active adapters"):
+        lio.save_adapter(model, str(path))
+    assert not path.exists()
+
+
+# ----------------------------------------------------------------- write_json and file modes
+def test_write_json_bytes_folders_and_nan(tmp_path):
+    obj = {"b": [1, 2.5, {"z": None, "a": "x"}], "a": float("nan"), "c": float("inf"), "é": "ü"}
+    path = tmp_path / "new" / "folder" / "result.json"
+    lio.write_json(str(path), obj)
+    expected = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    assert path.read_bytes() == expected.encode("ascii")  # ensure_ascii: \u escapes, whatever the locale
+    assert '"a": NaN' in expected and '"c": Infinity' in expected
+    assert os.stat(path).st_mode & 0o777 == lio.usual_mode()
+    assert os.listdir(path.parent) == ["result.json"]
+    with pytest.raises(TypeError):
+        lio.write_json(str(tmp_path / "other" / "bad.json"), {"x": object()})
+    assert not (tmp_path / "other").exists()  # refused before any folder or file was made
+
+
+def test_written_files_get_the_mode_open_gives(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    path = tmp_path / "ckpt.safetensors"
+    lio.save_checkpoint(make("plain"), str(path))
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == lio.usual_mode()
+    os.makedirs(tmp_path / "d")
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == lio.usual_mode(folder=True)

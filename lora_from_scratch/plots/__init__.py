@@ -40,6 +40,7 @@ from matplotlib import patches, ticker  # noqa: E402
 
 from .. import memory, rank  # noqa: E402
 from ..backend import to_numpy  # noqa: E402
+from ..io import atomic_write  # noqa: E402
 from ..quant import FP4_CODE, INT4_CODE, NF4_CODE, dequantize_4bit, quantize_4bit  # noqa: E402
 
 FROZEN = "#9fb3c8"  # frozen weights: blue-grey
@@ -793,8 +794,8 @@ def make_all_figures(out_dir: str = "figures", dpi: int = 130) -> list[str]:
         fig = makers[name]()
         path = os.path.join(out_dir, name)
         try:
-            with plt.rc_context(STYLE):
-                fig.savefig(path, dpi=dpi, facecolor="white")
+            with plt.rc_context(STYLE):  # written atomically: the temporary keeps the name's extension (format)
+                atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=dpi, facecolor="white"))
         finally:
             plt.close(fig)
         paths.append(path)

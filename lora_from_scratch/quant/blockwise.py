@@ -89,7 +89,6 @@ _CHUNK_ELEMENTS = 1 << 17  # NumPy works through the data in chunks of this many
 class _Table4:
     """What the 4-bit search and lookup need, on one backend."""
 
-    levels: object  # (16,) float32, code index -> level
     midpoints: tuple  # 15 Python floats (float32 values), ascending
     byte_levels: object  # (256, 2) float32, packed byte -> (level of its high nibble, level of its low nibble)
     translate: object  # (256,) uint8, byte of two sorted positions -> byte of two code indices; None: identity
@@ -112,7 +111,6 @@ def _table4(xp, quant_type: str) -> _Table4:
             code_of = xp.asarray(order.astype("uint8"))  # (16,) sorted position -> code index
             translate = (xp.take(code_of, high) << 4) | xp.take(code_of, low)  # (256,) uint8
         _CACHE[key] = _Table4(
-            levels=levels,
             midpoints=tuple(float(m) for m in midpoints),  # 15 floats, exact float32 values
             byte_levels=byte_levels,
             translate=translate,
