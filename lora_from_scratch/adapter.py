@@ -44,7 +44,7 @@ import math
 from numbers import Integral, Real
 
 from . import functional as F
-from .backend import get_xp, like, xp_of
+from .backend import get_xp, like_of, xp_of
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -111,7 +111,7 @@ class LowRankAdapter(Module):
         else:
             raise ValueError(f"LowRankAdapter.create draws A at random; init must be one of {list(RANDOM_INITS)}, "
                              f"got {init!r}")
-        A = like(like_array, host).astype(like_array.dtype)  # (r, k') on the base's backend and dtype
+        A = like_of(like_array, host)  # (r, k') on the base's backend and dtype
         B = xp_of(like_array).zeros((out_features, r), dtype=like_array.dtype)  # (d, r): B A = 0 at step 0
         seed = int(rng.integers(0, 2**31 - 1))  # each adapter's dropout draws its own mask stream
         return cls(A, B, alpha, dropout=dropout, use_rslora=use_rslora, group_size=group_size, init=init,

@@ -40,7 +40,7 @@ from .adapter import (
     check_adapter_args,
     lora_scaling,
 )
-from .backend import global_rng, like, xp_of
+from .backend import global_rng, like_of, xp_of
 from .backend import rng as host_rng
 from .nn import Linear, _check_name
 from .targets import TARGETS, resolve_targets
@@ -330,7 +330,7 @@ def load_lora_state_dict(model, state: dict, adapter: str | None = None) -> None
         if arr.dtype.kind != "f" or not bool(xp_of(arr).isfinite(arr).all()):
             raise ValueError(f"{k!r}: expected finite floating-point values (dtype {arr.dtype})")
     for k, p in params.items():
-        p.data = like(p.data, state[k]).astype(p.dtype)  # a copy on the parameter's backend
+        p.data = like_of(p.data, state[k])  # a copy on the parameter's backend
         p.grad = None
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from . import functional as F
-from .backend import asarray, device_rng, get_backend_name, get_xp, global_rng, like, xp_of
+from .backend import asarray, device_rng, get_backend_name, get_xp, global_rng, like_of, xp_of
 
 
 class _Array:
@@ -255,7 +255,7 @@ class Module:
                 raise ValueError(f"dtype mismatch for {k!r}: checkpoint has {state[k].dtype}, model expects {a.dtype}")
         for k, a in own.items():
             if k in state:
-                a.data = like(a.data, state[k]).astype(a.dtype)  # a copy on the holder's backend
+                a.data = like_of(a.data, state[k])  # a copy on the holder's backend
         self._drop_caches()
 
 

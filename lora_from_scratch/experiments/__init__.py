@@ -61,7 +61,7 @@ def result_paths(name: str, out_dir: str = FIGURES) -> tuple[str, str]:
 
 def save_result(result: dict, out_dir: str = FIGURES) -> tuple[str, str]:
     """Write ``NAME.json`` and ``NAME.png`` into ``out_dir``, each atomically. Returns the two paths."""
-    from ..io import atomic_write
+    from ..io import atomic_write, write_json
 
     name = result["experiment"]
     json_path, png_path = result_paths(name, out_dir)
@@ -70,13 +70,8 @@ def save_result(result: dict, out_dir: str = FIGURES) -> tuple[str, str]:
     def write_png(tmp):
         fig.savefig(tmp, dpi=130, format="png")
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
-            f.write("\n")
-
     atomic_write(png_path, write_png)
-    atomic_write(json_path, write_json)
+    write_json(json_path, result)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
