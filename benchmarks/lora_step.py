@@ -40,13 +40,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from lora_from_scratch.backend import get_xp, to_numpy  # noqa: E402
-from lora_from_scratch.functional import cross_entropy  # noqa: E402
+from lora_from_scratch.hf_io import hf_gpt2_config_dict  # noqa: E402
 from lora_from_scratch.io import to_hf_gpt2_state_dict  # noqa: E402
 from lora_from_scratch.lora import apply_lora, count_parameters, lora_layers  # noqa: E402
 from lora_from_scratch.memory import format_bytes, step_memory, trainable_state_bytes  # noqa: E402
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402
 from lora_from_scratch.optim import AdamW  # noqa: E402
 from lora_from_scratch.qlora import apply_qlora  # noqa: E402
+from lora_from_scratch.train import train_step  # noqa: E402
 
 CONFIG = dict(vocab_size=96, block_size=128, n_layer=4, n_head=8, n_embd=512)
 BATCH = 8  # for the timings
@@ -71,13 +72,10 @@ def make(method, cfg):
 
 
 def ours_step(model, opt, idx, tgt):
-    logits = model(idx)  # (B, T, V)
-    loss, dlogits = cross_entropy(logits, tgt)
-    opt.zero_grad()
-    model.backward(dlogits)
-    opt.step()
-    _sync()
-    return float(loss)
+    """``train.train_step`` (forward, loss, backward, AdamW; no clipping), then wait for the GPU; the loss."""
+    loss, _ = train_step(model, opt, idx, tgt)
+    _sync()  # train_step reads the loss before the optimizer step: the clock must also wait for that step
+    return loss
 
 
 def peft_model(ours, cfg):
@@ -86,10 +84,7 @@ def peft_model(ours, cfg):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5)
-    hf = GPT2LMHeadModel(hf_cfg)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_gpt2_config_dict(cfg)))  # cfg.dropout 0: no dropout on either side
     state = {k: torch.tensor(v) for k, v in to_hf_gpt2_state_dict(ours).items()}
     hf.load_state_dict(state, strict=False)
     lcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0,

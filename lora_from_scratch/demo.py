@@ -56,10 +56,10 @@ import time
 import numpy as np
 
 from . import data, train
-from .backend import get_backend_name, like, to_numpy
+from .backend import get_backend_name, to_numpy
 from .io import BASE_CHECKPOINT, atomic_write, load_checkpoint
 from .lora import count_parameters, disable_adapters
-from .memory import format_bytes, resident_bytes, step_memory
+from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
 from .methods import METHODS, adapt
 from .nn import Linear
 from .targets import TARGETS, resolve_targets
@@ -204,10 +204,8 @@ def probe_step(model, cfg: train.TrainConfig, seed: int) -> dict:
     """
     clone = copy.deepcopy(model)
     opt = train.make_optimizer(clone, cfg)
-    idx, targets = data.make_batch(np.random.default_rng(seed), cfg.batch_size, cfg.tasks,
-                                   block_size=clone.config.block_size, xp=np)  # (B, T) each, host
-    ref = opt.params[0].data
-    idx, targets = like(ref, idx), like(ref, targets)  # (B, T) each, on the model's backend
+    idx, targets = train._batch(np.random.default_rng(seed), cfg, clone.config.block_size, clone.config.vocab_size,
+                                opt.params[0].data)  # (B, T) each, made and checked on the host, then moved
     clone.train()
     wall, cpu = [], []
     for i in range(WARMUP_STEPS + TIMED_STEPS):
@@ -232,15 +230,31 @@ def _train_config(method: str, steps: int, batch_size: int, seed: int) -> train.
                              seed=seed)
 
 
-def fine_tune(base, method: str, r: int, alpha: float, steps: int, batch_size: int, seed: int, eval_sets: dict,
+def adapted_models(base, methods, r: int, alpha: float, seed: int, bits, group_size: int = GROUP_SIZE) -> dict:
+    """{(method, bit width): a copy of ``base`` adapted with ``method``} for every run of the demo.
+
+    QA-LoRA gets one model per width of ``bits``, every other method one at ``bits[0]``. Made before
+    any training, so a rank or group size that does not fit is refused first: a ValueError naming the run.
+    """
+    models = {}
+    for m in methods:
+        for b in (bits if m == "qalora" else (bits[0],)):
+            try:
+                models[(m, b)] = adapt(copy.deepcopy(base), m, r, alpha, seed=seed, bits=b, group_size=group_size)
+            except ValueError as e:
+                raise ValueError(f"{run_name(m, r, b)}: {e}") from None
+    return models
+
+
+def fine_tune(model, method: str, r: int, steps: int, batch_size: int, seed: int, eval_sets: dict,
               bits: int = 4, group_size: int = GROUP_SIZE, progress: bool = True, say=print,
               probe: bool = True) -> tuple[dict, object, object]:
-    """Adapt a copy of ``base`` with ``method``, measure a step (``probe``), train on "desc", measure the result.
+    """Measure a step of ``model`` (``probe``), train it in place on "desc", measure the result.
 
-    Returns ``(row, model, desc_logits)``: the row of table 1 (see ``run_demo``), the trained model and
-    its logits on the held-out desc rows.
+    ``model``: the base model adapted with ``method`` (``adapted_models``; r, bits and group_size
+    as it was adapted: they name the row). Returns ``(row, model, desc_logits)``: the row of table 1
+    (see ``run_demo``), the trained model and its logits on the held-out desc rows.
     """
-    model = adapt(copy.deepcopy(base), method, r, alpha, seed=seed, bits=bits, group_size=group_size)
     name = run_name(method, r, bits)
     trainable, total = count_parameters(model)
     cfg = _train_config(method, steps, batch_size, seed)
@@ -265,7 +279,7 @@ def fine_tune(base, method: str, r: int, alpha: float, steps: int, batch_size: i
         "trainable": int(trainable), "total": int(total),
         "state_bytes": int(hist["gradient_bytes"] + hist["optimizer_state_bytes"]),
         "weight_bytes": int(resident_bytes(model)),
-        "task_bytes": int(sum(int(p.data.nbytes) for p in model.trainable_parameters())),
+        "task_bytes": int(parameter_bytes(model, trainable=True)),
         "step_memory": step["memory"], "step_ms": step["step_ms"], "step_cpu_ms": step["step_cpu_ms"],
         "train_seconds": hist["seconds"], "final_loss": float(np.mean(hist["loss"][-10:])),
         "desc": scores[data.FINETUNE_TASK],
@@ -317,12 +331,7 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     base_model = load_base(base)
-    for m in methods:  # every method's adapters, checked on a copy before any training (rank, group size)
-        for b in (bits if m == "qalora" else (bits[0],)):
-            try:
-                adapt(copy.deepcopy(base_model), m, r, alpha, seed=seed, bits=b, group_size=group_size)
-            except ValueError as e:
-                raise ValueError(f"{run_name(m, r, b)}: {e}") from None
+    models = adapted_models(base_model, methods, r, alpha, seed, bits, group_size)  # before any training
 
     block = base_model.config.block_size
     eval_pretrain = max(1, eval_per_task // 2)  # four tasks whose mean is reported: half the rows each
@@ -348,8 +357,8 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
     say(f"{n_runs} fine-tunes on {data.FINETUNE_TASK!r}, {steps} steps of {batch_size} each "
         f"(held-out rows: {eval_per_task} of desc, {eval_pretrain} of each pretrain task)\n")
 
-    def run(method, b=bits[0], probe=True):
-        return fine_tune(base_model, method, r, alpha, steps, batch_size, seed, eval_sets, bits=b,
+    def run(method, b=bits[0], probe=True):  # each adapted model is trained once, then let go
+        return fine_tune(models.pop((method, b)), method, r, steps, batch_size, seed, eval_sets, bits=b,
                          group_size=group_size, progress=progress, say=say, probe=probe)
 
     def deploy(row, model, desc_logits, method, b):

@@ -10,6 +10,9 @@ Covers functional.py (linear, embedding, layer norm, GELU, dropout, softmax,
 causal attention, cross-entropy) and the modules built on it (Linear,
 LayerNorm, CausalSelfAttention, MLP, Block, and a whole tiny GPT, every
 parameter by name). Arrays are tiny: the numerical gradient loops in Python.
+The pairs and the whole GPT are ``verify.gradcheck_functional`` and ``verify.gradcheck_gpt``,
+the comparisons ``python -m lora_from_scratch verify`` prints, with the same test data; what
+only the tests check (the need flags, bias=False, the head sweep, the counts) is here.
 """
 
 import numpy as np
@@ -21,7 +24,18 @@ from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.gradcheck import check_gradients, numerical_gradient
 from lora_from_scratch.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from lora_from_scratch.nn import LayerNorm, Linear
-from lora_from_scratch.verify import GRADCHECK_TOL, assert_ok, gradcheck_pair
+from lora_from_scratch.verify import (
+    FUNCTIONAL_SEEDS,
+    GPT_CHECK_CONFIG,
+    GRADCHECK_TOL,
+    assert_ok,
+    exactly_zero,
+    gradcheck_functional,
+    gradcheck_gpt,
+    gradcheck_pair,
+    key_biases,
+    randomize_params,
+)
 
 TOL = GRADCHECK_TOL  # relative error of every gradient against central differences (float64): 1e-7
 
@@ -36,6 +50,15 @@ def check_pair(fwd, bwd, inputs, seed=0, h=1e-6):
     measurements = assert_ok(gradcheck_pair(fwd, bwd, inputs, seed=seed, h=h))
     assert all(m.bound == TOL for m in measurements)
     return {m.what.removeprefix("d/d"): m.error for m in measurements}
+
+
+def check_functional(name, expected, **options):
+    """``verify.gradcheck_functional(name)``: a gradient for each of ``expected``, every error below TOL."""
+    measurements = assert_ok(gradcheck_functional(name, **options))
+    assert all(m.bound == TOL for m in measurements)
+    errors = {m.what.removeprefix("d/d"): m.error for m in measurements}
+    assert list(errors) == list(expected), errors
+    return errors
 
 
 # ----------------------------------------------------------------- the checker itself
@@ -66,17 +89,7 @@ def test_numerical_gradient_refuses_a_non_contiguous_array():
 # ----------------------------------------------------------------- functional.py
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear(bias):
-    rng = np.random.default_rng(10)
-    x, W = host(rng, 2, 3, 4), host(rng, 5, 4)  # (B, T, in), (out, in)
-    b = host(rng, 5) if bias else None  # (out,)
-    inputs = {"x": x, "W": W, **({"b": b} if bias else {})}
-
-    def bwd(G, cache):
-        dx, dW, db = F.linear_backward(G, cache)
-        assert (db is None) == (not bias)
-        return {"x": dx, "W": dW, **({"b": db} if bias else {})}
-
-    check_pair(lambda: F.linear_forward(x, W, b), bwd, inputs)
+    check_functional("linear", ["x", "W", "b"] if bias else ["x", "W"], bias=bias)  # and db is None without bias
 
 
 def test_linear_need_flags_skip_only_what_they_name():
@@ -93,115 +106,77 @@ def test_linear_need_flags_skip_only_what_they_name():
 
 
 def test_embedding_with_repeated_ids():
-    rng = np.random.default_rng(12)
-    ids = asarray(np.array([[1, 3, 1, 1], [0, 3, 4, 1]]))  # (B, T); id 1 four times, 3 twice; 2, 5 unused
-    W = host(rng, 6, 3)  # (V, C)
-
-    def bwd(G, cache):
-        dW = F.embedding_backward(G, cache)  # (V, C)
-        assert not to_numpy(dW)[[2, 5]].any(), "rows of unused ids must get exactly zero gradient"
-        return {"W": dW}
-
-    check_pair(lambda: F.embedding_forward(ids, W), bwd, {"W": W})
+    # id 1 four times, 3 twice; the rows of the unused ids 2 and 5 must get exactly zero gradient
+    check_functional("embedding", ["W"])
 
 
 def test_layernorm():
-    rng = np.random.default_rng(13)
+    check_functional("layernorm", ["x", "gamma", "beta"])
+
+
+def test_layernorm_need_params_skips_only_the_parameters():
+    rng = np.random.default_rng(FUNCTIONAL_SEEDS["layernorm"])  # the inputs of test_layernorm
     x = host(rng, 2, 3, 6, scale=2.0) + 0.5  # (B, T, C), not centred
     gamma, beta = 1.0 + host(rng, 6, scale=0.3), host(rng, 6)  # (C,), (C,)
-
-    def bwd(G, cache):
-        dx, dg, db = F.layernorm_backward(G, cache)
-        dx2, dg2, db2 = F.layernorm_backward(G, cache, need_params=False)
-        assert dg2 is None and db2 is None and rel(dx2, dx) == 0.0
-        return {"x": dx, "gamma": dg, "beta": db}
-
-    check_pair(lambda: F.layernorm_forward(x, gamma, beta), bwd, {"x": x, "gamma": gamma, "beta": beta})
+    y, cache = F.layernorm_forward(x, gamma, beta)  # (B, T, C)
+    G = host(rng, *y.shape)  # (B, T, C)
+    dx, dg, db = F.layernorm_backward(G, cache)
+    dx2, dg2, db2 = F.layernorm_backward(G, cache, need_params=False)
+    assert dg is not None and db is not None
+    assert dg2 is None and db2 is None and rel(dx2, dx) == 0.0
 
 
 def test_gelu():
-    rng = np.random.default_rng(14)
-    x = host(rng, 3, 7, scale=2.5)  # (3, 7): covers the tails and the bend near 0
-    check_pair(lambda: F.gelu_forward(x), lambda G, c: {"x": F.gelu_backward(G, c)}, {"x": x})
+    check_functional("gelu", ["x"])  # (3, 7) at scale 2.5: covers the tails and the bend near 0
 
 
 def test_dropout_with_fixed_mask():
-    rng = np.random.default_rng(15)
+    rng = np.random.default_rng(FUNCTIONAL_SEEDS["dropout"])  # the inputs verify checks
     x = host(rng, 4, 5)  # (4, 5)
     mask_host = rng.random((4, 5)) >= 0.4  # (4, 5) booleans
     assert mask_host.any() and not mask_host.all()
     mask = asarray(mask_host)
     y, _ = F.dropout_forward(x, 0.4, mask=mask)  # (4, 5)
     assert rel(y, to_numpy(x) * mask_host / 0.6) < 1e-15  # inverted dropout: kept entries scaled by 1/(1-p)
-    check_pair(lambda: F.dropout_forward(x, 0.4, mask=mask),
-               lambda G, c: {"x": F.dropout_backward(G, c)}, {"x": x})
+    check_functional("dropout", ["x"])
 
 
 def test_softmax():
-    rng = np.random.default_rng(16)
-    x = host(rng, 2, 3, 5, scale=2.0)  # (2, 3, N)
-    check_pair(lambda: F.softmax_forward(x), lambda G, c: {"x": F.softmax_backward(G, c)}, {"x": x})
+    check_functional("softmax", ["x"])
 
 
 @pytest.mark.parametrize("n_head", [1, 2, 3])
 def test_causal_attention(n_head):
-    rng = np.random.default_rng(17 + n_head)
-    q, k, v = (host(rng, 2, 4, 6) for _ in range(3))  # 3 x (B, T, C)
-
-    def bwd(G, cache):
-        dq, dk, dv = F.causal_attention_backward(G, cache)
-        return {"q": dq, "k": dk, "v": dv}
-
-    check_pair(lambda: F.causal_attention_forward(q, k, v, n_head), bwd, {"q": q, "k": k, "v": v})
+    check_functional("attention", ["q", "k", "v"], n_head=n_head)
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (7,)])
 def test_cross_entropy_gradient_is_the_derivative_of_the_loss(shape):
-    rng = np.random.default_rng(20)
-    V = 6
-    logits = host(rng, *shape, V, scale=2.0)  # (..., V)
-    tg = rng.integers(0, V, size=shape)  # (...)
-    tg.reshape(-1)[[1, 4]] = F.IGNORE_INDEX  # two ignored positions
-    targets = asarray(tg)
-    loss, dlogits = F.cross_entropy(logits, targets)  # scalar, (..., V)
-    numeric = numerical_gradient(lambda: F.cross_entropy(logits, targets)[0], logits)  # (..., V)
-    assert rel(dlogits, numeric) < TOL
-    ignored = to_numpy(dlogits).reshape(-1, V)[[1, 4]]  # (2, V)
-    assert not ignored.any(), "ignored positions must get exactly zero gradient"
+    # and the two ignored positions get exactly zero gradient
+    check_functional("cross_entropy", ["logits"], shape=shape)
+
+
+def test_a_planted_wrong_backward_fails_the_verify_check(monkeypatch):
+    """The pairs above can fail: a dW off by 1e-6 (relative) is out of bounds, a missing db is a Mismatch."""
+    right = F.linear_backward
+
+    def off(G, cache, **kw):
+        dx, dW, db = right(G, cache, **kw)
+        return dx, dW * (1 + 1e-6), db
+
+    monkeypatch.setattr(F, "linear_backward", off)
+    with pytest.raises(AssertionError, match="d/dW"):
+        assert_ok(gradcheck_functional("linear"))
+    monkeypatch.setattr(F, "linear_backward", lambda G, cache, **kw: right(G, cache, **kw)[:2] + (None,))
+    with pytest.raises(AssertionError, match="db is None with bias=True"):
+        gradcheck_functional("linear")
 
 
 # ----------------------------------------------------------------- modules
-def randomize(module, rng, scale=0.4):
-    """Non-trivial float64 values for every parameter, in place (the checker perturbs these very arrays)."""
-    for name, p in module.named_parameters():
-        noise = rng.standard_normal(p.shape) * scale  # shape of p
-        parts = name.split(".")
-        if parts[-1] == "weight" and (len(parts) == 1 and isinstance(module, LayerNorm)
-                                      or len(parts) > 1 and parts[-2].startswith("ln")):
-            noise += 1.0  # layer-norm gains near 1
-        p.data[...] = asarray(noise)
-
-
-def zero_gradient_names(names):
-    """The key biases: q.(k + b) = q.k + q.b shifts a whole softmax row by one constant, so dL/db_k = 0."""
-    return {n for n in names if n == "k.bias" or n.endswith(".k.bias")}
-
-
-def check_exactly_zero(loss_fn, module, names, G):
-    """A gradient that is 0 in exact arithmetic, compared absolutely (backward ~1e-16, differences ~1e-10)."""
-    params = dict(module.named_parameters())
-    for n in names:
-        analytic = to_numpy(params[n].grad)
-        numeric = to_numpy(numerical_gradient(loss_fn, params[n].data))
-        scale = max(float(np.linalg.norm(to_numpy(p.grad))) for p in params.values())
-        assert np.abs(analytic).max() < 1e-12 * scale, f"{n}: backward is not zero"
-        assert np.abs(numeric).max() < 1e-8 * scale, f"{n}: central differences are not zero"
-
-
 def check_module(module, x, seed=0):
     """Gradcheck the input and every parameter (by name) of a float64 module."""
     params = dict(module.named_parameters())
-    zero = zero_gradient_names(params)
+    zero = key_biases(params)
     inputs = {"x": x, **{n: p.data for n, p in params.items() if n not in zero}}
 
     def fwd():
@@ -218,17 +193,18 @@ def check_module(module, x, seed=0):
         G = asarray(np.random.default_rng(seed).standard_normal(module(x).shape))  # (B, T, C)
         module.zero_grad()
         module.backward(G)
-        check_exactly_zero(lambda: (module(x) * G).sum(), module, zero, G)
+        measured = assert_ok(exactly_zero(lambda: (module(x) * G).sum(), module, zero))
+        assert [m.bound for m in measured] == [1e-12, 1e-8] * len(zero)
 
 
-CFG = GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8)
+CFG = GPTConfig(**GPT_CHECK_CONFIG)  # the tiny GPT of verify.gradcheck_gpt: vocab 11, block 5, 1 layer, 2 heads, C 8
 
 
 def test_module_linear():
     rng = np.random.default_rng(30)
     for bias in (True, False):
         m = Linear(4, 3, bias=bias, rng=rng, dtype="float64")
-        randomize(m, rng)
+        randomize_params(m, rng)
         check_module(m, host(rng, 2, 3, 4))  # (B, T, in)
 
 
@@ -244,50 +220,28 @@ def test_module_layernorm():
 def test_module_transformer_parts(cls):
     rng = np.random.default_rng(32)
     m = cls(CFG, rng=rng, dtype="float64")
-    randomize(m, rng)
+    randomize_params(m, rng)
     check_module(m, host(rng, 2, 4, CFG.n_embd))  # (B, T, C)
 
 
-def _gpt(seed):
-    rng = np.random.default_rng(seed)
-    model = GPT(CFG, seed=seed, dtype="float64")
-    randomize(model, rng)
-    ids = asarray(np.array([[3, 10, 3, 0, 7], [1, 3, 9, 9, 2]]))  # (B, T); repeats exercise the scatter-add
-    return model, ids
-
-
-def _check_gpt(model, fwd, make_dlogits, h=1e-6):
-    params = dict(model.named_parameters())
-    assert "wte.weight" in params and len(params) == 2 + 16 * CFG.n_layer + 2
-    zero = zero_gradient_names(params)
+def _check_gpt(output):
+    """``verify.gradcheck_gpt(output)``: every parameter by name once, the key biases exactly 0."""
+    measured = assert_ok(gradcheck_gpt(output))
+    names = [n for n, _ in GPT(CFG, seed=0, dtype="float64").named_parameters()]
+    assert "wte.weight" in names and len(names) == 2 + 16 * CFG.n_layer + 2
+    zero = key_biases(names)
     assert len(zero) == CFG.n_layer
-
-    def bwd(G, cache):
-        model.zero_grad()
-        model.backward(make_dlogits(G, cache))
-        return {n: p.grad for n, p in params.items() if n not in zero}
-
-    errors = check_pair(fwd, bwd, {n: p.data for n, p in params.items() if n not in zero}, h=h)
-    assert set(errors) | zero == set(params)
-    out, cache = fwd()
-    G = asarray(np.random.default_rng(5).standard_normal(out.shape))  # shape of the output
-    model.zero_grad()
-    model.backward(make_dlogits(G, cache))
-    check_exactly_zero(lambda: (fwd()[0] * G).sum(), model, zero, G)
+    grads = [m for m in measured if "exactly 0" not in m.what]
+    assert [m.what for m in grads] == [f"d/d{n}" for n in names if n not in zero]
+    assert all(m.bound == TOL for m in grads)
+    exact = [(m.what, m.bound) for m in measured if "exactly 0" in m.what]
+    assert exact == [(f"d/d{n} ({side}, exactly 0)", bound) for n in sorted(zero)
+                     for side, bound in (("backward", 1e-12), ("differences", 1e-8))]
 
 
 def test_whole_gpt_logits_every_parameter():
-    model, ids = _gpt(40)
-    _check_gpt(model, lambda: (model(ids), None), lambda G, _: G)  # G is d(sum(logits * G))/d(logits)
+    _check_gpt("logits")  # sum(logits * G): G is d/d(logits)
 
 
 def test_whole_gpt_cross_entropy_every_parameter():
-    model, ids = _gpt(41)
-    targets = asarray(np.array([[10, 3, 0, F.IGNORE_INDEX, 2], [3, 9, F.IGNORE_INDEX, 2, 5]]))  # (B, T)
-
-    def fwd():
-        loss, dlogits = F.cross_entropy(model(ids), targets)  # scalar, (B, T, V)
-        return loss, dlogits
-
-    # a mean loss of order 1 with small gradients: h = 1e-5 keeps the rounding error (eps |L| / h) well down
-    _check_gpt(model, fwd, lambda G, dlogits: dlogits * G, h=1e-5)  # G is a 0-d upstream gradient
+    _check_gpt("loss")  # the mean cross-entropy with two ignored positions, h = 1e-5

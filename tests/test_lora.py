@@ -11,6 +11,7 @@ import pytest
 from conftest import adapter_gradient_errors, rel
 
 from lora_from_scratch import functional as F
+from lora_from_scratch import verify
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.lora import (
     LoRALinear,
@@ -27,23 +28,16 @@ from lora_from_scratch.nn import Linear
 from lora_from_scratch.optim import AdamW
 from lora_from_scratch.verify import adapter_vs_torch, assert_ok
 
-IN, OUT, R = 7, 5, 3
+IN, OUT, R = verify.ADAPTER_SHAPES["lora"]  # 7, 5, 3: the layers of make_layer
 CASES = [(init, rs, p) for init in ("kaiming", "gaussian", "pissa") for rs in (False, True) for p in (0.0, 0.4)]
 CFG = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16)
 ALL = ["q", "k", "v", "o", "fc", "proj"]
 
 
 def make_layer(init, use_rslora, p, dtype="float64", seed=0, alpha=6.0):
-    """A LoRALinear over a random Linear with random bias; B randomized (as after training) unless PiSSA."""
-    rng = np.random.default_rng(seed)
-    base = Linear(IN, OUT, rng=rng, dtype=dtype)
-    base.bias.data = asarray(rng.standard_normal(OUT), dtype=dtype)  # (OUT,)
-    layer = LoRALinear(base, R, alpha, dropout=p, init=init, use_rslora=use_rslora, rng=rng)
-    if init != "pissa":  # B = 0 at init would make dA identically zero: give B values to check dA
-        layer.lora_B.data = asarray(rng.standard_normal((OUT, R)) * 0.5, dtype=dtype)  # (OUT, R)
-    x = asarray(rng.standard_normal((2, 3, IN)), dtype=dtype)  # (2, 3, IN)
-    mask = asarray(rng.random((2, 3, IN)) >= p) if p > 0 else None  # (2, 3, IN) fixed dropout mask
-    return layer, x, mask
+    """``verify.make_adapter_layer``'s LoRALinear (IN -> OUT, rank R) over a random Linear with random bias;
+    B randomized (as after training) unless PiSSA; an input (2, 3, IN) and, with dropout, a fixed mask."""
+    return verify.make_adapter_layer("lora", dtype, seed, dropout=p, use_rslora=use_rslora, init=init, alpha=alpha)
 
 
 # ----------------------------------------------------------------- gradients
@@ -52,8 +46,16 @@ def test_gradcheck(init, use_rslora, p):
     layer, x, mask = make_layer(init, use_rslora, p)
 
     errs = adapter_gradient_errors(layer, x, dropout_mask=mask)
-    assert max(errs.values()) < 1e-7, errs
+    assert list(errs) == ["d/dx", "d/dA", "d/dB"] and max(errs.values()) < 1e-7, errs
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
+
+
+def test_gradcheck_refuses_B_zero():
+    """B = 0 (LoRA's start) makes dA = 0 on both sides: a check that would pass without checking dA."""
+    layer, x, _ = verify.make_adapter_layer("lora", randomize_B=False)
+    assert not np.any(to_numpy(layer.lora_B.data))
+    with pytest.raises(verify.Mismatch, match="A: gradient is zero"):
+        verify.adapter_gradients(layer, x)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

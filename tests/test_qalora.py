@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import adapter_gradient_errors, rel
 
+from lora_from_scratch import verify
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.functional import cross_entropy
 from lora_from_scratch.gradcheck import check_gradients
@@ -19,41 +20,32 @@ from lora_from_scratch.qalora import (
     GroupwiseLinear,
     QALoRALinear,
     apply_qalora,
-    group_mean_backward,
     group_mean_forward,
     quantize_model_groupwise,
 )
 from lora_from_scratch.quant import dequantize_groupwise, quantize_groupwise
-from lora_from_scratch.verify import adapter_vs_torch, assert_ok
+from lora_from_scratch.verify import FUNCTIONAL_SEEDS, adapter_vs_torch, assert_ok, gradcheck_functional
 
-IN, OUT, R, GS = 12, 5, 2, 4  # L = 3 groups
+IN, OUT, R = verify.ADAPTER_SHAPES["qalora"]  # 12, 5, 2
+GS = 4  # L = 3 groups
 CFG = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
 ALL = ["q", "k", "v", "o", "fc", "proj"]
 
 
 def make_layer(dtype="float64", bits=4, seed=0, in_features=IN, out_features=OUT, r=R, group_size=GS, alpha=6.0):
-    """A QALoRALinear over a random Linear with a random bias; B randomized (as after training)."""
-    rng = np.random.default_rng(seed)
-    base = Linear(in_features, out_features, rng=rng, dtype=dtype)
-    base.bias.data = asarray(rng.standard_normal(out_features), dtype=dtype)  # (out,)
-    layer = QALoRALinear(base, r, alpha, bits=bits, group_size=group_size, rng=rng)
-    layer.lora_B.data = asarray(rng.standard_normal((out_features, r)) * 0.5, dtype=dtype)  # (out, r)
-    x = asarray(rng.standard_normal((2, 3, in_features)), dtype=dtype)  # (2, 3, in)
+    """``verify.make_adapter_layer``'s QALoRALinear over a random Linear with a random bias; B randomized (as
+    after training); an input (2, 3, in)."""
+    layer, x, _ = verify.make_adapter_layer("qalora", dtype, seed, bits=bits, in_features=in_features,
+                                            out_features=out_features, r=r, group_size=group_size, alpha=alpha)
     return layer, x
 
 
 # ----------------------------------------------------------------- gradients
 def test_group_mean_gradcheck():
-    rng = np.random.default_rng(3)
-    x = asarray(rng.standard_normal((2, 3, IN)))  # (2, 3, IN) float64
-    cache = {}
-
-    def forward():
-        p, cache["c"] = group_mean_forward(x, GS)
-        return p
-
-    errs = check_gradients(forward, lambda G: {"x": group_mean_backward(G, cache["c"])}, {"x": x})
-    assert errs["x"] < 1e-7, errs
+    """``verify.gradcheck_functional("group_mean")`` (groups of GS = 4 over IN = 12), and the forward is the mean."""
+    measured = assert_ok(gradcheck_functional("group_mean"))  # rel error < 1e-7
+    assert [(m.what, m.bound) for m in measured] == [("d/dx", 1e-7)]
+    x = asarray(np.random.default_rng(FUNCTIONAL_SEEDS["group_mean"]).standard_normal((2, 3, IN)))  # verify's input
     p, _ = group_mean_forward(x, GS)
     assert rel(p, to_numpy(x).reshape(2, 3, IN // GS, GS).mean(-1)) < 1e-15
 

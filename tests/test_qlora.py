@@ -5,8 +5,9 @@ backward dequantize it on the fly. Checked here: float64 central differences for
 PyTorch autograd through the same dequantized weight; exact equality with the dequantized base
 layer at B = 0; no float copy of W0 held between calls; resident bytes against a float32
 LoRALinear; the shipped base model after NF4 quantization; a short fine-tune; bad input.
-The gradient check and the torch comparison are ``lora_from_scratch.verify``'s
-(``adapter_gradients``, ``adapter_vs_torch``), the same that ``python -m lora_from_scratch verify`` prints.
+The layers, the gradient check and the torch comparison are ``lora_from_scratch.verify``'s
+(``make_adapter_layer``, ``adapter_gradients``, ``adapter_vs_torch``), the same that
+``python -m lora_from_scratch verify`` prints.
 """
 
 import pathlib
@@ -26,25 +27,18 @@ from lora_from_scratch.qlora import NF4Linear, QLoRALinear, apply_qlora
 from lora_from_scratch.quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from lora_from_scratch.train import TrainConfig, evaluate, train
 
-IN, OUT, R = 42, 24, 3  # 1008 weights: 15 blocks of 64 and a short one of 48, or 63 blocks of 16
+IN, OUT, R = verify.ADAPTER_SHAPES["qlora"]  # 42, 24, 3: 1008 weights, 15 blocks of 64 and one of 48, or 63 of 16
 ALL = ["q", "k", "v", "o", "fc", "proj"]
 BASE = pathlib.Path(__file__).parents[1] / "lora_from_scratch" / "checkpoints" / "base.safetensors"
 GRAD_CASES = [(p, rs, dq, bs) for p in (0.0, 0.4) for rs in (False, True) for dq, bs in ((True, 64), (False, 16))]
 
 
 def make_layer(p=0.0, use_rslora=False, double_quant=True, blocksize=64, dtype="float64", seed=0, randomize_B=True,
-               in_features=IN, out_features=OUT, r=R, lead=(3, 5)):
-    """A QLoRALinear over a random Linear (random bias) of ``dtype``; B random (as after training) by default."""
-    rng = np.random.default_rng(seed)
-    base = Linear(in_features, out_features, rng=rng, dtype=dtype)
-    base.bias.data = asarray(rng.standard_normal(out_features), dtype=dtype)  # (out,)
-    layer = QLoRALinear(base, r, 6.0, blocksize=blocksize, double_quant=double_quant, dropout=p,
-                        use_rslora=use_rslora, rng=rng)
-    if randomize_B:  # B = 0 at init would make dA identically zero: give B values to check dA
-        layer.lora_B.data = asarray(rng.standard_normal((out_features, r)) * 0.5, dtype=dtype)  # (out, r)
-    x = asarray(rng.standard_normal((*lead, in_features)), dtype=dtype)  # (*lead, in)
-    mask = asarray(rng.random((*lead, in_features)) >= p) if p > 0 else None  # (*lead, in) fixed dropout mask
-    return layer, x, mask
+               lead=(3, 5)):
+    """``verify.make_adapter_layer``'s QLoRALinear (IN -> OUT, rank R) over a random Linear (random bias) of
+    ``dtype``; B random (as after training) by default; an input (*lead, IN) and, with dropout, a fixed mask."""
+    return verify.make_adapter_layer("qlora", dtype, seed, dropout=p, use_rslora=use_rslora, blocksize=blocksize,
+                                     double_quant=double_quant, randomize_B=randomize_B, lead=lead)
 
 
 def float_arrays(obj, path="layer", seen=None):

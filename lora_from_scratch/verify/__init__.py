@@ -14,12 +14,13 @@ error is printed next to the bound it must stay under:
 - NF4 and FP4 blockwise quantization (QLoRA, sections 2-3) against bitsandbytes, bit for bit:
   the measured error is the number of mismatching bytes (or float bit patterns), bound 0.
 
-The test suite calls the same functions with the same bounds (``tests/test_parity_torch.py``,
-``test_gpt_hf.py``, ``test_lora_peft.py``, ``test_qlora.py``, ``test_quant_blockwise.py``,
-``test_verify.py``), so each comparison is written once, here. Every comparison function returns
-a list of ``Measurement(what, error, bound)``; ``assert_ok`` raises if any is out of bounds.
-A comparison that cannot be made as stated (a wrong dtype, different parameter names, a
-reference that would make it vacuous) raises ``Mismatch``.
+The test suite calls the same functions with the same bounds and the same test data
+(``tests/test_parity_torch.py``, ``test_functional_gradcheck.py``, ``test_gpt_hf.py``,
+``test_lora.py``, ``test_lora_peft.py``, ``test_qlora.py``, ``test_qalora.py``,
+``test_quant_blockwise.py``, ``test_verify.py``), so each comparison is written once, here.
+Every comparison function returns a list of ``Measurement(what, error, bound)``; ``assert_ok``
+raises if any is out of bounds. A comparison that cannot be made as stated (a wrong dtype,
+different parameter names, a reference that would make it vacuous) raises ``Mismatch``.
 
 The reference libraries are test dependencies, imported inside the functions: the package
 imports without them. Test data is made on the host (``backend.rng``) and moved to the backend
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from .adapters import (  # noqa: F401  (re-exported: verify.X is what the tests and the CLI use)
+    ADAPTER_SHAPES,
     adapter_layer_gradients,
     adapter_layer_vs_torch,
     adapter_vs_torch,
@@ -99,11 +101,16 @@ from .peft import (  # noqa: F401  (re-exported: verify.X is what the tests and 
 )
 from .torch_layers import (  # noqa: F401  (re-exported: verify.X is what the tests and the CLI use)
     FUNCTIONAL,
+    FUNCTIONAL_SEEDS,
+    GPT_CHECK_CONFIG,
     _close,
     adapter_gradients,
+    exactly_zero,
     gradcheck_functional,
     gradcheck_gpt,
     gradcheck_pair,
+    key_biases,
+    randomize_params,
     set_params,
     torch_cross_entropy,
     torch_dropout,

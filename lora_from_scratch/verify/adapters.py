@@ -7,30 +7,49 @@ from __future__ import annotations
 from ..backend import asarray, rng, to_numpy
 from .torch_layers import _close, adapter_gradients
 
-
 # ============================================================================ adapter layers against torch
+ADAPTER_SHAPES = {"lora": (7, 5, 3), "qlora": (42, 24, 3), "qalora": (12, 5, 2)}  # (in, out, r) of each kind
+
+
 def make_adapter_layer(kind: str, dtype: str = "float64", seed: int = 0, dropout: float = 0.0, bits: int = 4,
-                       use_rslora: bool = False):
+                       use_rslora: bool = False, *, init: str = "kaiming", alpha: float = 6.0,
+                       in_features: int | None = None, out_features: int | None = None, r: int | None = None,
+                       group_size: int = 4, blocksize: int = 64, double_quant: bool = True,
+                       randomize_B: bool | None = None, lead: tuple = (2, 3)):
     """A small adapted layer of ``kind`` over a random Linear with a random bias, B random (as after
-    training), an input and (with dropout) a fixed mask: ``(layer, x, mask)``."""
+    training; ``randomize_B``, default: unless PiSSA, whose B is already non-zero), an input of shape
+    ``(*lead, in)`` and (with dropout) a fixed mask of that shape: ``(layer, x, mask)``.
+
+    The sizes default to ``ADAPTER_SHAPES[kind]``; ``bits`` and ``group_size`` are QA-LoRA's,
+    ``blocksize`` and ``double_quant`` QLoRA's. The tests build their layers here too.
+    """
     from ..lora import LoRALinear
     from ..nn import Linear
     from ..qalora import QALoRALinear
     from ..qlora import QLoRALinear
 
+    if kind not in ADAPTER_SHAPES:
+        raise ValueError(f"unknown adapter kind {kind!r}; kinds: {list(ADAPTER_SHAPES)}")
     g = rng(seed)
-    in_f, out_f, r = {"lora": (7, 5, 3), "qlora": (42, 24, 3), "qalora": (12, 5, 2)}[kind]
+    default_in, default_out, default_r = ADAPTER_SHAPES[kind]
+    in_f = default_in if in_features is None else in_features
+    out_f = default_out if out_features is None else out_features
+    r = default_r if r is None else r
     base = Linear(in_f, out_f, rng=g, dtype=dtype)
     base.bias.data = asarray(g.standard_normal(out_f), dtype=dtype)  # (out,)
+    common = {"dropout": dropout, "init": init, "use_rslora": use_rslora, "rng": g}
     if kind == "lora":
-        layer = LoRALinear(base, r, 6.0, dropout=dropout, use_rslora=use_rslora, rng=g)
+        layer = LoRALinear(base, r, alpha, **common)
     elif kind == "qlora":
-        layer = QLoRALinear(base, r, 6.0, dropout=dropout, use_rslora=use_rslora, rng=g)
+        layer = QLoRALinear(base, r, alpha, blocksize=blocksize, double_quant=double_quant, **common)
     else:
-        layer = QALoRALinear(base, r, 6.0, bits=bits, group_size=4, dropout=dropout, use_rslora=use_rslora, rng=g)
-    layer.lora_B.data = asarray(g.standard_normal((out_f, r)) * 0.5, dtype=dtype)  # (out, r)
-    x = asarray(g.standard_normal((2, 3, in_f)), dtype=dtype)  # (2, 3, in)
-    mask = asarray(g.random((2, 3, in_f)) >= dropout) if dropout > 0 else None  # (2, 3, in) fixed mask
+        layer = QALoRALinear(base, r, alpha, bits=bits, group_size=group_size, **common)
+    if randomize_B is None:
+        randomize_B = init != "pissa"
+    if randomize_B:  # B = 0 at init would make dA identically zero: give B values to check dA
+        layer.lora_B.data = asarray(g.standard_normal((out_f, r)) * 0.5, dtype=dtype)  # (out, r)
+    x = asarray(g.standard_normal((*lead, in_f)), dtype=dtype)  # (*lead, in)
+    mask = asarray(g.random((*lead, in_f)) >= dropout) if dropout > 0 else None  # (*lead, in) fixed mask
     return layer, x, mask
 
 

@@ -318,21 +318,36 @@ def gradcheck_pair(fwd, bwd, inputs: dict, seed: int = 0, h: float = 1e-6) -> li
     return [Measurement(f"d/d{name}", e, GRADCHECK_TOL) for name, e in errors.items()]
 
 
-def gradcheck_functional(name: str) -> list:
-    """One pair of ``functional`` against float64 central differences."""
-    g = rng(10 + FUNCTIONAL.index(name)) if name in FUNCTIONAL else None
-    if g is None:
+# The seed of each pair's test data, shared with the tests that call these functions
+# (tests/test_functional_gradcheck.py, test_qalora.py); attention's is 17 + n_head.
+FUNCTIONAL_SEEDS = {"linear": 10, "embedding": 12, "layernorm": 13, "gelu": 14, "dropout": 15, "softmax": 16,
+                    "attention": 17, "cross_entropy": 20, "lowrank": 18, "group_mean": 3}
+FUNCTIONAL = tuple(FUNCTIONAL_SEEDS)
+
+
+def gradcheck_functional(name: str, *, bias: bool = True, n_head: int = 2, shape: tuple = (2, 4)) -> list:
+    """One pair of ``functional`` against float64 central differences.
+
+    ``bias``: linear's (without it, the backward must return no db); ``n_head``: attention's heads;
+    ``shape``: cross-entropy's leading shape (before the vocabulary axis). A gradient that must be
+    exactly zero (an unused embedding row, an ignored position) is a Mismatch when it is not.
+    """
+    if name not in FUNCTIONAL_SEEDS:
         raise ValueError(f"unknown functional pair {name!r}; pairs: {list(FUNCTIONAL)}")
+    g = rng(FUNCTIONAL_SEEDS[name] + (n_head if name == "attention" else 0))
     if name == "linear":
-        x, W, b = _host64(g, 2, 3, 4), _host64(g, 5, 4), _host64(g, 5)  # (B, T, in), (out, in), (out,)
+        x, W = _host64(g, 2, 3, 4), _host64(g, 5, 4)  # (B, T, in), (out, in)
+        b = _host64(g, 5) if bias else None  # (out,)
+        inputs = {"x": x, "W": W, **({"b": b} if bias else {})}
 
         def bwd(G, cache):
             dx, dW, db = F.linear_backward(G, cache)
-            return {"x": dx, "W": dW, "b": db}
+            require((db is None) == (not bias), f"db is {'None' if db is None else 'an array'} with bias={bias}")
+            return {"x": dx, "W": dW, **({"b": db} if bias else {})}
 
-        return gradcheck_pair(lambda: F.linear_forward(x, W, b), bwd, {"x": x, "W": W, "b": b})
+        return gradcheck_pair(lambda: F.linear_forward(x, W, b), bwd, inputs)
     if name == "embedding":
-        ids = asarray([[1, 3, 1, 1], [0, 3, 4, 1]])  # (B, T); repeated ids, 2 and 5 unused
+        ids = asarray([[1, 3, 1, 1], [0, 3, 4, 1]])  # (B, T); id 1 four times, 3 twice; 2 and 5 unused
         W = _host64(g, 6, 3)  # (V, C)
 
         def bwd(G, cache):
@@ -368,14 +383,16 @@ def gradcheck_functional(name: str) -> list:
             dq, dk, dv = F.causal_attention_backward(G, cache)
             return {"q": dq, "k": dk, "v": dv}
 
-        return gradcheck_pair(lambda: F.causal_attention_forward(q, k, v, 2), bwd, {"q": q, "k": k, "v": v})
+        return gradcheck_pair(lambda: F.causal_attention_forward(q, k, v, n_head), bwd, {"q": q, "k": k, "v": v})
     if name == "cross_entropy":
-        logits = _host64(g, 2, 4, 6, scale=2.0)  # (B, T, V)
-        tg = g.integers(0, 6, size=(2, 4))  # (B, T)
+        V = 6
+        logits = _host64(g, *shape, V, scale=2.0)  # (..., V)
+        tg = g.integers(0, V, size=shape)  # (...)
         tg.reshape(-1)[[1, 4]] = F.IGNORE_INDEX  # two ignored positions
-        targets = asarray(tg)  # (B, T)
-        loss, dlogits = F.cross_entropy(logits, targets)  # (), (B, T, V)
-        numeric = numerical_gradient(lambda: F.cross_entropy(logits, targets)[0], logits)  # (B, T, V)
+        targets = asarray(tg)  # (...)
+        loss, dlogits = F.cross_entropy(logits, targets)  # (), (..., V)
+        require(not to_numpy(dlogits).reshape(-1, V)[[1, 4]].any(), "ignored positions must get exactly zero gradient")
+        numeric = numerical_gradient(lambda: F.cross_entropy(logits, targets)[0], logits)  # (..., V)
         return [Measurement("d/dlogits", rel_error(dlogits, numeric), GRADCHECK_TOL)]
     if name == "lowrank":
         xa, A, B = _host64(g, 2, 3, 6), _host64(g, 2, 6), _host64(g, 5, 2)  # (..., k), (r, k), (d, r)
@@ -390,42 +407,38 @@ def gradcheck_functional(name: str) -> list:
                           {"x": x})
 
 
-FUNCTIONAL = ("linear", "embedding", "layernorm", "gelu", "dropout", "softmax", "attention", "cross_entropy",
-              "lowrank", "group_mean")
+def randomize_params(module, g, scale: float = 0.4) -> None:
+    """Non-trivial float64 values for every parameter, in place (the checker perturbs these very arrays):
+    normal * ``scale``, layer-norm gains near 1."""
+    from ..nn import LayerNorm
 
-
-def gradcheck_gpt() -> list:
-    """A whole tiny float64 GPT's logits against central differences, every parameter by name.
-
-    The key biases get an exactly zero gradient (a constant shift of each softmax row): measured
-    absolutely against the largest gradient, both sides.
-    """
-    from ..model import GPT, GPTConfig
-
-    cfg = GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8)
-    g = rng(40)
-    model = GPT(cfg, seed=40, dtype="float64")
-    for name, p in model.named_parameters():
-        noise = g.standard_normal(p.shape) * 0.4  # shape of p
-        if name.endswith("weight") and name.split(".")[-2].startswith("ln"):
+    for name, p in module.named_parameters():
+        noise = g.standard_normal(p.shape) * scale  # shape of p
+        parts = name.split(".")
+        if parts[-1] == "weight" and (len(parts) == 1 and isinstance(module, LayerNorm)
+                                      or len(parts) > 1 and parts[-2].startswith("ln")):
             noise += 1.0  # layer-norm gains near 1
         p.data[...] = asarray(noise)  # shape of p, in place
-    ids = asarray([[3, 10, 3, 0, 7], [1, 3, 9, 9, 2]])  # (B, T); repeats exercise the scatter-add
-    params = dict(model.named_parameters())
-    zero = {n for n in params if _is_key_bias(n)}
 
-    def bwd(G, _):
-        model.zero_grad()
-        model.backward(G)
-        return {n: p.grad for n, p in params.items() if n not in zero}
 
-    out = gradcheck_pair(lambda: (model(ids), None), bwd, {n: p.data for n, p in params.items() if n not in zero})
-    G = asarray(g.standard_normal((2, 5, cfg.vocab_size)))  # (B, T, V)
-    model.zero_grad()
-    model.backward(G)
+def key_biases(names) -> set:
+    """The key biases among ``names``: q.(k + b) = q.k + q.b shifts a whole softmax row by one constant,
+    so their exact gradient is 0."""
+    return {n for n in names if _is_key_bias(n)}
+
+
+def exactly_zero(loss_fn, module, names) -> list:
+    """Gradients that are 0 in exact arithmetic, measured absolutely against the largest gradient of
+    ``module`` (which holds the backward's gradients for the upstream gradient of ``loss_fn``): the
+    backward's (bound 1e-12, ~1e-16 measured) and central differences of ``loss_fn`` (bound 1e-8, ~1e-10)."""
+    params = dict(module.named_parameters())
+    for n, p in params.items():
+        require(p.grad is not None, f"{n} got no gradient")
     scale = max(_norm(p.grad) for p in params.values())
-    for n in sorted(zero):
-        numeric = numerical_gradient(lambda: (model(ids) * G).sum(), params[n].data)  # (C,)
+    require(scale > 0, "every gradient is zero")
+    out = []
+    for n in sorted(names):
+        numeric = numerical_gradient(loss_fn, params[n].data)  # shape of the parameter
         out.append(Measurement(f"d/d{n} (backward, exactly 0)", float(abs(to_numpy(params[n].grad)).max()) / scale,
                                1e-12))
         out.append(Measurement(f"d/d{n} (differences, exactly 0)", float(abs(to_numpy(numeric)).max()) / scale,
@@ -433,16 +446,67 @@ def gradcheck_gpt() -> list:
     return out
 
 
+GPT_CHECK_CONFIG = {"vocab_size": 11, "block_size": 5, "n_layer": 1, "n_head": 2, "n_embd": 8}
+
+
+def gradcheck_gpt(output: str = "logits") -> list:
+    """A whole tiny float64 GPT against central differences, every parameter by name.
+
+    ``output``: "logits" (seed 40, the scalar sum(logits * G)) or "loss" (seed 41, the mean
+    cross-entropy with two ignored positions; h = 1e-5: a loss of order 1 with small gradients, so
+    the rounding error eps |L| / h stays well down). The key biases get an exactly zero gradient (a
+    constant shift of each softmax row): measured absolutely against the largest gradient, both sides.
+    """
+    from ..model import GPT, GPTConfig
+
+    if output not in ("logits", "loss"):
+        raise ValueError(f"output must be 'logits' or 'loss', got {output!r}")
+    seed, h = (40, 1e-6) if output == "logits" else (41, 1e-5)
+    model = GPT(GPTConfig(**GPT_CHECK_CONFIG), seed=seed, dtype="float64")
+    randomize_params(model, rng(seed))
+    ids = asarray([[3, 10, 3, 0, 7], [1, 3, 9, 9, 2]])  # (B, T); repeats exercise the scatter-add
+    if output == "logits":
+        def fwd():
+            return model(ids), None  # (B, T, V)
+
+        def dlogits(G, _):
+            return G  # G is d(sum(logits * G))/d(logits)
+    else:
+        targets = asarray([[10, 3, 0, F.IGNORE_INDEX, 2], [3, 9, F.IGNORE_INDEX, 2, 5]])  # (B, T)
+
+        def fwd():
+            return F.cross_entropy(model(ids), targets)  # (), (B, T, V)
+
+        def dlogits(G, d):
+            return d * G  # G is a 0-d upstream gradient
+
+    params = dict(model.named_parameters())
+    zero = key_biases(params)
+
+    def bwd(G, cache):
+        model.zero_grad()
+        model.backward(dlogits(G, cache))
+        return {n: p.grad for n, p in params.items() if n not in zero}
+
+    out = gradcheck_pair(fwd, bwd, {n: p.data for n, p in params.items() if n not in zero}, h=h)
+    y, cache = fwd()
+    G = asarray(rng(5).standard_normal(y.shape))  # shape of the output
+    model.zero_grad()
+    model.backward(dlogits(G, cache))
+    return out + exactly_zero(lambda: (fwd()[0] * G).sum(), model, zero)
+
+
 def adapter_gradients(layer, x, **forward_kwargs) -> list:
-    """An adapted layer (LoRA, QLoRA, QA-LoRA) against central differences: dx, dA, dB (float64)."""
+    """An adapted layer (LoRA, QLoRA, QA-LoRA) against central differences: dx, dA, dB (float64).
 
-    def forward():
-        return layer(x, **forward_kwargs)
+    ``gradcheck_pair``'s comparison, so a zero gradient is a Mismatch: with B = 0, dA = 0 on both
+    sides and the check would pass without checking anything (give B values first).
+    """
 
-    def backward(G):
+    def bwd(G, _):
         layer.lora_A.grad = layer.lora_B.grad = None
         dx = layer.backward(G)
         return {"x": dx, "A": layer.lora_A.grad, "B": layer.lora_B.grad}
 
-    errors = check_gradients(forward, backward, {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})
-    return [Measurement(f"d/d{name}", e, GRADCHECK_TOL) for name, e in errors.items()]
+    return gradcheck_pair(lambda: (layer(x, **forward_kwargs), None), bwd,
+                          {"x": x, "A": layer.lora_A.data, "B": layer.lora_B.data})
