@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import subprocess
@@ -57,7 +56,7 @@ import numpy as np
 
 from . import data, train
 from .backend import get_backend_name, to_numpy
-from .io import BASE_CHECKPOINT, atomic_write, load_checkpoint
+from .io import BASE_CHECKPOINT, atomic_write, load_checkpoint, write_json
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
 from .methods import METHODS, adapt
@@ -570,17 +569,6 @@ def write_figures(result: dict, folder: str) -> list:
     return paths
 
 
-def write_json(result: dict, path: str) -> None:
-    """Every number of both tables (and the loss curves) as JSON, written atomically."""
-    text = json.dumps(result, indent=1, sort_keys=True) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 # ---------------------------------------------------------------------------------------- command line
 def _words(values) -> list:
     """``--methods lora qlora`` and ``--methods lora,qlora`` alike."""
@@ -674,7 +662,7 @@ def main(args) -> int:
         for path in write_figures(result, args.figures):
             print(f"wrote {path}")
     if args.json is not None:
-        write_json(result, args.json)
+        write_json(args.json, result)  # every number of both tables and the loss curves
         print(f"wrote {args.json}")
     return 0
 
