@@ -121,7 +121,12 @@ def _bnb_dequantized_levels(quant_type: str) -> np.ndarray:
 def test_fp4_equals_the_levels_bitsandbytes_dequantizes_to():
     levels = _bnb_dequantized_levels("fp4")
     assert FP4_CODE.dtype == np.float32 and FP4_CODE.shape == (16,)
-    np.testing.assert_array_equal(_bits(FP4_CODE), _bits(levels))  # both zeros are +0.0
+    # Code 0b1000 is a sign bit over a zero magnitude: bitsandbytes' native CPU kernel gives -0.0 for it on
+    # some processors and +0.0 on others (its Python table below says +0.0). The value is zero either way;
+    # every other code must match bit for bit.
+    assert levels[8] == 0.0 and FP4_CODE[8] == 0.0
+    others = np.arange(16) != 8
+    np.testing.assert_array_equal(_bits(FP4_CODE)[others], _bits(levels)[others])
     # bitsandbytes' Python table (used for odd shapes) is the same, bit for bit.
     np.testing.assert_array_equal(_bits(FP4_CODE), _bits(bnbf.get_4bit_type("fp4", device="cpu").numpy()))
 
