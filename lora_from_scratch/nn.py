@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import functional as F
 from .backend import asarray, device_rng, get_backend_name, get_xp, global_rng, like_of, xp_of
 
@@ -41,7 +39,7 @@ def check_float_dtype(dtype) -> str:
     arithmetic of every layer assumes a floating dtype.
     """
     try:
-        name = str(np.dtype(dtype))
+        name = str(get_xp().dtype(dtype))  # NumPy's dtype (CuPy uses NumPy's dtypes)
     except TypeError:
         name = None
     if name not in FLOAT_DTYPES:
