@@ -170,8 +170,8 @@ def load_checkpoint(path: str, dtype=None) -> GPT:
 
 
 def checkpoint_metadata(path: str) -> dict:
-    """The JSON-decoded metadata of a checkpoint (config, training command, seed, scores)."""
-    _, meta = read_checkpoint(path)
+    """The JSON-decoded metadata of a checkpoint (config, training command, seed, scores); the data is not read."""
+    meta, _ = read_header(path)
     out = {}
     for k, v in meta.items():
         try:
