@@ -557,11 +557,14 @@ def check_arrays(expected: dict, header: dict, path) -> None:
             raise FileFormatError(path, f"the file holds {dtype_f}, the model it describes has {dtype}", tensor=k)
 
 
-def check_values(tensors: dict, path, code_bits: dict | None = None) -> None:
-    """Every floating tensor finite; every integer code tensor in ``code_bits`` ({key: bits}) below 2**bits."""
+def check_values(tensors: dict, path, code_bits: dict | None = None, floats_only: bool = False) -> None:
+    """Every floating tensor finite (and with ``floats_only`` every tensor floating); every integer code tensor
+    in ``code_bits`` ({key: bits}) below 2**bits. The readers of every format call this one check."""
     for k, arr in tensors.items():
+        if floats_only and arr.dtype.kind != "f":
+            raise FileFormatError(path, f"holds {arr.dtype} values; expected finite floating-point values", tensor=k)
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            raise FileFormatError(path, "holds NaN or inf", tensor=k)
+            raise FileFormatError(path, "holds NaN or inf; expected finite floating-point values", tensor=k)
     for k, bits in (code_bits or {}).items():
         arr = tensors[k]
         if arr.size and int(arr.max()) >= 2**bits:

@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from .backend import like_of
 from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_writer: re-exported for callers)
     CHECKSUM_KEY,
@@ -243,9 +241,7 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
             raise ValueError(f"{p} has an adapter {name!r} of rank {layer.adapters[name].r}, the file's is "
                              f"rank {spec['r']}")
     tensors, _ = read_checkpoint(path)
-    for key, arr in tensors.items():  # as lora.load_lora_state_dict checks
-        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
-            raise FileFormatError(path, f"expected finite floating-point values (dtype {arr.dtype})", tensor=key)
+    check_values(tensors, path, floats_only=True)  # as lora.load_lora_state_dict checks
     verify_checksum(tensors, meta, path)
     plan = []
     for p, spec in specs.items():

@@ -189,6 +189,22 @@ def test_an_adapter_config_that_is_not_a_json_object_gets_one_line(tmp_path, tex
     assert str(out / CONFIG_NAME) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_non_finite_peft_weights_are_refused_naming_file_and_key(tmp_path):
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "adapter"
+    save_peft_adapter(adapted(), str(out))
+    tensors, meta = files.read_safetensors(str(out / WEIGHTS_NAME))
+    key = "base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight"
+    tensors[key][3, 1] = np.nan
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata=meta)
+    model = adapted()
+    before = to_numpy(model(IDX))
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: tensor '{key}': holds NaN or inf"):
+        load_peft_adapter(model, str(out))
+    np.testing.assert_array_equal(to_numpy(model(IDX)), before)
+
+
 def test_a_bad_weights_file_is_named(tmp_path):
     out = tmp_path / "adapter"
     save_peft_adapter(adapted(), str(out))
