@@ -1,8 +1,9 @@
 """Files on disk, below the three formats that use them: our checkpoints and adapter files (``io``),
 Hugging Face GPT-2 folders (``hf_io``) and PEFT adapter folders (``peft_io``).
 
-Nothing here knows a model; it knows how to write a file so that it is never half there, how to
-tell a damaged file, and what every file format may claim before anything is built from it.
+Nothing here builds a model; this module knows how to write a file so that it is never half
+there, how to tell a damaged file, and what every file format may claim before anything is built
+from it.
 
 Writing: a crash or Ctrl-C never leaves half a file or half a folder.
 
@@ -634,9 +635,10 @@ def validate_peft_config(config: dict, path) -> dict:
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2's config.json
-_HF_FIXED = {  # field -> (the value our GPT computes with, or a check), when the field is present
-    "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
-    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+_HF_FIXED = {  # field -> the values our GPT computes with, when the field is present
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU's tanh form, two names in transformers
+    "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
 }
 
 
@@ -663,9 +665,9 @@ def validate_hf_gpt2_config(config: dict, path) -> None:
     if config.get("n_inner") not in (None, 4 * sizes["n_embd"]):
         raise FileFormatError(path, f"{config['n_inner']!r}; this GPT's MLP is 4 * n_embd = {4 * sizes['n_embd']}",
                               field="n_inner")
-    for field, value in _HF_FIXED.items():
-        if field in config and config[field] != value:
-            raise FileFormatError(path, f"{config[field]!r}; this GPT computes with {value!r}", field=field)
+    for field, values in _HF_FIXED.items():
+        if field in config and config[field] not in values:
+            raise FileFormatError(path, f"{config[field]!r}; this GPT computes with {values[0]!r}", field=field)
     for field in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
         _checked(_rate, config.get(field, 0.0), path, field)
     q = config.get("quantization_config")
