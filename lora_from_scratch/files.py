@@ -586,7 +586,8 @@ def _pattern(check):
             raise ValueError(f"expected a JSON object {{module regex: value}}, got {_short(pattern)}")
         for k, v in pattern.items():
             try:
-                re.compile(rf"(.*\.)?({k})$")
+                re.compile(k)  # alone first, so that the error's position is the key's
+                re.compile(rf"(.*\.)?({k})$")  # as PEFT matches it
             except re.error as e:
                 raise ValueError(f"{k!r} is not a regular expression ({e})") from None
             try:
