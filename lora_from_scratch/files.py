@@ -49,6 +49,7 @@ import numpy as np
 
 from .adapter import INITS
 from .backend import to_numpy
+from .model import GPTConfig
 from .nn import FLOAT_DTYPES, check_float_dtype
 from .qalora import check_bits, check_group_size
 from .qlora import check_blocksize
@@ -388,8 +389,6 @@ def gpt_config(meta: dict, header: dict, path):
     and the blocks the file holds: a config claiming a larger model than the file holds is refused
     before anything of that size exists.
     """
-    from .model import GPTConfig
-
     raw = _object(json_field(meta, "config", path), path, "config")
     fields = [f for f in GPTConfig.__dataclass_fields__]
     required = [f for f in fields if f != "dropout"]
