@@ -74,14 +74,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from .adapter import AdaptedLinear, QuantizedLinear
 from .backend import to_numpy
-from .io import host_tensors, json_writer, usual_mode
+from .files import host_tensors, json_writer, write_folder
 from .model import GPT, GPTConfig
 from .nn import Linear
 from .qalora import GroupwiseLinear
@@ -405,35 +403,6 @@ def hf_gpt2_config_dict(config: GPTConfig, dtype: str = "float32", quantization_
     return out
 
 
-def write_folder(directory: str, files: dict, prefix: str = ".tmp-") -> None:
-    """Write ``{file name: write_fn(path)}`` into ``directory`` atomically.
-
-    Everything is written into a temporary folder beside ``directory`` first; a new folder then
-    appears at once by rename, and in an existing one each file is replaced by rename. Other files
-    in it are left alone. ValueError if ``directory`` exists and is not a folder. The folder and
-    its files get the modes ``os.makedirs`` and ``open`` give (``io.usual_mode``), not private ones.
-    """
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"{directory} exists and is not a directory")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        os.chmod(tmp, usual_mode(folder=True))  # mkdtemp makes the folder private (0700); give it the usual mode
-        for name, write in files.items():
-            write(os.path.join(tmp, name))
-            os.chmod(os.path.join(tmp, name), usual_mode())  # as atomic_write: safetensors writes 0600 files
-        if not os.path.exists(directory):
-            os.replace(tmp, directory)  # the whole folder appears at once
-        else:
-            for name in files:
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-
-
 def save_hf_gpt2(model: GPT, directory: str, base_only: bool = False, dequantize: bool = False) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained(directory)`` loads.
 
@@ -444,10 +413,14 @@ def save_hf_gpt2(model: GPT, directory: str, base_only: bool = False, dequantize
     - group-wise bases (QA-LoRA): ValueError unless ``dequantize=True``, which writes every
       quantized base (NF4 too) as its dequantized float weight.
 
-    Every check runs before anything is written; the folder is written atomically.
+    Every check runs before anything is written; the folder is written all or nothing
+    (``files.write_folder``: an existing folder is replaced whole, its other files kept). The files
+    carry no checksum of ours: transformers writes and reads this layout and knows nothing of it.
     """
     from safetensors.numpy import save_file
 
+    if directory == "":
+        raise ValueError("empty path: give the name of the folder to write")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"{directory} exists and is not a directory")
     layers = frozen_layers(model, base_only)

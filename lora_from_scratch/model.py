@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from . import functional as F
 from .backend import global_rng, xp_of
 from .backend import rng as host_rng
-from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, check_float_dtype
 
 
 @dataclass
@@ -161,6 +161,7 @@ class GPT(Module):
     """
 
     def __init__(self, config: GPTConfig, seed: int | None = None, dtype="float32"):
+        dtype = check_float_dtype(dtype)  # before anything is drawn: an integer dtype would make all zeros
         self.config = config
         drng = _dropout_rng(seed)  # the Dropout layers' seeds: a stream apart from the weights'
         rng = global_rng() if seed is None else host_rng(seed)  # the weights

@@ -29,6 +29,24 @@ import math
 from . import functional as F
 from .backend import asarray, device_rng, get_backend_name, get_xp, global_rng, like_of, xp_of
 
+FLOAT_DTYPES = ("float16", "float32", "float64")  # what a model computes in (NumPy and CuPy have all three)
+
+
+def check_float_dtype(dtype) -> str:
+    """The name of ``dtype`` if it is one of ``FLOAT_DTYPES``; ValueError naming it otherwise.
+
+    An integer dtype would turn every weight into zeros (``astype`` truncates), and the float
+    arithmetic of every layer assumes a floating dtype.
+    """
+    try:
+        name = str(get_xp().dtype(dtype))  # NumPy's dtype (CuPy uses NumPy's dtypes)
+    except TypeError:
+        name = None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype the model computes in; "
+                         f"use one of {list(FLOAT_DTYPES)}")
+    return name
+
 
 class _Array:
     """What a Parameter and a Buffer share: they hold one array, ``.data``, and describe it."""
@@ -199,6 +217,7 @@ class Module:
 
     def astype(self, dtype):
         """Cast every floating parameter (and castable floating buffer) to ``dtype`` (``"float64"`` for gradchecks)."""
+        dtype = check_float_dtype(dtype)
         for _, a in self.named_arrays():
             if a.data.dtype.kind == "f" and (isinstance(a, Parameter) or a.castable):
                 a.data = a.data.astype(dtype)
@@ -360,6 +379,7 @@ class Linear(Module):
                  rng=None, dtype="float32"):
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"Linear needs positive sizes, got in={in_features}, out={out_features}")
+        dtype = check_float_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
         if std is None:  # PyTorch's default: U(-1/sqrt(in), 1/sqrt(in))
             w = _new((out_features, in_features), dtype, "uniform", 1.0 / math.sqrt(in_features), rng)
@@ -446,6 +466,7 @@ class Embedding(Module):
     """
 
     def __init__(self, num_embeddings: int, dim: int, *, std: float = 0.02, rng=None, dtype="float32"):
+        dtype = check_float_dtype(dtype)
         self.weight = Parameter(_new((num_embeddings, dim), dtype, "normal", std, rng))  # (V, C)
         self._cache = None
 
@@ -466,6 +487,7 @@ class LayerNorm(Module):
     """Layer normalization over the last axis with a gain and a bias (eps = 1e-5 as GPT-2)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, dtype="float32"):
+        dtype = check_float_dtype(dtype)
         self.weight = Parameter(_new((dim,), dtype, "ones", 0.0, None))  # (C,)
         self.bias = Parameter(_new((dim,), dtype, "zeros", 0.0, None))  # (C,)
         self.eps = eps

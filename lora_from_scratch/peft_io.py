@@ -69,8 +69,12 @@ mask stream. Adapted layers the file does not mention keep their adapters: load 
 base model to reproduce a PEFT model exactly. Everything is read and checked before the model
 changes.
 
-Files are written to a temporary folder beside the target and moved into
-place by rename, so a crash never leaves a half-written adapter.
+Files are written to a temporary folder beside the target and swapped in whole
+(``files.write_folder``), so a crash never leaves a half-written adapter, nor new
+weights beside an old config. Every field of ``adapter_config.json`` is checked
+before any weight is read (``files.validate_peft_config``): the same checks for a
+plain model and for one that already has adapters. The files carry no checksum of
+ours: PEFT writes and reads this layout and knows nothing of it.
 """
 
 from __future__ import annotations
@@ -86,8 +90,17 @@ import numpy as np
 from .adapter import AdaptedLinear, check_adapter_args
 from .backend import global_rng, like_of, to_numpy
 from .backend import rng as host_rng
-from .hf_io import MODULE_TARGETS, module_shape, target_rows, write_folder
-from .io import host_tensors, json_writer, read_checkpoint
+from .files import (
+    FileFormatError,
+    check_values,
+    host_tensors,
+    json_writer,
+    read_json_object,
+    read_safetensors,
+    validate_peft_config,
+    write_folder,
+)
+from .hf_io import MODULE_TARGETS, module_shape, target_rows
 from .lora import LoRALinear, _adapter_of, lora_layers, lora_scaling, mark_only_lora_as_trainable
 from .nn import Linear
 from .qalora import GroupwiseLinear, QALoRALinear
@@ -243,28 +256,14 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
-def _check_config(config: dict, path: str) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise ValueError(f"{path}: {flag}=true is not supported (plain LoRA only)")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias={config.get('bias')!r} is not supported (only 'none')")
-    for field in ("modules_to_save", "target_parameters", "trainable_token_indices"):
-        if config.get(field):
-            raise ValueError(f"{path}: {field}={config.get(field)!r} is not supported")
-
-
 def _read(directory: str):
+    """(checked config with PEFT's defaults, tensors, metadata) of a PEFT adapter folder; errors name the file."""
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for p in (cpath, wpath):
         if not os.path.exists(p):
             raise FileNotFoundError(f"no {os.path.basename(p)} in {directory}")
-    with open(cpath) as f:
-        config = json.load(f)
-    _check_config(config, cpath)
-    tensors, metadata = read_checkpoint(wpath)  # ValueError naming the file if it is truncated or corrupt
+    config = validate_peft_config(read_json_object(cpath), cpath)
+    tensors, metadata = read_safetensors(wpath)  # ValueError naming the file if it is truncated or corrupt
     return config, tensors, metadata
 
 
@@ -281,9 +280,11 @@ def _parse_key(key: str):
 
 
 def _plan(model, config: dict, tensors: dict, metadata: dict) -> list:
-    """Check every tensor; return [(our layer path, key, A, B, rank, alpha)] without touching the model."""
+    """Check every tensor against the checked ``config``; return [(our layer path, key, A, B, rank, alpha)].
+
+    The model is not touched."""
     C, n_layer = model.config.n_embd, model.config.n_layer
-    use_rslora = bool(config.get("use_rslora", False))
+    use_rslora = config["use_rslora"]
     pairs: dict[str, dict] = {}
     for key, arr in tensors.items():
         module, i, hf_module, ab = _parse_key(key)
@@ -305,8 +306,8 @@ def _plan(model, config: dict, tensors: dict, metadata: dict) -> list:
                 raise ValueError(f"adapter for {module} has no lora_{ab} weight")
         (ka, A), (kb, B) = p["A"], p["B"]
         out_f, in_f = module_shape(p["hf_module"], C)
-        rank = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+        rank = int(_pattern_value(config["rank_pattern"], module, config["r"]))
+        alpha = float(_pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
         if A.ndim != 2 or A.shape[1] != in_f:
             raise ValueError(f"{ka}: adapter has shape {tuple(A.shape)}, model expects {(A.shape[0], in_f)}")
         if tuple(B.shape) != (out_f, A.shape[0]):
@@ -314,9 +315,6 @@ def _plan(model, config: dict, tensors: dict, metadata: dict) -> list:
         if A.shape[0] != rank:
             raise ValueError(f"{ka}: adapter has shape {tuple(A.shape)}, but adapter_config.json gives {module} "
                              f"rank {rank}, i.e. shape {(rank, in_f)}")
-        for key, arr in ((ka, A), (kb, B)):
-            if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
-                raise ValueError(f"{key}: expected finite floating-point values (dtype {arr.dtype})")
         s = lora_scaling(rank, alpha, use_rslora)
         i, targets = p["i"], MODULE_TARGETS[p["hf_module"]]
         if len(targets) == 1:
@@ -399,20 +397,22 @@ def load_peft_adapter(model, directory: str, seed: int | None = None):
     shapes; then nothing has changed. Returns the model.
     """
     config, tensors, metadata = _read(directory)
-    plan = _plan(model, config, tensors, metadata)
-    use_rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    check_values(tensors, os.path.join(directory, WEIGHTS_NAME), floats_only=True)
+    try:
+        plan = _plan(model, config, tensors, metadata)
+    except ValueError as e:
+        raise FileFormatError(os.path.join(directory, WEIGHTS_NAME), str(e)) from None
+    use_rslora, dropout = config["use_rslora"], config["lora_dropout"]
     checked = []
     for path, key, A, B, rank, alpha in plan:
         layer = model.get_submodule(path)
         A_held = _target_A(layer, path, key, A)  # (r, k'): folded for QA-LoRA
-        if not isinstance(layer, AdaptedLinear):
-            max_rank = None if isinstance(layer, GroupwiseLinear) else min(layer.in_features, layer.out_features)
-            try:
-                check_adapter_args(rank, alpha, dropout, "kaiming", max_rank=max_rank,
-                                   shape=(layer.out_features, layer.in_features))
-            except ValueError as e:
-                raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}; {path}: {e}") from None
+        pooled = isinstance(layer, (GroupwiseLinear, QALoRALinear))  # a pooled adapter's rank may exceed in / group
+        try:  # the same checks for a new adapter and for one loaded into an existing adapted layer
+            check_adapter_args(rank, alpha, dropout, "kaiming", shape=(layer.out_features, layer.in_features),
+                               max_rank=None if pooled else min(layer.in_features, layer.out_features))
+        except ValueError as e:
+            raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}; {path}: {e}") from None
         checked.append((path, layer, A_held, B, rank, alpha))
     rng = host_rng(seed) if seed is not None else global_rng()
     created = False
