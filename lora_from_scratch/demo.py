@@ -56,6 +56,7 @@ import numpy as np
 
 from . import data, train
 from .backend import get_backend_name, to_numpy
+from .checks import check_int, is_int
 from .io import BASE_CHECKPOINT, atomic_write, load_checkpoint, write_json
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
@@ -84,12 +85,6 @@ def run_name(method: str, r: int, bits: int | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def check_methods(methods) -> tuple:
     """The methods in order, each once; an unknown one is a ValueError naming it."""
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
@@ -106,15 +101,14 @@ def check_methods(methods) -> tuple:
 
 def check_bits(bits) -> tuple:
     """The bit widths in the order given, each once; each must be an integer from 2 to 8."""
-    bits = (bits,) if isinstance(bits, (int, np.integer)) else tuple(bits)
+    bits = (bits,) if is_int(bits) else tuple(bits)
     out = []
     for b in bits:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 2 <= int(b) <= 8:
-            raise ValueError(f"bit widths must be integers from 2 to 8, got {b!r}")
-        if int(b) not in out:
-            out.append(int(b))
+        b = check_int("bits", b, 2, 8)
+        if b not in out:
+            out.append(b)
     if not out:
-        raise ValueError("name at least one bit width from 2 to 8")
+        raise ValueError("name at least one bit width between 2 and 8")
     return tuple(out)
 
 
@@ -320,15 +314,14 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
     t0, c0 = time.perf_counter(), time.process_time()
     s = QUICK if quick else FULL
     methods = check_methods(methods)
-    r = _positive_int(r, "the rank r")
+    r = check_int("the rank r", r, 1)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    steps = _positive_int(s["steps"] if steps is None else steps, "steps")
-    batch_size = _positive_int(s["batch_size"] if batch_size is None else batch_size, "batch_size")
-    eval_per_task = _positive_int(s["eval_per_task"] if eval_per_task is None else eval_per_task, "eval_per_task")
+    steps = check_int("steps", s["steps"] if steps is None else steps, 1)
+    batch_size = check_int("batch_size", s["batch_size"] if batch_size is None else batch_size, 1)
+    eval_per_task = check_int("eval_per_task", s["eval_per_task"] if eval_per_task is None else eval_per_task, 1)
     bits = check_bits(s["bits"] if bits is None else bits)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = check_int("seed", seed, 0)
     base_model = load_base(base)
     models = adapted_models(base_model, methods, r, alpha, seed, bits, group_size)  # before any training
 

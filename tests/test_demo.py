@@ -264,7 +264,7 @@ def test_run_demo_checks_before_training(tmp_path):
         demo.run_demo(methods=("lora", "dora"), progress=False)
     with pytest.raises(ValueError, match="rank r must be a positive integer"):
         demo.run_demo(r=0, progress=False)
-    with pytest.raises(ValueError, match="from 2 to 8"):
+    with pytest.raises(ValueError, match="between 2 and 8, got 9"):
         demo.run_demo(bits=(4, 9), progress=False)
     with pytest.raises(ValueError, match="rank"):  # r above the smallest dimension of a targeted matrix
         demo.run_demo(r=10_000, methods=("lora",), progress=False)
