@@ -21,6 +21,11 @@ import numpy as np
 
 _VALID = ("numpy", "cupy")
 _default_name: str | None = None
+CUPY_NEEDS = "needs CuPy and an NVIDIA GPU: pip install cupy-cuda12x (or pip install .[gpu])"
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run here (CuPy not installed, or no GPU); the message says how to get it."""
 
 
 def _cupy():
@@ -28,19 +33,27 @@ def _cupy():
     try:
         import cupy  # noqa: PLC0415  (lazy on purpose)
     except ImportError as e:  # pragma: no cover - depends on the machine
-        raise RuntimeError(
-            "backend 'cupy' needs CuPy and an NVIDIA GPU: pip install 'lora_from_scratch[gpu]'"
-        ) from e
+        raise BackendUnavailable(f"backend 'cupy' {CUPY_NEEDS} (import cupy: {e})") from e
     return cupy
 
 
 def set_backend(name: str) -> None:
-    """Choose the default backend for new arrays: ``"numpy"`` or ``"cupy"``."""
+    """Choose the default backend for new arrays: ``"numpy"`` or ``"cupy"``.
+
+    ``"cupy"`` is checked now, not at the first array: CuPy must import and see a GPU
+    (``BackendUnavailable``, a RuntimeError, says how to get it); an unknown name is a ValueError.
+    """
     global _default_name
     if name not in _VALID:
         raise ValueError(f"unknown backend {name!r}; valid backends: {list(_VALID)}")
     if name == "cupy":
-        _cupy()
+        cupy = _cupy()
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # pragma: no cover - depends on the machine (CUDA driver missing, ...)
+            raise BackendUnavailable(f"backend 'cupy' {CUPY_NEEDS} (no usable GPU: {e})") from None
+        if count < 1:  # pragma: no cover - depends on the machine
+            raise BackendUnavailable(f"backend 'cupy' {CUPY_NEEDS} (no GPU found)")
     _default_name = name
 
 
