@@ -56,7 +56,7 @@ import numpy as np
 
 from . import data, train
 from .backend import get_backend_name, to_numpy
-from .checks import check_int, is_int
+from .checks import check_int
 from .io import BASE_CHECKPOINT, json_writer, load_checkpoint
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
@@ -102,7 +102,7 @@ def check_methods(methods) -> tuple:
 
 def check_bits(bits) -> tuple:
     """The bit widths in the order given, each once; each must be an integer from 2 to 8."""
-    bits = (bits,) if is_int(bits) else tuple(bits)
+    bits = tuple(bits) if isinstance(bits, (list, tuple, np.ndarray)) else (bits,)
     out = []
     for b in bits:
         b = check_int("bits", b, 2, 8)

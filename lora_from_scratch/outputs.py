@@ -117,49 +117,51 @@ def write_set(files: dict) -> list[str]:
             staged.append((tmp, path))
             write(tmp)
             os.chmod(tmp, usual_mode())  # mkstemp makes the file private (0600): give it the usual mode
+        paths = [path for _, path in staged]
         with _ctrl_c_held():
             _commit(staged)
+            _WRITTEN.extend(paths)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    paths = [path for _, path in staged]
-    _WRITTEN.extend(paths)
     return paths
 
 
 def _commit(staged) -> None:
     """Rename every temporary onto its target; on any failure put every target back as it was."""
-    done = []  # (path, backup or None, folders made)
+    done = []  # one dict per target: path, backup (the old file's new name, or None), moved, folders made
     try:
         for tmp, path in staged:
             folder = os.path.dirname(os.path.abspath(path))
-            made = []
+            step = {"path": path, "backup": None, "moved": False, "made": []}
+            done.append(step)
             probe = folder
             while not os.path.exists(probe):
-                made.append(probe)
+                step["made"].append(probe)
                 probe = os.path.dirname(probe)
             os.makedirs(folder, exist_ok=True)
-            backup = None
             if os.path.exists(path):
-                fd, backup = tempfile.mkstemp(prefix=".old-", suffix=os.path.basename(path), dir=folder)
+                fd, step["backup"] = tempfile.mkstemp(prefix=".old-", suffix=os.path.basename(path), dir=folder)
                 os.close(fd)
-                os.replace(path, backup)  # onto the empty file mkstemp reserved
-            done.append((path, backup, made))
+                os.replace(path, step["backup"])  # the old file, onto the empty one mkstemp reserved
+                step["moved"] = True
             os.replace(tmp, path)
     except BaseException:
-        for path, backup, made in reversed(done):
-            if backup is not None:
-                os.replace(backup, path)
-            elif os.path.exists(path):
-                os.remove(path)
-            for folder in made:  # deepest first
+        for step in reversed(done):
+            if step["moved"]:
+                os.replace(step["backup"], step["path"])  # the old file back
+            elif step["backup"] is not None:
+                os.remove(step["backup"])  # reserved, not used: the old file never moved
+            elif os.path.exists(step["path"]):
+                os.remove(step["path"])  # a new file where there was none
+            for made in step["made"]:  # deepest first
                 with contextlib.suppress(OSError):
-                    os.rmdir(folder)
+                    os.rmdir(made)
         raise
-    for _, backup, _ in done:
-        if backup is not None:
-            os.remove(backup)
+    for step in done:
+        if step["backup"] is not None:
+            os.remove(step["backup"])
 
 
 class Staging:
