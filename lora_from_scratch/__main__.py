@@ -150,12 +150,16 @@ def _run(args) -> int:
         from .outputs import check_output_path, staged_folder
 
         if args.command == "figures":
-            from .plots import make_all_figures as write_into
+            from .plots import make_all_figures
+
+            write_into = make_all_figures
         else:
-            from .exercises.students import STUDENT
-            from .exercises.students import write_student_notebooks as write_into
+            from .exercises.students import STUDENT, write_student_notebooks
 
             args.out = args.out or STUDENT
+
+            def write_into(folder):
+                return write_student_notebooks(out=folder)
         check_output_path(args.out, "--out", folder=True)
         with staged_folder(args.out) as staging:  # all the files, or none
             write_into(staging.folder)

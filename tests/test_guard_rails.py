@@ -149,6 +149,24 @@ def test_pretrain_writes_under_runs_by_default_never_the_shipped_model(tmp_path,
     assert out.read_bytes() != first
 
 
+def test_student_notebooks_and_figures_land_in_the_folder_named(tmp_path, monkeypatch, capsys):
+    """The commands that fill a folder stage their files beside it and move them in: the same files, no staging."""
+    from lora_from_scratch.exercises import students
+
+    monkeypatch.setattr(outputs, "_WRITTEN", [])
+    (tmp_path / "sn").mkdir()
+    (tmp_path / "sn" / "mine.txt").write_text("kept")
+    assert cli.main(["student-notebooks", "--out", str(tmp_path / "sn")]) == 0
+    names = sorted(os.path.basename(p) for p in students.teacher_notebooks())
+    assert names and sorted(os.listdir(tmp_path / "sn")) == sorted(names + ["mine.txt"])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "sn" / n) for n in names]
+    monkeypatch.setattr("lora_from_scratch.plots.make_all_figures",
+                        lambda folder: [Path(folder, n).write_text(n) for n in ("a.png", "b.png")])
+    assert cli.main(["figures", "--out", str(tmp_path / "new" / "figs")]) == 0
+    assert _listing(tmp_path / "new") == {"figs/a.png": b"a.png", "figs/b.png": b"b.png"}
+    assert sorted(os.listdir(tmp_path)) == ["new", "sn"]
+
+
 # ------------------------------------------------------------------ Ctrl-C: all outputs or none
 def test_ctrl_c_after_the_demo_figures_leaves_no_file(in_tmp, monkeypatch, capsys):
     """The demo's figures are drawn, then Ctrl-C arrives while its JSON is written: no figure is left behind."""
