@@ -634,8 +634,7 @@ def run_benchmarks(quick: bool = False) -> int:
     """Run every script in benchmarks/ (they print their own medians and ratios)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     if not os.path.isdir(root):
-        print("benchmarks/ is not next to the package (run from a source checkout)")
-        return 1
+        raise ValueError(f"bench runs the scripts in {root}, which is not there (run from a source checkout)")
     status = 0
     for name in sorted(os.listdir(root)):
         if name.endswith(".py"):

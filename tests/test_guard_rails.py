@@ -98,6 +98,13 @@ def test_argparse_refusals_are_one_line_too(in_tmp, capsys, argv):
     assert err.count("\n") == 1 and err.startswith("error: python -m lora_from_scratch"), err
 
 
+def test_bench_outside_a_source_checkout_is_one_line(in_tmp, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "__file__", str(in_tmp / "site-packages" / "lora_from_scratch" / "demo.py"))
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which is not there (run from a source checkout)" in err, err
+
+
 def test_an_unknown_backend_in_the_environment_is_one_line(in_tmp, capsys, monkeypatch):
     monkeypatch.setenv("LFS_BACKEND", "tpu")
     monkeypatch.setattr(backend, "_default_name", None)  # read the variable again
