@@ -19,6 +19,8 @@ import types
 
 import numpy as np
 
+from .checks import check_choice
+
 _VALID = ("numpy", "cupy")
 _default_name: str | None = None
 CUPY_NEEDS = "needs CuPy and an NVIDIA GPU: pip install cupy-cuda12x (or pip install .[gpu])"
@@ -44,8 +46,7 @@ def set_backend(name: str) -> None:
     (``BackendUnavailable``, a RuntimeError, says how to get it); an unknown name is a ValueError.
     """
     global _default_name
-    if name not in _VALID:
-        raise ValueError(f"unknown backend {name!r}; valid backends: {list(_VALID)}")
+    check_choice("backend", name, _VALID)
     if name == "cupy":
         cupy = _cupy()
         try:

@@ -1,4 +1,4 @@
-"""Argument checks, written once: integers in a range, powers of two, a choice among names.
+"""Argument checks, written once: integers in a range, powers of two, finite numbers, a choice among names.
 
 Every function of the package that takes a count, a rank, a bit width, a group or block size
 calls these, so the same input gets the same answer everywhere:
@@ -15,9 +15,11 @@ Nothing here imports NumPy or anything else of the package: any module may use i
 
 from __future__ import annotations
 
-from numbers import Integral
+import math
+from collections.abc import Hashable
+from numbers import Integral, Real
 
-__all__ = ["check_choice", "check_int", "check_power_of_two", "is_int"]
+__all__ = ["check_choice", "check_int", "check_number", "check_power_of_two", "is_int"]
 
 
 def is_int(value) -> bool:
@@ -56,8 +58,22 @@ def check_power_of_two(name: str, value, low: int, high: int) -> int:
 
 
 def check_choice(name: str, value, choices):
-    """``value`` if it is one of ``choices``; else ``ValueError("unknown {name} 'x'; valid: [...]")``."""
+    """``value`` if it is one of ``choices``; else ``ValueError("unknown {name} 'x'; valid {name}s: [...]")``."""
     choices = list(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, choices))}")
+    if not isinstance(value, Hashable) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid {name}s: {choices}")
     return value
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None,
+                 above: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) with ``low <= value <= high`` and
+    ``value > above`` (each bound optional); else a ValueError naming it and the bounds."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (low is not None and value < low) or (high is not None and value > high) or (
+            above is not None and value <= above):
+        bounds = [f"> {above}" if above is not None else None, f">= {low}" if low is not None else None,
+                  f"<= {high}" if high is not None else None]
+        span = " and ".join(b for b in bounds if b)
+        raise ValueError(f"{name} must be a finite number{' ' + span if span else ''}, got {value!r}")
+    return float(value)

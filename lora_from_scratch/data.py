@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 
 from lora_from_scratch.backend import get_xp, to_numpy, xp_of
-from lora_from_scratch.checks import check_int
+from lora_from_scratch.checks import check_choice, check_int
 
 # Index 0 is the pad character (never part of an example); then the separators; then the letters.
 VOCAB = "_" + ":>." + string.ascii_lowercase + string.ascii_uppercase
@@ -99,9 +99,7 @@ FINETUNE_TASK = "desc"
 
 
 def _check_task(task) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
-    return task
+    return check_choice("task", task, TASKS)
 
 
 def _check_letters(letters) -> str:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import subprocess
 import sys
@@ -56,7 +55,7 @@ import numpy as np
 
 from . import data, train
 from .backend import get_backend_name, to_numpy
-from .checks import check_int
+from .checks import check_choice, check_int, check_number
 from .io import BASE_CHECKPOINT, json_writer, load_checkpoint
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
@@ -91,8 +90,7 @@ def check_methods(methods) -> tuple:
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     out = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
+        check_choice("method", m, METHODS)
         if m not in out:
             out.append(m)
     if not out:
@@ -286,8 +284,7 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
     s = QUICK if quick else FULL
     methods = check_methods(methods)
     r = check_int("the rank r", r, 1)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    alpha = check_number("alpha", alpha, above=0.0)
     steps = check_int("steps", s["steps"] if steps is None else steps, 1)
     batch_size = check_int("batch_size", s["batch_size"] if batch_size is None else batch_size, 1)
     eval_per_task = check_int("eval_per_task", s["eval_per_task"] if eval_per_task is None else eval_per_task, 1)
@@ -601,8 +598,7 @@ def main(args) -> int:
         alpha = float(args.alpha)
     except ValueError:
         raise ValueError(f"--alpha must be a number, got {args.alpha!r}") from None
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"--alpha must be a positive number, got {args.alpha}")
+    alpha = check_number("--alpha", alpha, above=0.0)
     steps = None if args.steps is None else _int(args.steps, "--steps", 1)
     bits = None if args.bits is None else [_int(b, "--bits", 2, 8) for b in _words(args.bits)]
     seed = _int(args.seed, "--seed", 0)

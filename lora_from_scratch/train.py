@@ -29,6 +29,7 @@ import numpy as np
 
 from . import data
 from .backend import like, xp_of
+from .checks import check_choice, check_int, check_number
 from .functional import check_ids, check_targets, cross_entropy
 from .optim import AdamW, _global_norm, clip_grad_norm, warmup_cosine
 
@@ -57,11 +58,18 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
-        unknown = [t for t in self.tasks if t not in data.TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; valid tasks: {list(data.TASKS)}")
+        """Every field checked now, before a model is touched (``checks``): a ValueError naming the field."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_every", 0),
+                          ("eval_per_task", 1), ("seed", 0)):
+            setattr(self, name, check_int(name, getattr(self, name), low))
+        self.lr = check_number("lr", self.lr, above=0.0)
+        self.min_lr_ratio = check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        self.weight_decay = check_number("weight_decay", self.weight_decay, 0.0)
+        self.grad_clip = check_number("grad_clip", self.grad_clip, 0.0)  # 0: no clipping
+        if not self.tasks:
+            raise ValueError(f"tasks must name at least one task; valid tasks: {list(data.TASKS)}")
+        for t in self.tasks:
+            check_choice("task", t, data.TASKS)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -203,7 +203,7 @@ BAD = {
     "other block size": _short_block,
     "unwritable json": _unwritable_json,
     "json is a folder": lambda t: (["--json", str(t)], "is a folder"),
-    "alpha 0": lambda t: (["--alpha", "0"], "--alpha must be a positive number"),
+    "alpha 0": lambda t: (["--alpha", "0"], "--alpha must be a finite number > 0.0, got 0.0"),
     "steps 0": lambda t: (["--steps", "0"], "--steps must be a positive integer"),
 }
 

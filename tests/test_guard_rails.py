@@ -344,7 +344,7 @@ def test_numpy_integers_pass_bools_and_floats_fail_everywhere(user):
 
 
 def test_check_int_returns_a_python_int_and_names_the_range():
-    from lora_from_scratch.checks import check_choice, check_int, check_power_of_two
+    from lora_from_scratch.checks import check_choice, check_int, check_number, check_power_of_two
 
     assert type(check_int("n", np.int32(3), 0)) is int
     with pytest.raises(ValueError, match=r"^bits must be an integer between 2 and 8, got 9$"):
@@ -356,5 +356,19 @@ def test_check_int_returns_a_python_int_and_names_the_range():
     with pytest.raises(ValueError, match=r"^blocksize must be a power of two between 16 and 4096, got 96$"):
         check_power_of_two("blocksize", 96, 16, 4096)
     assert check_power_of_two("blocksize", np.int64(64), 16, 4096) == 64
-    with pytest.raises(ValueError, match=r"^unknown method 'dora'; valid: lora, qlora$"):
+    with pytest.raises(ValueError, match=r"^unknown method 'dora'; valid methods: \['lora', 'qlora'\]$"):
         check_choice("method", "dora", ("lora", "qlora"))
+    with pytest.raises(ValueError, match=r"^unknown method \['lora'\]"):
+        check_choice("method", ["lora"], ("lora", "qlora"))
+    assert check_number("lr", np.float32(0.5), above=0.0) == 0.5
+    for bad in (0.0, -1, float("nan"), float("inf"), True, "1e-3"):
+        with pytest.raises(ValueError, match=r"^lr must be a finite number > 0.0, got "):
+            check_number("lr", bad, above=0.0)
+
+
+@pytest.mark.parametrize("field, bad", [("steps", 0), ("steps", 2.5), ("batch_size", True), ("seed", -1),
+                                        ("eval_every", np.float64(1)), ("lr", float("nan")), ("lr", 0.0),
+                                        ("grad_clip", -1.0), ("min_lr_ratio", 2.0), ("tasks", ("copy", "shout"))])
+def test_train_config_refuses_each_bad_field_by_name(field, bad):
+    with pytest.raises(ValueError, match=field if field != "tasks" else "unknown task 'shout'"):
+        train.TrainConfig(**{field: bad})
