@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _choose_backend(args) -> None:
     """Set the backend now, before any work: one that cannot run here (or an unknown name) is a UsageError."""
-    from .backend import BackendUnavailable, get_backend_name, set_backend
+    from .backend import CUPY_NEEDS, BackendUnavailable, get_backend_name, set_backend
 
     source = f"--backend {args.backend}" if args.backend else f"LFS_BACKEND={os.environ.get('LFS_BACKEND', '')}"
     try:
@@ -112,7 +112,7 @@ def _choose_backend(args) -> None:
         else:
             get_backend_name()  # reads LFS_BACKEND
     except BackendUnavailable as e:
-        raise UsageError(f"{source} {str(e).removeprefix('backend ' + repr(args.backend or 'cupy') + ' ')}") from None
+        raise UsageError(f"{source} {CUPY_NEEDS} ({e.why})") from None
     except ValueError as e:
         raise UsageError(f"{source}: {e}") from None
 

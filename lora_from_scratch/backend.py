@@ -27,7 +27,14 @@ CUPY_NEEDS = "needs CuPy and an NVIDIA GPU: pip install cupy-cuda12x (or pip ins
 
 
 class BackendUnavailable(RuntimeError):
-    """The backend asked for cannot run here (CuPy not installed, or no GPU); the message says how to get it."""
+    """The backend asked for cannot run here (CuPy not installed, or no GPU); the message says how to get it.
+
+    ``why``: what failed here (the import error, or no GPU found).
+    """
+
+    def __init__(self, why: str):
+        self.why = why
+        super().__init__(f"backend 'cupy' {CUPY_NEEDS} ({why})")
 
 
 def _cupy():
@@ -35,7 +42,7 @@ def _cupy():
     try:
         import cupy  # noqa: PLC0415  (lazy on purpose)
     except ImportError as e:  # pragma: no cover - depends on the machine
-        raise BackendUnavailable(f"backend 'cupy' {CUPY_NEEDS} (import cupy: {e})") from e
+        raise BackendUnavailable(f"import cupy: {e}") from e
     return cupy
 
 
@@ -52,9 +59,9 @@ def set_backend(name: str) -> None:
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as e:  # pragma: no cover - depends on the machine (CUDA driver missing, ...)
-            raise BackendUnavailable(f"backend 'cupy' {CUPY_NEEDS} (no usable GPU: {e})") from None
+            raise BackendUnavailable(f"no usable GPU: {e}") from None
         if count < 1:  # pragma: no cover - depends on the machine
-            raise BackendUnavailable(f"backend 'cupy' {CUPY_NEEDS} (no GPU found)")
+            raise BackendUnavailable("no GPU found")
     _default_name = name
 
 
