@@ -155,6 +155,10 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
 
     from .io import save_checkpoint
 
+    if cfg.checkpoint:  # a path that cannot be written fails now, not at the first evaluation
+        from .outputs import check_output_path
+
+        check_output_path(cfg.checkpoint, "TrainConfig.checkpoint")
     rng = np.random.default_rng(cfg.seed)
     block = model.config.block_size
     vocab = model.config.vocab_size

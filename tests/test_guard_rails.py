@@ -293,6 +293,17 @@ def test_a_nan_gradient_without_clipping_never_reaches_the_adapter():
         assert np.isfinite(p.data).all() and np.array_equal(p.data, after[n]), n
 
 
+def test_an_unwritable_training_checkpoint_is_refused_before_the_first_step(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    model = GPT(GPTConfig(vocab_size=data.VOCAB_SIZE, block_size=32, n_layer=1, n_head=2, n_embd=16), seed=0)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    cfg = train.TrainConfig(steps=2, batch_size=2, eval_every=1, eval_per_task=2,
+                            checkpoint=str(tmp_path / "a-file" / "run.safetensors"))
+    with pytest.raises(ValueError, match="TrainConfig.checkpoint .*a-file is not a folder"):
+        train.train(model, cfg, progress=False)
+    assert all(np.array_equal(p.data, before[n]) for n, p in model.named_parameters())
+
+
 # ------------------------------------------------------------------ 4-bit packing
 def test_pack_nibbles_refuses_what_does_not_fit_in_4_bits():
     from lora_from_scratch.quant import pack_nibbles, unpack_nibbles
