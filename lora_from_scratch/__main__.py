@@ -124,6 +124,10 @@ def _check_pretrain(args) -> None:
     check_int("--steps", args.steps, 1)
     check_int("--batch-size", args.batch_size, 1)
     check_int("--seed", args.seed, 0)
+    package = os.path.dirname(os.path.abspath(__file__))
+    if args.out == PRETRAIN_OUT and os.path.abspath(args.out).startswith(package + os.sep):
+        raise UsageError(f"the default --out {PRETRAIN_OUT} is inside the package here ({package}); run from "
+                         "another folder, or name the file with --out")
     check_output_path(args.out, "--out", force=args.force)
 
 

@@ -174,6 +174,14 @@ def test_student_notebooks_and_figures_land_in_the_folder_named(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["new", "sn"]
 
 
+def test_pretrain_run_from_inside_the_package_does_not_write_there_by_default(in_tmp, monkeypatch, capsys):
+    package = Path(cli.__file__).parent
+    monkeypatch.chdir(package)
+    assert cli.main(["pretrain"]) == 2
+    assert "is inside the package here" in capsys.readouterr().err
+    assert not (package / "runs").exists()
+
+
 # ------------------------------------------------------------------ Ctrl-C: all outputs or none
 def test_ctrl_c_after_the_demo_figures_leaves_no_file(in_tmp, monkeypatch, capsys):
     """The demo's figures are drawn, then Ctrl-C arrives while its JSON is written: no figure is left behind."""
