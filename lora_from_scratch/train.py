@@ -31,7 +31,7 @@ from . import data
 from .backend import like, xp_of
 from .checks import check_choice, check_int, check_number
 from .functional import check_ids, check_targets, cross_entropy
-from .optim import AdamW, _global_norm, clip_grad_norm, warmup_cosine
+from .optim import AdamW, clip_grad_norm, warmup_cosine
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,11 +115,14 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
 
     Forward, cross-entropy, backward, clipping (if ``grad_clip``) and the
     optimizer step, with exactly one host synchronization: the loss and the
-    global gradient norm (before clipping) come back together as two Python
-    floats. The norm is computed without clipping too (``grad_clip=0``): it is
-    what tells a NaN or inf gradient under a finite loss. When either is NaN
-    or inf the optimizer step is skipped, so the weights stay as they were;
-    the caller decides what to do (``train`` raises ``TrainingDiverged``).
+    gradient norm before clipping come back together as two Python floats.
+    Without clipping (``grad_clip=0``) no norm is computed (None), but a NaN or
+    inf gradient under a finite loss must still be caught: the sum of every
+    gradient, in its own dtype (one read of each, no temporary), is NaN or inf
+    exactly when one is, and is then returned in the norm's place. When the
+    loss or that value is NaN or inf the optimizer step is skipped, so the
+    weights stay as they were; the caller decides what to do (``train``
+    raises ``TrainingDiverged``).
     """
     logits = model(idx, check=False)  # (B, T) -> (B, T, V); ids checked by the caller
     loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
@@ -127,12 +130,16 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
     model.backward(dlogits)
     if grad_clip:
         norm = clip_grad_norm(opt.params, grad_clip)  # (), on the device
-    else:  # no clipping, but a NaN or inf gradient must still hold the step back: its norm shows it
-        grads = [p.grad for p in opt.params if p.grad is not None]
-        norm = _global_norm(grads) if grads else xp_of(loss).zeros((), dtype="float64")  # ()
+    else:  # no clipping, but a NaN or inf gradient must still hold the step back: their sum shows it
+        norm = xp_of(loss).zeros((), dtype="float64")  # ()
+        for p in opt.params:
+            if p.grad is not None:
+                norm = norm + p.grad.sum()  # (shape of p) -> (), NaN or inf if any entry is
     xp = xp_of(loss, norm)
     loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
+    if not grad_clip and math.isfinite(norm_value):
+        norm_value = None  # a sum, not a norm: reported only when it shows a NaN or inf gradient
+    if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
         opt.step()
     return loss_value, norm_value
 
@@ -178,8 +185,9 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
         bad = None
         if not math.isfinite(loss_value):
             bad = f"loss became {loss_value}"
-        elif not math.isfinite(norm_value):
-            bad = f"gradient norm became {norm_value} (loss {loss_value:.4g})"
+        elif norm_value is not None and not math.isfinite(norm_value):
+            what = "gradient norm" if cfg.grad_clip else "sum of the gradients"  # see train_step
+            bad = f"{what} became {norm_value} (loss {loss_value:.4g})"
         if bad is not None:  # train_step skipped the optimizer step: the weights are those of the step before
             where = f"; the last good checkpoint (step {last_good}) is at {cfg.checkpoint}" if last_good else ""
             bar.close()
