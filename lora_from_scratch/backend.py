@@ -19,8 +19,22 @@ import types
 
 import numpy as np
 
+from .checks import check_choice
+
 _VALID = ("numpy", "cupy")
 _default_name: str | None = None
+CUPY_NEEDS = "needs CuPy and an NVIDIA GPU: pip install cupy-cuda12x (or pip install .[gpu])"
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run here (CuPy not installed, or no GPU); the message says how to get it.
+
+    ``why``: what failed here (the import error, or no GPU found).
+    """
+
+    def __init__(self, why: str):
+        self.why = why
+        super().__init__(f"backend 'cupy' {CUPY_NEEDS} ({why})")
 
 
 def _cupy():
@@ -28,19 +42,26 @@ def _cupy():
     try:
         import cupy  # noqa: PLC0415  (lazy on purpose)
     except ImportError as e:  # pragma: no cover - depends on the machine
-        raise RuntimeError(
-            "backend 'cupy' needs CuPy and an NVIDIA GPU: pip install 'lora_from_scratch[gpu]'"
-        ) from e
+        raise BackendUnavailable(f"import cupy: {e}") from e
     return cupy
 
 
 def set_backend(name: str) -> None:
-    """Choose the default backend for new arrays: ``"numpy"`` or ``"cupy"``."""
+    """Choose the default backend for new arrays: ``"numpy"`` or ``"cupy"``.
+
+    ``"cupy"`` is checked now, not at the first array: CuPy must import and see a GPU
+    (``BackendUnavailable``, a RuntimeError, says how to get it); an unknown name is a ValueError.
+    """
     global _default_name
-    if name not in _VALID:
-        raise ValueError(f"unknown backend {name!r}; valid backends: {list(_VALID)}")
+    check_choice("backend", name, _VALID)
     if name == "cupy":
-        _cupy()
+        cupy = _cupy()
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # pragma: no cover - depends on the machine (CUDA driver missing, ...)
+            raise BackendUnavailable(f"no usable GPU: {e}") from None
+        if count < 1:  # pragma: no cover - depends on the machine
+            raise BackendUnavailable("no GPU found")
     _default_name = name
 
 

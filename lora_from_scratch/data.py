@@ -22,13 +22,13 @@ and reversing (known) combined in a way the pre-trained model has never seen.
 
 from __future__ import annotations
 
-import operator
 import string
 import zlib
 
 import numpy as np
 
 from lora_from_scratch.backend import get_xp, to_numpy, xp_of
+from lora_from_scratch.checks import check_choice, check_int
 
 # Index 0 is the pad character (never part of an example); then the separators; then the letters.
 VOCAB = "_" + ":>." + string.ascii_lowercase + string.ascii_uppercase
@@ -99,9 +99,7 @@ FINETUNE_TASK = "desc"
 
 
 def _check_task(task) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
-    return task
+    return check_choice("task", task, TASKS)
 
 
 def _check_letters(letters) -> str:
@@ -111,18 +109,6 @@ def _check_letters(letters) -> str:
     if bad:
         raise ValueError(f"letters must be lowercase a-z only; got {letters!r} (bad: {bad[0]!r})")
     return letters
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer; got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer; got {value!r}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}; got {name}={value}")
-    return value
 
 
 def format_prompt(task: str, letters: str) -> str:
@@ -166,10 +152,10 @@ def make_batch(rng, batch_size, tasks, block_size=32, min_len=3, max_len=8, xp=N
     """
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); got {rng!r}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    block_size = _check_int(block_size, "block_size", 1)
-    min_len = _check_int(min_len, "min_len", 1)
-    max_len = _check_int(max_len, "max_len", 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    block_size = check_int("block_size", block_size, 1)
+    min_len = check_int("min_len", min_len, 1)
+    max_len = check_int("max_len", max_len, 1)
     if min_len > max_len:
         raise ValueError(f"min_len must be <= max_len; got min_len={min_len}, max_len={max_len}")
     if isinstance(tasks, str):
@@ -227,8 +213,8 @@ def eval_set(tasks, n_per_task, seed, block_size=32):
     tasks = tuple(tasks)
     if not tasks:
         raise ValueError(f"tasks must name at least one task; valid tasks: {list(TASKS)}")
-    n_per_task = _check_int(n_per_task, "n_per_task", 1)
-    seed = _check_int(seed, "seed", 0)
+    n_per_task = check_int("n_per_task", n_per_task, 1)
+    seed = check_int("seed", seed, 0)
     out = {}
     for task in tasks:
         _check_task(task)
@@ -280,7 +266,7 @@ def greedy_answer(model_fn, task, letters, block_size=32) -> str:
     the final '.' (compare with ``TASKS[task](letters)``).
     """
     ids = encode(format_prompt(task, letters))
-    block_size = _check_int(block_size, "block_size", 1)
+    block_size = check_int("block_size", block_size, 1)
     if len(ids) > block_size:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than block_size={block_size}")
     answer = []

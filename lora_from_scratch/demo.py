@@ -27,8 +27,9 @@ model scores what it scored in training. Every number comes from one run and app
 
 ``--json PATH`` writes every number of both tables (and the loss curves); ``--figures DIR`` draws
 the loss curves of every run on one plot and the step memory of each method as stacked bars.
-Files are written only after the run, each atomically (``io.atomic_write``), so Ctrl-C leaves
-nothing half-written.
+Every output path is checked before any training (an existing file is refused unless ``--force``);
+the files are written only after the run, as one set (``outputs.write_set``), so Ctrl-C leaves all
+of them or none, and the previous ones as they were.
 
 The settings were measured on the shipped base model (``experiments.common.finetune``, 300 steps of
 32, 256 held-out desc rows, one BLAS thread): LoRA r = 8 reached 94.9% at lr 3e-3 and 96.5% at
@@ -44,11 +45,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -56,11 +55,13 @@ import numpy as np
 
 from . import data, train
 from .backend import get_backend_name, to_numpy
-from .io import BASE_CHECKPOINT, atomic_write, load_checkpoint, write_json
+from .checks import check_choice, check_int, check_number
+from .io import BASE_CHECKPOINT, json_writer, load_checkpoint
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
 from .methods import METHODS, adapt
 from .nn import Linear
+from .outputs import check_output_path, write_set
 from .targets import TARGETS, resolve_targets
 
 # eval_per_task: held-out rows of desc; each pretrain task gets half as many
@@ -84,19 +85,12 @@ def run_name(method: str, r: int, bits: int | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def check_methods(methods) -> tuple:
     """The methods in order, each once; an unknown one is a ValueError naming it."""
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     out = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(METHODS)}")
+        check_choice("method", m, METHODS)
         if m not in out:
             out.append(m)
     if not out:
@@ -106,46 +100,15 @@ def check_methods(methods) -> tuple:
 
 def check_bits(bits) -> tuple:
     """The bit widths in the order given, each once; each must be an integer from 2 to 8."""
-    bits = (bits,) if isinstance(bits, (int, np.integer)) else tuple(bits)
+    bits = tuple(bits) if isinstance(bits, (list, tuple, np.ndarray)) else (bits,)
     out = []
     for b in bits:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 2 <= int(b) <= 8:
-            raise ValueError(f"bit widths must be integers from 2 to 8, got {b!r}")
-        if int(b) not in out:
-            out.append(int(b))
+        b = check_int("bits", b, 2, 8)
+        if b not in out:
+            out.append(b)
     if not out:
-        raise ValueError("name at least one bit width from 2 to 8")
+        raise ValueError("name at least one bit width between 2 and 8")
     return tuple(out)
-
-
-def check_output_path(path: str, what: str, folder: bool = False) -> str:
-    """Refuse, before any training, an output that cannot be written (ValueError naming it)."""
-    path = os.fspath(path)
-    if not path:
-        raise ValueError(f"{what} needs a path")
-    target = os.path.abspath(path)
-    if folder:
-        if os.path.exists(target) and not os.path.isdir(target):
-            raise ValueError(f"{what} {path}: exists and is not a folder")
-        parent = target
-    else:
-        if os.path.isdir(target):
-            raise ValueError(f"{what} {path}: is a folder, not a file")
-        parent = os.path.dirname(target)
-    probe = parent
-    while not os.path.exists(probe):  # the nearest existing folder: atomic_write creates the rest
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"{what} {path}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: cannot write in {probe} (permission denied)")
-    try:  # the real test: can a file be made there (read-only file systems, ACLs)?
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-check-", dir=probe)
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write in {probe} ({e.strerror or e})") from None
-    return path
 
 
 def load_base(path: str):
@@ -320,15 +283,13 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
     t0, c0 = time.perf_counter(), time.process_time()
     s = QUICK if quick else FULL
     methods = check_methods(methods)
-    r = _positive_int(r, "the rank r")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    steps = _positive_int(s["steps"] if steps is None else steps, "steps")
-    batch_size = _positive_int(s["batch_size"] if batch_size is None else batch_size, "batch_size")
-    eval_per_task = _positive_int(s["eval_per_task"] if eval_per_task is None else eval_per_task, "eval_per_task")
+    r = check_int("the rank r", r, 1)
+    alpha = check_number("alpha", alpha, above=0.0)
+    steps = check_int("steps", s["steps"] if steps is None else steps, 1)
+    batch_size = check_int("batch_size", s["batch_size"] if batch_size is None else batch_size, 1)
+    eval_per_task = check_int("eval_per_task", s["eval_per_task"] if eval_per_task is None else eval_per_task, 1)
     bits = check_bits(s["bits"] if bits is None else bits)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = check_int("seed", seed, 0)
     base_model = load_base(base)
     models = adapted_models(base_model, methods, r, alpha, seed, bits, group_size)  # before any training
 
@@ -553,20 +514,25 @@ def plot_step_memory(result: dict):
     return fig
 
 
-def write_figures(result: dict, folder: str) -> list:
-    """``demo_loss.png`` and ``demo_memory.png`` in ``folder``, each written atomically; returns the paths."""
+def figure_writers(result: dict, folder: str) -> dict:
+    """``{folder/demo_loss.png: write_fn, folder/demo_memory.png: write_fn}`` for ``outputs.write_set``."""
     import matplotlib.pyplot as plt
 
-    paths = []
-    for name, make in zip(FIGURES, (plot_losses, plot_step_memory)):
-        fig = make(result)
-        path = os.path.join(folder, name)
-        try:
-            atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=130, format="png", facecolor="white"))
-        finally:
-            plt.close(fig)
-        paths.append(path)
-    return paths
+    def writer(make):
+        def write(tmp):
+            fig = make(result)
+            try:
+                fig.savefig(tmp, dpi=130, format="png", facecolor="white")
+            finally:
+                plt.close(fig)
+        return write
+
+    return {os.path.join(folder, name): writer(make) for name, make in zip(FIGURES, (plot_losses, plot_step_memory))}
+
+
+def write_figures(result: dict, folder: str) -> list:
+    """``demo_loss.png`` and ``demo_memory.png`` in ``folder``, written as a set (both or neither); the paths."""
+    return write_set(figure_writers(result, folder))
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -575,11 +541,13 @@ def _words(values) -> list:
     return [w for v in values for w in str(v).replace(",", " ").split()]
 
 
-def _int(value: str, what: str) -> int:
+def _int(value: str, what: str, low: int | None = None, high: int | None = None) -> int:
+    """A command-line integer, ``low <= value <= high`` (``checks.check_int``), or a ValueError naming ``what``."""
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise ValueError(f"{what} must be an integer, got {value!r}") from None
+    return check_int(what, number, low, high)
 
 
 def add_arguments(parser) -> None:
@@ -617,37 +585,29 @@ def add_arguments(parser) -> None:
                              "per method: weights, gradients, optimizer state, activations) into DIR")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default=argparse.SUPPRESS,
                         help="array backend, as the global option (step memory is traced on numpy only)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the --json file and the figures in --figures if they exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args) -> int:
     """The demo from parsed arguments: checks everything, runs, prints both tables, then writes the files."""
     methods = check_methods(_words(args.methods))
-    r = _int(args.rank, "--rank")
-    if r <= 0:
-        raise ValueError(f"--rank must be a positive integer, got {r}")
+    r = _int(args.rank, "--rank", 1)
     try:
         alpha = float(args.alpha)
     except ValueError:
         raise ValueError(f"--alpha must be a number, got {args.alpha!r}") from None
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"--alpha must be a positive number, got {args.alpha}")
-    steps = None if args.steps is None else _int(args.steps, "--steps")
-    if steps is not None and steps <= 0:
-        raise ValueError(f"--steps must be a positive integer, got {steps}")
-    bits = None
-    if args.bits is not None:
-        bits = [_int(b, "--bits") for b in _words(args.bits)]
-        bad = [b for b in bits if not 2 <= b <= 8]
-        if bad:
-            raise ValueError(f"--bits must be between 2 and 8, got {bad[0]}")
-    seed = _int(args.seed, "--seed")
-    if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
+    alpha = check_number("--alpha", alpha, above=0.0)
+    steps = None if args.steps is None else _int(args.steps, "--steps", 1)
+    bits = None if args.bits is None else [_int(b, "--bits", 2, 8) for b in _words(args.bits)]
+    seed = _int(args.seed, "--seed", 0)
     if args.json is not None:
-        check_output_path(args.json, "--json")
+        check_output_path(args.json, "--json", force=args.force)
     if args.figures is not None:
         check_output_path(args.figures, "--figures", folder=True)
+        for name in FIGURES:
+            check_output_path(os.path.join(args.figures, name), "--figures", force=args.force)
     quick = args.quick
 
     def say(msg):
@@ -658,12 +618,11 @@ def main(args) -> int:
     print("\n" + format_result(result))
     wall, cpu = result["seconds"]["wall"], result["seconds"]["cpu"]
     print(f"\n(total {wall:.0f} s wall, {cpu:.0f} s CPU; {len(_runs(result))} fine-tunes)")
-    if args.figures is not None:
-        for path in write_figures(result, args.figures):
-            print(f"wrote {path}")
+    files = figure_writers(result, args.figures) if args.figures is not None else {}
     if args.json is not None:
-        write_json(args.json, result)  # every number of both tables and the loss curves
-        print(f"wrote {args.json}")
+        files[args.json] = json_writer(result, indent=1, end="\n")  # every number of both tables and the loss curves
+    for path in write_set(files):  # the figures and the JSON: all of them or none
+        print(f"wrote {path}")
     return 0
 
 
@@ -671,8 +630,7 @@ def run_benchmarks(quick: bool = False) -> int:
     """Run every script in benchmarks/ (they print their own medians and ratios)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     if not os.path.isdir(root):
-        print("benchmarks/ is not next to the package (run from a source checkout)")
-        return 1
+        raise ValueError(f"bench runs the scripts in {root}, which is not there (run from a source checkout)")
     status = 0
     for name in sorted(os.listdir(root)):
         if name.endswith(".py"):

@@ -25,6 +25,7 @@ import math
 from typing import NamedTuple
 
 from .backend import scatter_add, xp_of
+from .checks import check_int
 
 IGNORE_INDEX = -100
 GELU_C = math.sqrt(2.0 / math.pi)  # the constant in GPT-2's tanh approximation of GELU
@@ -410,8 +411,7 @@ def group_mean_forward(x, group_size: int):
     x (..., in) -> p (..., in / group_size); the cache is the group size.
     """
     in_features = int(x.shape[-1])
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    group_size = check_int("group_size", group_size, 1)  # Python or NumPy integers, as qalora.check_group_size
     if in_features % group_size:
         raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
     L = in_features // group_size

@@ -21,7 +21,11 @@ is a base plus adapters, whatever the base), or raises a ValueError that says wh
   section 4.2 ("we only need to store and load ... the LoRA weights").
 - ``add_adapter`` / ``set_adapter`` / ``delete_adapter``: several task adapters on one shared base,
   and the switch between them.
-- ``disable_adapters``: a context in which the model computes its base model's outputs.
+- ``disable_adapters``: a context in which the model computes its base model's outputs. Inside
+  it, every call that changes the adapters (add, set, delete, merge, unmerge, unload, apply,
+  ``mark_only_lora_as_trainable``) is refused with a ValueError: the context restores, on exit,
+  the active adapters it saved, and a change made meanwhile would be undone by half (a deleted
+  adapter still active, a new active adapter frozen).
 - ``merge_lora`` / ``unmerge_lora`` / ``merge_and_unload``: section 4.1, "No Additional Inference
   Latency": W = W0 + s B A, and back.
 - ``count_parameters``: trainable and total, quantized weights counted by how many they encode.
@@ -30,6 +34,7 @@ is a base plus adapters, whatever the base), or raises a ValueError that says wh
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 from .adapter import (
     DEFAULT_ADAPTER,
@@ -113,18 +118,38 @@ def lora_layers(model) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
-def _layers(model, what: str) -> dict:
+def _layers(model, what: str, changes: bool = False) -> dict:
+    """The adapted layers of ``model`` (ValueError if none). ``changes``: ``what`` changes the adapters, which
+    is refused inside ``disable_adapters`` (see ``_refuse_while_disabled``)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no adapter layers (use apply_lora, qlora.apply_qlora or "
                          "qalora.apply_qalora first)")
+    if changes:
+        _refuse_while_disabled(layers, what)
     return layers
+
+
+# layer -> how many ``disable_adapters`` contexts it is inside (weak: a copy or a dropped model is not counted)
+_DISABLED = weakref.WeakKeyDictionary()
+
+
+def _refuse_while_disabled(layers: dict, what: str) -> None:
+    """ValueError if any of ``layers`` is inside ``disable_adapters``: on exit the context puts back the active
+    adapters it saved, so a switch, a deletion or a merge made inside would be half undone."""
+    inside = [path for path, layer in layers.items() if _DISABLED.get(layer)]
+    if inside:
+        raise ValueError(f"{what} inside lora.disable_adapters ({inside[0]}): the adapters are switched off "
+                         "until the with-block ends, and its end restores the active adapter it saved; call it "
+                         "after the block")
 
 
 def mark_only_lora_as_trainable(model):
     """Freeze every parameter except the active adapters' A and B (embeddings, layer norms, biases, W0 included)."""
+    layers = lora_layers(model)
+    _refuse_while_disabled(layers, "mark_only_lora_as_trainable")
     keep = set()
-    for layer in lora_layers(model).values():
+    for layer in layers.values():
         if layer.active is not None:
             keep.update(id(p) for p in layer.adapter.parameters())
     for p in model.parameters():
@@ -140,6 +165,7 @@ def replace_targets(model, targets, check, make, seed: int | None = None, rng=No
     *before* the model changes, and the new layers are made in model order from ``rng``, or a
     generator seeded with ``seed``, or ``backend.global_rng()``.
     """
+    _refuse_while_disabled(lora_layers(model), "adding adapter layers")
     found = []
     for i, target in resolve_targets(len(model.blocks), targets):
         path = target.path(i)
@@ -213,7 +239,7 @@ def add_adapter(model, name: str, r: int, alpha: float, dropout: float = 0.0, in
     ``backend.global_rng()``. ``set_adapter(model, name)`` makes it the one that computes and trains.
     Everything is checked before the model changes. Returns the model.
     """
-    layers = _layers(model, "add_adapter")
+    layers = _layers(model, "add_adapter", changes=True)
     for path, layer in layers.items():
         if name in layer.adapters:
             raise ValueError(f"{path} already has an adapter named {name!r}")
@@ -236,7 +262,7 @@ def add_adapter(model, name: str, r: int, alpha: float, dropout: float = 0.0, in
 
 def set_adapter(model, name: str):
     """Make ``name`` the active adapter of every adapted layer: it computes, and only it trains. Returns the model."""
-    layers = _layers(model, "set_adapter")
+    layers = _layers(model, "set_adapter", changes=True)
     for path, layer in layers.items():
         if name not in layer.adapters:
             raise ValueError(f"{path} has no adapter named {name!r}; it has {layer.adapters.keys()}")
@@ -249,7 +275,7 @@ def set_adapter(model, name: str):
 
 def delete_adapter(model, name: str):
     """Remove the adapter ``name`` from every adapted layer (not the active one, nor a layer's last)."""
-    layers = _layers(model, "delete_adapter")
+    layers = _layers(model, "delete_adapter", changes=True)
     for path, layer in layers.items():
         if name not in layer.adapters:
             raise ValueError(f"{path} has no adapter named {name!r}; it has {layer.adapters.keys()}")
@@ -268,7 +294,9 @@ def disable_adapters(model):
     """Inside this context every adapted layer computes its base alone: the model is its base model again.
 
     For a float base the logits are bit for bit the base model's (the base path is the same
-    computation). Refused (ValueError) on a merged model, whose bases hold the update.
+    computation). Refused (ValueError) on a merged model, whose bases hold the update. Inside,
+    the adapters cannot be changed (``add_adapter``, ``set_adapter``, ``delete_adapter``, the merges,
+    ``apply_lora``: a ValueError), so the exit restores a state that still exists.
     """
     layers = _layers(model, "disable_adapters")
     merged = [path for path, layer in layers.items() if layer.merged]
@@ -277,11 +305,15 @@ def disable_adapters(model):
     saved = {path: layer.active for path, layer in layers.items()}
     for layer in layers.values():
         layer.active, layer._cache = None, None
+        _DISABLED[layer] = _DISABLED.get(layer, 0) + 1
     try:
         yield model
     finally:
         for path, layer in layers.items():
             layer.active, layer._cache = saved[path], None
+            _DISABLED[layer] -= 1
+            if not _DISABLED[layer]:
+                del _DISABLED[layer]
 
 
 # ---------------------------------------------------------------- per-task files
@@ -346,7 +378,7 @@ def merge_lora(model, requantize: bool = False):
 
     Every merge is computed and checked (finite) before any layer changes.
     """
-    layers = _layers(model, "merge_lora")
+    layers = _layers(model, "merge_lora", changes=True)
     pending = [(path, layer) for path, layer in layers.items() if not layer.merged]
     if not pending:
         raise ValueError("merge_lora: every adapted layer is already merged")
@@ -375,6 +407,7 @@ def _check_requantize(what: str, layers) -> None:
 def unmerge_lora(model):
     """Undo ``merge_lora`` where it can be undone (LoRA and QA-LoRA layers). Returns the model."""
     layers = lora_layers(model)
+    _refuse_while_disabled(layers, "unmerge_lora")
     merged = [layer for layer in layers.values() if layer.merged]
     if not merged:
         raise ValueError("unmerge_lora: the model has no merged adapter layers (a QLoRA merge replaces its layers "
@@ -392,7 +425,7 @@ def merge_and_unload(model, requantize: bool = False):
     zero points (the deployed model stays quantized). ``requantize=True`` on a model without QLoRA
     layers is refused, as by ``merge_lora``. Checked before anything changes.
     """
-    layers = _layers(model, "merge_and_unload")
+    layers = _layers(model, "merge_and_unload", changes=True)
     if requantize:
         _check_requantize("merge_and_unload", layers.values())
     plan = []

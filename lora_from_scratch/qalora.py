@@ -43,10 +43,9 @@ disabling, named adapters and files are ``lora``'s, the same for every kind.
 """
 from __future__ import annotations
 
-from numbers import Integral
-
 from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
 from .backend import get_xp, global_rng, xp_of
+from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
 from .lora import replace_targets
 from .nn import Buffer, Linear
@@ -66,16 +65,12 @@ __all__ = [
 # ---------------------------------------------------------------- checks
 def check_bits(bits) -> int:
     """bits must be an integer from 2 to 8 (QA-LoRA studies INT4, INT3 and INT2)."""
-    if isinstance(bits, bool) or not isinstance(bits, Integral) or not 2 <= int(bits) <= 8:
-        raise ValueError(f"bits must be an integer between 2 and 8, got {bits!r}")
-    return int(bits)
+    return check_int("bits", bits, 2, 8)
 
 
 def check_group_size(group_size, in_features: int) -> int:
     """group_size must be a positive integer that divides the number of input channels."""
-    if isinstance(group_size, bool) or not isinstance(group_size, Integral) or int(group_size) < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    group_size = int(group_size)
+    group_size = check_int("group_size", group_size, 1)
     if in_features % group_size:
         raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
     return group_size

@@ -31,10 +31,9 @@ base, ``NF4Linear``:
 
 from __future__ import annotations
 
-from numbers import Integral
-
 from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
 from .backend import get_xp, xp_of
+from .checks import check_power_of_two
 from .lora import replace_targets
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
@@ -45,14 +44,7 @@ QLORA_INITS = RANDOM_INITS
 
 def check_blocksize(blocksize) -> int:
     """The block size of the NF4 quantization: a power of two from 16 to 4096 (QLoRA uses 64)."""
-    ok = isinstance(blocksize, Integral) and not isinstance(blocksize, bool)
-    if ok:
-        blocksize = int(blocksize)
-        ok = 16 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0
-    if not ok:
-        raise ValueError(f"QLoRA blocksize must be a power of two from 16 to 4096 (QLoRA uses 64), "
-                         f"got {blocksize!r}")
-    return blocksize
+    return check_power_of_two("blocksize", blocksize, 16, 4096)
 
 
 # ---------------------------------------------------------------- the frozen 4-bit base

@@ -32,9 +32,9 @@ Every function takes its array module from its input (NumPy or CuPy).
 from __future__ import annotations
 
 import math
-import operator
 
 from lora_from_scratch.backend import xp_of
+from lora_from_scratch.checks import check_int
 
 
 def _as_matrix(W, name: str = "W"):
@@ -56,19 +56,6 @@ def _as_matrix(W, name: str = "W"):
     if not bool(xp.isfinite(W).all()):
         raise ValueError(f"{name} contains NaN or inf; its rank and singular values are undefined")
     return xp, W
-
-
-def _as_count(value, name: str, low: int, high: int) -> int:
-    """An integer in [low, high], or a ValueError that names it."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer; got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer; got {value!r}") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}; got {name}={value}")
-    return value
 
 
 def singular_values(W):
@@ -133,7 +120,7 @@ def low_rank_approximation(W, r):
     """
     xp, W = _as_matrix(W)
     d, k = W.shape
-    r = _as_count(r, "r", 1, min(d, k))
+    r = check_int("r", r, 1, min(d, k))
     U, s, Vt = xp.linalg.svd(W, full_matrices=False)  # (d, k) -> (d, m), (m,), (m, k); m = min(d, k)
     root = xp.sqrt(s[:r])  # (r,)
     B = U[:, :r] * root[None, :]  # (d, r) * (1, r) -> (d, r)
@@ -166,7 +153,7 @@ def energy_kept(W, r) -> float:
     of its (zero) energy: 1.0. (Entry r - 1 of ``cumulative_energy``.)
     """
     _, W = _as_matrix(W)
-    r = _as_count(r, "r", 1, min(W.shape))
+    r = check_int("r", r, 1, min(W.shape))
     return float(cumulative_energy(W)[r - 1])
 
 
@@ -260,8 +247,8 @@ def subspace_similarity(A1, A2, i, j) -> float:
     ``subspace_similarity_matrix(A1, A2, i, j)``.
     """
     A1, A2 = _check_pair(A1, A2)
-    i = _as_count(i, "i", 1, min(A1.shape))
-    j = _as_count(j, "j", 1, min(A2.shape))
+    i = check_int("i", i, 1, min(A1.shape))
+    j = check_int("j", j, 1, min(A2.shape))
     return float(_similarity_table(A1, A2, i, j)[i - 1, j - 1])
 
 
@@ -273,6 +260,6 @@ def subspace_similarity_matrix(A1, A2, max_i=None, max_j=None):
     min(r2, k), the most there are. An array on the inputs' backend.
     """
     A1, A2 = _check_pair(A1, A2)
-    max_i = min(A1.shape) if max_i is None else _as_count(max_i, "max_i", 1, min(A1.shape))
-    max_j = min(A2.shape) if max_j is None else _as_count(max_j, "max_j", 1, min(A2.shape))
+    max_i = min(A1.shape) if max_i is None else check_int("max_i", max_i, 1, min(A1.shape))
+    max_j = min(A2.shape) if max_j is None else check_int("max_j", max_j, 1, min(A2.shape))
     return _similarity_table(A1, A2, max_i, max_j)

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import data
 from .backend import like, xp_of
+from .checks import check_choice, check_int, check_number
 from .functional import check_ids, check_targets, cross_entropy
 from .optim import AdamW, clip_grad_norm, warmup_cosine
 
@@ -57,11 +58,18 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
-        unknown = [t for t in self.tasks if t not in data.TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; valid tasks: {list(data.TASKS)}")
+        """Every field checked now, before a model is touched (``checks``): a ValueError naming the field."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_every", 0),
+                          ("eval_per_task", 1), ("seed", 0)):
+            setattr(self, name, check_int(name, getattr(self, name), low))
+        self.lr = check_number("lr", self.lr, above=0.0)
+        self.min_lr_ratio = check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        self.weight_decay = check_number("weight_decay", self.weight_decay, 0.0)
+        self.grad_clip = check_number("grad_clip", self.grad_clip, 0.0)  # 0: no clipping
+        if not self.tasks:
+            raise ValueError(f"tasks must name at least one task; valid tasks: {list(data.TASKS)}")
+        for t in self.tasks:
+            check_choice("task", t, data.TASKS)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,10 +115,14 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
 
     Forward, cross-entropy, backward, clipping (if ``grad_clip``) and the
     optimizer step, with exactly one host synchronization: the loss and the
-    gradient norm before clipping come back together as two Python floats
-    (the norm is None without clipping). When either is NaN or inf the
-    optimizer step is skipped, so the weights stay as they were; the caller
-    decides what to do (``train`` raises ``TrainingDiverged``).
+    gradient norm before clipping come back together as two Python floats.
+    Without clipping (``grad_clip=0``) no norm is computed (None), but a NaN or
+    inf gradient under a finite loss must still be caught: the sum of every
+    gradient, in its own dtype (one read of each, no temporary), is NaN or inf
+    exactly when one is, and is then returned in the norm's place. When the
+    loss or that value is NaN or inf the optimizer step is skipped, so the
+    weights stay as they were; the caller decides what to do (``train``
+    raises ``TrainingDiverged``).
     """
     logits = model(idx, check=False)  # (B, T) -> (B, T, V); ids checked by the caller
     loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
@@ -118,10 +130,15 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
     model.backward(dlogits)
     if grad_clip:
         norm = clip_grad_norm(opt.params, grad_clip)  # (), on the device
-        xp = xp_of(loss, norm)
-        loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer
-    else:
-        loss_value, norm_value = float(loss), None  # the one transfer
+    else:  # no clipping, but a NaN or inf gradient must still hold the step back: their sum shows it
+        norm = xp_of(loss).zeros((), dtype="float64")  # ()
+        for p in opt.params:
+            if p.grad is not None:
+                norm = norm + p.grad.sum()  # (shape of p) -> (), NaN or inf if any entry is
+    xp = xp_of(loss, norm)
+    loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer
+    if not grad_clip and math.isfinite(norm_value):
+        norm_value = None  # a sum, not a norm: reported only when it shows a NaN or inf gradient
     if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
         opt.step()
     return loss_value, norm_value
@@ -145,6 +162,10 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
 
     from .io import save_checkpoint
 
+    if cfg.checkpoint:  # a path that cannot be written fails now, not at the first evaluation
+        from .outputs import check_output_path
+
+        check_output_path(cfg.checkpoint, "TrainConfig.checkpoint")
     rng = np.random.default_rng(cfg.seed)
     block = model.config.block_size
     vocab = model.config.vocab_size
@@ -165,7 +186,8 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
         if not math.isfinite(loss_value):
             bad = f"loss became {loss_value}"
         elif norm_value is not None and not math.isfinite(norm_value):
-            bad = f"gradient norm became {norm_value} (loss {loss_value:.4g})"
+            what = "gradient norm" if cfg.grad_clip else "sum of the gradients"  # see train_step
+            bad = f"{what} became {norm_value} (loss {loss_value:.4g})"
         if bad is not None:  # train_step skipped the optimizer step: the weights are those of the step before
             where = f"; the last good checkpoint (step {last_good}) is at {cfg.checkpoint}" if last_good else ""
             bar.close()

@@ -316,7 +316,8 @@ def test_named_adapters_switch_tasks_on_one_base(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_refusals_leave_the_model_unchanged(kind):
-    """A PiSSA adapter cannot be added, and merging with adapters disabled names the layer; nothing changes."""
+    """A PiSSA adapter cannot be added, and merging inside disable_adapters is refused, naming the layer; nothing
+    changes."""
     model = randomize_B(adapt(kind))
     idx, _ = batch(7)
     y = logits(model, idx)
@@ -326,7 +327,7 @@ def test_refusals_leave_the_model_unchanged(kind):
     assert lora.adapter_names(model) == ["default"]
     with lora.disable_adapters(model):
         for merge in (lora.merge_lora, lora.merge_and_unload):
-            with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.q: .*no active adapter"):
+            with pytest.raises(ValueError, match=r"^merge.* inside lora\.disable_adapters \(blocks\.0\.attn\.q\)"):
                 merge(model)
     assert all(type(layer) is LAYER_CLASS[kind] and not layer.merged for layer in lora.lora_layers(model).values())
     assert len(lora.lora_layers(model)) == len(TARGETS) * CFG.n_layer
@@ -384,3 +385,59 @@ def test_astype_keeps_the_storage_format(kind):
     assert isinstance(layer.base, QuantizedLinear)
     idx, _ = batch()
     assert model(idx).dtype == np.float64
+
+
+# ----------------------------------------------------------------- order of calls: disable_adapters
+INSIDE_DISABLED = {
+    "set_adapter": lambda m: lora.set_adapter(m, "b"),
+    "delete_adapter": lambda m: lora.delete_adapter(m, "default"),
+    "add_adapter": lambda m: lora.add_adapter(m, "c", r=2, alpha=4, seed=5),
+    "merge_lora": lambda m: lora.merge_lora(m),
+    "merge_and_unload": lambda m: lora.merge_and_unload(m),
+    "unmerge_lora": lambda m: lora.unmerge_lora(m),
+    "mark_only_lora_as_trainable": lambda m: lora.mark_only_lora_as_trainable(m),
+    "apply_lora": lambda m: lora.apply_lora(m, 2, 4, ["k"], seed=6),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("call", list(INSIDE_DISABLED))
+def test_changing_adapters_inside_disable_adapters_is_refused(kind, call):
+    """The context restores the adapters it saved: a switch made inside would leave the old adapter active and
+    the new one frozen (train changes nothing), a deletion would leave the layers pointing at a deleted adapter."""
+    model = randomize_B(adapt(kind))
+    lora.add_adapter(model, "b", r=2, alpha=4, seed=3)
+    idx, targets = batch(7)
+    y = logits(model, idx)
+    trainable = [n for n, p in model.named_parameters() if p.trainable]
+    with lora.disable_adapters(model):
+        with pytest.raises(ValueError, match=r"inside lora\.disable_adapters \(blocks\.0\.attn\.q\).*after the block"):
+            INSIDE_DISABLED[call](model)
+    assert lora.active_adapter(model) == "default" and lora.adapter_names(model) == ["default", "b"]
+    assert [n for n, p in model.named_parameters() if p.trainable] == trainable
+    assert all(type(layer) is LAYER_CLASS[kind] and not layer.merged for layer in lora.lora_layers(model).values())
+    assert np.array_equal(logits(model, idx), y)
+    # after the block the same call works, and the model trains the adapter it says is active
+    lora.set_adapter(model, "b")
+    lora.delete_adapter(model, "default")
+    opt = AdamW(model.trainable_parameters(), lr=1e-2)
+    before = {n: to_numpy(p.data).copy() for n, p in model.named_parameters() if p.trainable}
+    loss, dlogits = F.cross_entropy(model(idx), targets)
+    model.zero_grad()
+    model.backward(dlogits)
+    opt.step()
+    now = {n: to_numpy(p.data) for n, p in model.named_parameters() if n in before}
+    changed = [n for n in before if not np.array_equal(now[n], before[n])]
+    assert changed and all(".adapters.b." in n for n in changed), changed[:3]
+
+
+def test_nested_disable_adapters_still_refuses_until_the_outer_block_ends():
+    model = adapt("lora")
+    lora.add_adapter(model, "b", r=2, alpha=4, seed=3)
+    with lora.disable_adapters(model):
+        with lora.disable_adapters(model):
+            pass
+        with pytest.raises(ValueError, match="inside lora.disable_adapters"):
+            lora.set_adapter(model, "b")
+    lora.set_adapter(model, "b")
+    assert lora.active_adapter(model) == "b"

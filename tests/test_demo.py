@@ -195,15 +195,15 @@ BAD = {
     "unknown method": lambda t: (["--methods", "lora", "dora"], "unknown method 'dora'"),
     "rank 0": lambda t: (["--rank", "0"], "--rank must be a positive integer"),
     "rank not a number": lambda t: (["--rank", "eight"], "--rank must be an integer"),
-    "bits 9": lambda t: (["--bits", "4", "9"], "--bits must be between 2 and 8, got 9"),
-    "bits 1": lambda t: (["--bits", "1"], "--bits must be between 2 and 8, got 1"),
+    "bits 9": lambda t: (["--bits", "4", "9"], "--bits must be an integer between 2 and 8, got 9"),
+    "bits 1": lambda t: (["--bits", "1"], "--bits must be an integer between 2 and 8, got 1"),
     "missing base": lambda t: (["--base", str(t / "nowhere.safetensors")], "no checkpoint at"),
     "corrupt base": _corrupt,
     "other vocabulary": _other_vocab,
     "other block size": _short_block,
     "unwritable json": _unwritable_json,
     "json is a folder": lambda t: (["--json", str(t)], "is a folder"),
-    "alpha 0": lambda t: (["--alpha", "0"], "--alpha must be a positive number"),
+    "alpha 0": lambda t: (["--alpha", "0"], "--alpha must be a finite number > 0.0, got 0.0"),
     "steps 0": lambda t: (["--steps", "0"], "--steps must be a positive integer"),
 }
 
@@ -264,7 +264,7 @@ def test_run_demo_checks_before_training(tmp_path):
         demo.run_demo(methods=("lora", "dora"), progress=False)
     with pytest.raises(ValueError, match="rank r must be a positive integer"):
         demo.run_demo(r=0, progress=False)
-    with pytest.raises(ValueError, match="from 2 to 8"):
+    with pytest.raises(ValueError, match="between 2 and 8, got 9"):
         demo.run_demo(bits=(4, 9), progress=False)
     with pytest.raises(ValueError, match="rank"):  # r above the smallest dimension of a targeted matrix
         demo.run_demo(r=10_000, methods=("lora",), progress=False)

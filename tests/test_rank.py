@@ -275,9 +275,9 @@ def test_subspace_similarity_matrix_known_values():
     phi = to_numpy(rank.subspace_similarity_matrix(A1, A2))  # (2, 2)
     # phi(2, 1) = 1 (e0 lies in span(e0, e1)); phi(2, 2) = 1 / 2 (one of two directions shared)
     assert abs(phi[1, 0] - 1.0) < 1e-12 and abs(phi[1, 1] - 0.5) < 1e-12
-    with pytest.raises(ValueError, match="max_i must satisfy"):
+    with pytest.raises(ValueError, match="max_i must be an integer between"):
         rank.subspace_similarity_matrix(A1, A2, max_i=3)
-    with pytest.raises(ValueError, match="max_j must satisfy"):
+    with pytest.raises(ValueError, match="max_j must be an integer between"):
         rank.subspace_similarity_matrix(A1, A2, max_j=0)
     with pytest.raises(ValueError, match="same number of columns"):
         rank.subspace_similarity_matrix(A1, asarray(np.ones((2, 19))))
@@ -343,7 +343,7 @@ def test_bad_ranks_and_indices_raise():
     A1 = asarray(rng.standard_normal((4, 10)))  # (4, 10)
     A2 = asarray(rng.standard_normal((6, 10)))  # (6, 10)
     for i, j, name in [(0, 1, "i"), (5, 1, "i"), (1, 0, "j"), (1, 7, "j")]:
-        with pytest.raises(ValueError, match=f"{name} must satisfy"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer between"):
             rank.subspace_similarity(A1, A2, i, j)
     with pytest.raises(ValueError, match="same input size"):
         rank.subspace_similarity(A1, asarray(rng.standard_normal((4, 9))), 1, 1)

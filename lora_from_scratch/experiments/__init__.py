@@ -12,8 +12,8 @@ that defines ``TITLE``, ``PAPER`` (the paper and section, table or figure it rep
   is what the test suite re-runs to assert the finding.
 
 ``run_experiment(name, scale)`` runs one and writes ``figures/NAME.json`` and ``figures/NAME.png``
-(atomically: an interrupted run leaves the previous result in place); ``load_result(name)`` reads
-the committed JSON back.
+as one set (``outputs.write_set``: both or neither; an interrupted run leaves the previous pair in
+place); ``load_result(name)`` reads the committed JSON back.
 """
 
 from __future__ import annotations
@@ -35,18 +35,22 @@ def names() -> list[str]:
     return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[:-3] not in _NOT_EXPERIMENTS)
 
 
-def get(name: str):
-    """The module of experiment ``name``: it defines TITLE, PAPER, SCALES, run(scale, progress) and plot(result)."""
+def get(name: str, scale: str | None = None):
+    """The module of experiment ``name``: it defines TITLE, PAPER, SCALES, run(scale, progress) and plot(result).
+
+    ``scale``: also check that the experiment has it (a ValueError listing its scales).
+    """
     if name not in names():
         raise ValueError(f"unknown experiment {name!r}; experiments: {names()}")
-    return importlib.import_module(f"lora_from_scratch.experiments.{name}")
+    mod = importlib.import_module(f"lora_from_scratch.experiments.{name}")
+    if scale is not None and scale not in mod.SCALES:
+        raise ValueError(f"experiment {name!r} has no scale {scale!r}; scales: {sorted(mod.SCALES)}")
+    return mod
 
 
 def run(name: str, scale: str = "full", progress: bool = True) -> dict:
     """Run one experiment at a named scale and return its result (nothing is written)."""
-    mod = get(name)
-    if scale not in mod.SCALES:
-        raise ValueError(f"experiment {name!r} has no scale {scale!r}; scales: {sorted(mod.SCALES)}")
+    mod = get(name, scale)
     t0 = time.perf_counter()
     result = mod.run(scale=scale, progress=progress)
     result = {"experiment": name, "title": mod.TITLE, "paper": mod.PAPER, "scale": scale,
@@ -60,21 +64,20 @@ def result_paths(name: str, out_dir: str = FIGURES) -> tuple[str, str]:
 
 
 def save_result(result: dict, out_dir: str = FIGURES) -> tuple[str, str]:
-    """Write ``NAME.json`` and ``NAME.png`` into ``out_dir``, each atomically. Returns the two paths."""
-    from ..io import atomic_write, write_json
+    """Write ``NAME.json`` and ``NAME.png`` into ``out_dir`` as one set (both or neither). Returns the two paths."""
+    import matplotlib.pyplot as plt
+
+    from ..io import json_writer
+    from ..outputs import write_set
 
     name = result["experiment"]
     json_path, png_path = result_paths(name, out_dir)
     fig = get(name).plot(result)
-
-    def write_png(tmp):
-        fig.savefig(tmp, dpi=130, format="png")
-
-    atomic_write(png_path, write_png)
-    write_json(json_path, result)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    try:
+        write_set({png_path: lambda tmp: fig.savefig(tmp, dpi=130, format="png"),
+                   json_path: json_writer(result, indent=1, end="\n")})  # the bytes io.write_json writes
+    finally:
+        plt.close(fig)
     return json_path, png_path
 
 
@@ -103,11 +106,16 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    """List the experiments, or run one: its name, scale and output folder are checked before it starts."""
+    from ..outputs import check_output_path
+
     if not args.name:
         for name in names():
             mod = get(name)
             print(f"{name:<20} {mod.TITLE} ({mod.PAPER})")
         return 0
+    get(args.name, args.scale)  # an unknown name or scale: a ValueError listing the valid ones
+    check_output_path(args.out, "--out", folder=True)
     result = run_experiment(args.name, args.scale, args.out, progress=not args.no_progress)
     paths = result_paths(args.name, args.out)
     print(f"{args.name}: {result['seconds']:.0f} s; wrote {paths[0]} and {paths[1]}")

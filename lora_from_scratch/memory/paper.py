@@ -124,9 +124,9 @@ def _check_targets(targets) -> tuple:
 
 
 def _check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
-        raise ValueError(f"the LoRA rank r must be a positive integer; got {r!r}")
-    return int(r)
+    from ..checks import check_int
+
+    return check_int("the LoRA rank r", r, 1)
 
 
 def lora_trainable_parameters(cfg: TransformerSize, r: int, targets=("q", "v")) -> int:

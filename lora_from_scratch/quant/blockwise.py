@@ -57,9 +57,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral
 
 from lora_from_scratch.backend import xp_of
+from lora_from_scratch.checks import check_int, check_power_of_two
 from lora_from_scratch.quant import tables
 
 __all__ = [
@@ -151,13 +151,7 @@ def _chunk_rows(xp, blocksize: int, nblocks: int) -> int:
 
 
 def _check_blocksize(blocksize) -> int:
-    ok = isinstance(blocksize, Integral) and not isinstance(blocksize, bool)
-    if ok:
-        blocksize = int(blocksize)
-        ok = 16 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0
-    if not ok:
-        raise ValueError(f"blocksize must be a power of two between 16 and 4096 (16, 32, ..., 4096), got {blocksize!r}")
-    return blocksize
+    return check_power_of_two("blocksize", blocksize, 16, 4096)
 
 
 def _check_quant_type(quant_type) -> str:
@@ -187,12 +181,17 @@ def pack_nibbles(codes, fill: int = 0):
     """Pack 4-bit codes two per byte: ``(n,)`` uint8 values < 16 -> ``(ceil(n/2),)`` uint8.
 
     Element ``2k`` goes into the high nibble of byte ``k`` and element ``2k + 1`` into the low
-    nibble. An odd ``n`` is padded with ``fill`` in the last low nibble.
+    nibble. An odd ``n`` is padded with ``fill`` in the last low nibble. A code or a ``fill``
+    outside 0..15 is a ValueError naming it (a 5th bit would spill into the neighbour's nibble).
     """
     xp = xp_of(codes)
     codes = codes.reshape(-1)  # (n,)
     if codes.dtype != xp.uint8:
         raise ValueError(f"pack_nibbles needs uint8 codes, got dtype {codes.dtype}")
+    fill = check_int("pack_nibbles fill", fill, 0, 15)
+    if codes.size and int(codes.max()) > 15:  # one host synchronization
+        i = int(xp.argmax(codes > 15))
+        raise ValueError(f"pack_nibbles needs 4-bit codes from 0 to 15, got {int(codes[i])} at index {i}")
     if codes.size % 2:
         codes = xp.concatenate([codes, xp.full(1, fill, dtype=xp.uint8)])  # (n,) -> (n + 1,)
     return (codes[0::2] << 4) | codes[1::2]  # (n/2,) high nibble first

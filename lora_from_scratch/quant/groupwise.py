@@ -29,9 +29,9 @@ array module from the data and runs unchanged on CuPy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 
 from lora_from_scratch.backend import xp_of
+from lora_from_scratch.checks import check_int as _check_int
 
 __all__ = [
     "GroupwiseQuantized",
@@ -41,17 +41,6 @@ __all__ = [
     "quantize_groupwise",
     "unpack_codes",
 ]
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, Integral) and not isinstance(value, bool)
-    if ok:
-        value = int(value)
-        ok = value >= low and (high is None or value <= high)
-    if not ok:
-        span = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
-    return value
 
 
 @dataclass
