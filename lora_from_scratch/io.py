@@ -208,7 +208,7 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
     checked before the model changes.
     """
     from .adapter import LowRankAdapter
-    from .lora import lora_layers, set_adapter
+    from .lora import lora_layers, refuse_while_disabled, set_adapter
 
     meta, header = read_header(path)
     if meta.get("format") != ADAPTER_FORMAT:
@@ -216,6 +216,7 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
     specs = json_field(meta, "layers", path)
     name = meta.get("name", "default") if name is None else name
     layers = lora_layers(model)
+    refuse_while_disabled(layers, "load_adapter")  # before anything changes: set_adapter at the end would refuse
     if not isinstance(specs, dict):
         raise FileFormatError(path, f"expected a JSON object {{layer path: adapter}}, got {type(specs).__name__}",
                               field="layers")

@@ -120,13 +120,13 @@ def lora_layers(model) -> dict:
 
 def _layers(model, what: str, changes: bool = False) -> dict:
     """The adapted layers of ``model`` (ValueError if none). ``changes``: ``what`` changes the adapters, which
-    is refused inside ``disable_adapters`` (see ``_refuse_while_disabled``)."""
+    is refused inside ``disable_adapters`` (see ``refuse_while_disabled``)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no adapter layers (use apply_lora, qlora.apply_qlora or "
                          "qalora.apply_qalora first)")
     if changes:
-        _refuse_while_disabled(layers, what)
+        refuse_while_disabled(layers, what)
     return layers
 
 
@@ -134,7 +134,7 @@ def _layers(model, what: str, changes: bool = False) -> dict:
 _DISABLED = weakref.WeakKeyDictionary()
 
 
-def _refuse_while_disabled(layers: dict, what: str) -> None:
+def refuse_while_disabled(layers: dict, what: str) -> None:
     """ValueError if any of ``layers`` is inside ``disable_adapters``: on exit the context puts back the active
     adapters it saved, so a switch, a deletion or a merge made inside would be half undone."""
     inside = [path for path, layer in layers.items() if _DISABLED.get(layer)]
@@ -147,7 +147,7 @@ def _refuse_while_disabled(layers: dict, what: str) -> None:
 def mark_only_lora_as_trainable(model):
     """Freeze every parameter except the active adapters' A and B (embeddings, layer norms, biases, W0 included)."""
     layers = lora_layers(model)
-    _refuse_while_disabled(layers, "mark_only_lora_as_trainable")
+    refuse_while_disabled(layers, "mark_only_lora_as_trainable")
     keep = set()
     for layer in layers.values():
         if layer.active is not None:
@@ -165,7 +165,7 @@ def replace_targets(model, targets, check, make, seed: int | None = None, rng=No
     *before* the model changes, and the new layers are made in model order from ``rng``, or a
     generator seeded with ``seed``, or ``backend.global_rng()``.
     """
-    _refuse_while_disabled(lora_layers(model), "adding adapter layers")
+    refuse_while_disabled(lora_layers(model), "adding adapter layers")
     found = []
     for i, target in resolve_targets(len(model.blocks), targets):
         path = target.path(i)
@@ -407,7 +407,7 @@ def _check_requantize(what: str, layers) -> None:
 def unmerge_lora(model):
     """Undo ``merge_lora`` where it can be undone (LoRA and QA-LoRA layers). Returns the model."""
     layers = lora_layers(model)
-    _refuse_while_disabled(layers, "unmerge_lora")
+    refuse_while_disabled(layers, "unmerge_lora")
     merged = [layer for layer in layers.values() if layer.merged]
     if not merged:
         raise ValueError("unmerge_lora: the model has no merged adapter layers (a QLoRA merge replaces its layers "

@@ -8,6 +8,9 @@ and the ValueError each tool raises on a model without adapters. The training fo
 an (out, in) temporary and never keeps a dequantized W0 from forward to backward.
 """
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 from conftest import rel
@@ -388,7 +391,16 @@ def test_astype_keeps_the_storage_format(kind):
 
 
 # ----------------------------------------------------------------- order of calls: disable_adapters
+def _load_adapter_inside(m):
+    """Save adapter "b" to a file and load it back as "c": load_adapter would add and switch adapters."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "b.safetensors")
+        lio.save_adapter(m, path, adapter="b")
+        lio.load_adapter(m, path, name="c")
+
+
 INSIDE_DISABLED = {
+    "load_adapter": _load_adapter_inside,
     "set_adapter": lambda m: lora.set_adapter(m, "b"),
     "delete_adapter": lambda m: lora.delete_adapter(m, "default"),
     "add_adapter": lambda m: lora.add_adapter(m, "c", r=2, alpha=4, seed=5),
