@@ -154,6 +154,15 @@ def mean_over_seeds(rows: list, method: str, stage: str, task: str = "desc", **k
     return float(np.mean([em(r, stage, task) for r in sel]))
 
 
+def per_seed(rows: list, method: str, stage: str, key: str = "desc", **keys) -> list:
+    """Per seed (the rows ``select`` picks): exact match in % (``em`` of ``key``: "desc" or "pretrain") at ``stage``,
+    or the logits' change there with ``key="logits_rel"``."""
+    sel = select(rows, method, **keys)
+    if key == "logits_rel":
+        return [r[stage]["logits_rel"] for r in sel]
+    return [100 * em(r, stage, key) for r in sel]
+
+
 def train_and_deploy_all(s: dict, cells: list, evals: dict, *, curve_stride: int, curve_keys: tuple, desc: str,
                          progress: bool) -> tuple[list, list]:
     """Per seed, QLoRA trained once and deployed at every (bits, group size) of ``cells``; QA-LoRA trained and
@@ -253,11 +262,32 @@ def findings(result: dict, s: dict) -> list[str]:
     return lines
 
 
+def figure_data(result: dict) -> dict:
+    """What ``plots.qalora.plot_qalora_bits`` draws, at each bit width of the result (widest first): per method the
+    per-seed exact match on "desc" trained and deployed, the logits' change and the pre-training tasks deployed; the
+    quantized and the float32 base model on the pre-training tasks; the loss curves."""
+    rows = result["rows"]
+    if not rows:
+        raise ValueError("the qalora_bits result holds no rows")
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    methods = ("qlora", "qalora")
+    base = {q["bits"]: 100 * q["pretrain_mean"] for q in result["quantized_base"]}
+    return {"bits": bits,
+            "desc": {m: {st: [per_seed(rows, m, st, bits=b) for b in bits] for st in ("trained", "deployed")}
+                     for m in methods},
+            "logits_rel": {m: [per_seed(rows, m, "deployed", "logits_rel", bits=b) for b in bits] for m in methods},
+            "pretrain": {m: [per_seed(rows, m, "deployed", "pretrain", bits=b) for b in bits] for m in methods},
+            "pretrain_base": [base.get(b, float("nan")) for b in bits],
+            "pretrain_float": 100 * result["base_float"]["pretrain_mean"],
+            "curves": result["curves"], "curve_stride": result.get("curve_stride", 1)}
+
+
 def plot(result: dict):
     from ..plots.qalora import plot_qalora_bits
 
-    return plot_qalora_bits(result)
+    return plot_qalora_bits(figure_data(result))
 
 
-__all__ = ["SCALES", "deploy_qlora", "deployed_bits", "em", "mean_over_seeds", "pretrain_mean", "quantized_base",
-           "run", "select", "train_and_deploy_all", "train_and_deploy_qalora", "train_qlora", "with_float16_zeros"]
+__all__ = ["SCALES", "deploy_qlora", "deployed_bits", "em", "figure_data", "mean_over_seeds", "per_seed",
+           "pretrain_mean", "quantized_base", "run", "select", "train_and_deploy_all", "train_and_deploy_qalora",
+           "train_qlora", "with_float16_zeros"]

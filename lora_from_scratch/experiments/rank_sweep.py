@@ -89,7 +89,19 @@ def findings(sweeps: dict, settings: dict) -> list[str]:
     return out
 
 
+def curves(result: dict) -> dict:
+    """Per set of matrices, in the order of the settings: {"label", "r", "held_out_loss", "exact_match"} (``curve``)."""
+    sweeps = result["sweeps"]
+    order = ["+".join(t) for t in result.get("settings", {}).get("target_sets", [])] or list(sweeps)
+    out = {}
+    for k in order:
+        ranks, loss = curve(sweeps[k])
+        out[k] = {"label": sweeps[k]["label"], "r": ranks, "held_out_loss": loss,
+                  "exact_match": curve(sweeps[k], "exact_match")[1]}
+    return out
+
+
 def plot(result: dict):
     from ..plots.transformer import plot_rank_sweep
 
-    return plot_rank_sweep(result)
+    return plot_rank_sweep(curves(result))

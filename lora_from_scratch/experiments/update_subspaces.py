@@ -42,6 +42,8 @@ PAPER = ("LoRA (Hu et al., 2021), section 7.2, eq. (4), Figures 3 and 4 (subspac
 # Table 7 of the paper: GPT-3 175B, Wq of layer 48 (of 96)
 PAPER_TABLE7 = {"4": {"dW": 0.32, "W": 21.67, "random": 0.02, "W_norm": 61.95, "dW_norm": 6.91},
                 "64": {"dW": 1.90, "W": 37.71, "random": 0.33, "W_norm": 61.95, "dW_norm": 3.57}}
+# Table 7's amplification factor ||dW_q||_F / ||U^T W_q V||_F on GPT-3, layer 48: {4: 21.6, 64: 1.88}
+PAPER_AMPLIFICATION = {int(r): row["dW_norm"] / row["dW"] for r, row in PAPER_TABLE7.items()}
 
 SCALES = {
     "full": {"targets": ["q", "v"], "ranks": [4, 8, 64], "pair": [8, 64], "alpha": 16, "lr": 1e-2,
@@ -208,4 +210,4 @@ def findings(similarity: dict, summary: dict, settings: dict) -> list[str]:
 def plot(result: dict):
     from ..plots.transformer import plot_update_subspaces
 
-    return plot_update_subspaces(result)
+    return plot_update_subspaces(result, PAPER_AMPLIFICATION)
