@@ -92,7 +92,7 @@ class GroupwiseLinear(QuantizedLinear):
     QA-LoRA layer and what the QLoRA deployment re-quantizes into.
     """
 
-    absorbs_updates = True  # a group-constant update moves the zero points, and can be moved back
+    merges_in_place = True  # a group-constant update moves the zero points, and can be moved back
 
     def __init__(self, q: GroupwiseQuantized, bias=None):
         if not isinstance(q, GroupwiseQuantized):
