@@ -36,9 +36,10 @@ from ..backend import to_numpy
 from ..lora import lora_layers, merge_and_unload
 from ..methods import NAMES
 from ..qalora import GroupwiseLinear, quantize_model_groupwise
+from ..qlora_vs_qalora import deploy_qlora
 from ..targets import TARGETS
-from .common import base_model, finetune, progress_bar
-from .qlora_vs_lora import all_eval_sets, measure, pretrain_mean
+from .common import base_model, finetune, measure, pretrain_mean, progress_bar
+from .qlora_vs_lora import all_eval_sets
 
 TITLE = "QLoRA re-quantized vs QA-LoRA merged, deployed at INT4 / INT3 / INT2"
 PAPER = "QA-LoRA (Xu et al., 2023), section 3.3 and Table 1 (QLoRA w/ GPTQ vs QA-LoRA at 4, 3 and 2 bits)"
@@ -108,9 +109,10 @@ def train_qlora(s: dict, seed: int, evals: dict) -> tuple[dict, object, dict]:
             "trained": trained}, model, logits
 
 
-def deploy_qlora(model, logits: dict, bits: int, group_size: int, evals: dict) -> dict:
-    """The QLoRA model merged in float and re-quantized group-wise to INT-``bits`` (on a copy), measured."""
-    deployed = quantize_model_groupwise(copy.deepcopy(model), bits, group_size, list(TARGETS))
+def measure_qlora_deployed(model, logits: dict, bits: int, group_size: int, evals: dict) -> dict:
+    """The QLoRA model merged in float and re-quantized group-wise to INT-``bits`` (``deploy_qlora``, on a copy),
+    measured against its trained ``logits``."""
+    deployed = deploy_qlora(model, f"int{bits}", group_size, TARGETS)
     m, _ = measure(deployed, evals, logits)
     return {**m, "deployed_bits": deployed_bits(deployed)}
 
@@ -167,7 +169,7 @@ def train_and_deploy_all(s: dict, cells: list, evals: dict, *, curve_stride: int
                          progress: bool) -> tuple[list, list]:
     """Per seed, QLoRA trained once and deployed at every (bits, group size) of ``cells``; QA-LoRA trained and
     deployed at each. Returns (rows, curves): one row per seed, method and cell (``train_qlora`` with
-    ``deploy_qlora``, ``train_and_deploy_qalora``), one loss curve per training run, every ``curve_stride``-th
+    ``measure_qlora_deployed``, ``train_and_deploy_qalora``), one loss curve per training run, every ``curve_stride``-th
     step, labelled by ``curve_keys`` (of "bits", "group_size"; None for QLoRA's).
     """
     rows, curves = [], []
@@ -180,8 +182,8 @@ def train_and_deploy_all(s: dict, cells: list, evals: dict, *, curve_stride: int
             curves.append({"method": "qlora", **label, "loss": q["loss"][::curve_stride]})
             for b, g in cells:
                 rows.append({"method": "qlora", "seed": seed, "bits": b, "group_size": g, "trained": q["trained"],
-                             "deployed": deploy_qlora(model, logits, b, g, evals), "final_loss": q["final_loss"],
-                             "seconds": q["seconds"]})
+                             "deployed": measure_qlora_deployed(model, logits, b, g, evals),
+                             "final_loss": q["final_loss"], "seconds": q["seconds"]})
         else:
             row = train_and_deploy_qalora(s, seed, *cell, evals)
             curves.append({"method": "qalora", **label, "loss": row.pop("loss")[::curve_stride]})
@@ -288,6 +290,6 @@ def plot(result: dict):
     return plot_qalora_bits(figure_data(result))
 
 
-__all__ = ["SCALES", "deploy_qlora", "deployed_bits", "em", "figure_data", "mean_over_seeds", "per_seed",
+__all__ = ["SCALES", "deployed_bits", "em", "figure_data", "mean_over_seeds", "per_seed",
            "pretrain_mean", "quantized_base", "run", "select", "train_and_deploy_all", "train_and_deploy_qalora",
-           "train_qlora", "with_float16_zeros"]
+           "measure_qlora_deployed", "train_qlora", "with_float16_zeros"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import base_model
+from .common import base_model, measure
 from .qalora_bits import (
     mean_over_seeds,
     per_seed,
@@ -33,7 +33,7 @@ from .qalora_bits import (
     train_and_deploy_all,
     train_and_deploy_qalora,
 )
-from .qlora_vs_lora import all_eval_sets, measure
+from .qlora_vs_lora import all_eval_sets
 
 TITLE = "Group size: QLoRA re-quantized vs QA-LoRA merged at INT2 / INT3, groups of 8 to 64 input channels"
 PAPER = "QA-LoRA (Xu et al., 2023), section 3.3 (group-wise quantization, L = D_in / group size) and section 4 " \

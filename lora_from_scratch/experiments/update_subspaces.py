@@ -33,7 +33,7 @@ from ..backend import to_numpy
 from ..lora import lora_layers
 from ..rank import subspace_similarity_matrix
 from .common import eval_sets, progress_bar
-from .which_matrices import fine_tune, lora_model
+from .which_matrices import lora_model, train_and_score
 
 TITLE = "What the adapters learn: r = 8 vs r = 64 subspaces, and how the update dW relates to W"
 PAPER = ("LoRA (Hu et al., 2021), section 7.2, eq. (4), Figures 3 and 4 (subspace similarity) and "
@@ -127,7 +127,7 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     for seed, r in progress_bar(jobs, progress, "update subspaces"):
         model = lora_model(settings["targets"], r, settings["alpha"], init_seed=1000 * seed + r)
         started[seed, r] = {p: a[0] for p, a in _adapters(model).items()}  # the A's at step 0 (host copies)
-        out, model = fine_tune(settings["targets"], r, settings["lr"], seed, settings, evals, model=model)
+        out, model = train_and_score(settings["targets"], r, settings["lr"], seed, settings, evals, model=model)
         scores[f"seed {seed}, r = {r}"] = out
         trained[seed, r] = _adapters(model)
     paths = list(next(iter(trained.values())))

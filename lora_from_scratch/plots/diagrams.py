@@ -38,6 +38,14 @@ def _plus(ax, x, y, r=0.22):
     ax.text(x, y, "+", ha="center", va="center", fontsize=13)
 
 
+def _residual(ax, cx, skip_x, y_from, y_to, label_y):
+    """The residual path: from the main column at ``y_from`` out to ``skip_x``, up, and into a + at ``y_to``."""
+    _plus(ax, cx, y_to)
+    ax.plot([cx, skip_x, skip_x], [y_from, y_from, y_to], color="#333333", lw=1.2)
+    _arrow(ax, skip_x, y_to, cx - 0.22, y_to)
+    ax.text(skip_x - 0.12, label_y, "residual", rotation=90, ha="right", va="center", fontsize=10.5, color="#555555")
+
+
 @styled
 def plot_transformer_architecture(ax=None):
     """LoRA section 4.2: the GPT-2 block with the six matrices LoRA adapts highlighted.
@@ -87,11 +95,7 @@ def plot_transformer_architecture(ax=None):
     _arrow(ax, cx, 7.5, cx, 7.85)
     _box(ax, cx, 8.2, 1.4, 0.7, "Wo", **lora)
     _arrow(ax, cx, 8.55, cx, 9.9)
-    _plus(ax, cx, 10.12)
-    # residual around attention
-    ax.plot([cx, skip_x, skip_x], [2.95, 2.95, 10.12], color="#333333", lw=1.2)
-    _arrow(ax, skip_x, 10.12, cx - 0.22, 10.12)
-    ax.text(skip_x - 0.12, 6.5, "residual", rotation=90, ha="right", va="center", fontsize=10.5, color="#555555")
+    _residual(ax, cx, skip_x, 2.95, 10.12, 6.5)  # around attention
 
     # MLP sub-layer
     _arrow(ax, cx, 10.34, cx, 10.75)
@@ -103,11 +107,7 @@ def plot_transformer_architecture(ax=None):
     _arrow(ax, cx, 13.25, cx, 13.55)
     _box(ax, cx, 13.9, 3.0, 0.7, "proj  (4C → C)", **lora)
     _arrow(ax, cx, 14.25, cx, 14.78)
-    _plus(ax, cx, 15.0)
-    ax.plot([cx, skip_x, skip_x], [10.5, 10.5, 15.0], color="#333333", lw=1.2)
-    _arrow(ax, skip_x, 15.0, cx - 0.22, 15.0)
-    ax.text(skip_x - 0.12, 12.75, "residual", rotation=90, ha="right", va="center", fontsize=10.5,
-            color="#555555")
+    _residual(ax, cx, skip_x, 10.5, 15.0, 12.75)  # around the MLP
     ax.text(cx + 1.75, 13.0, "MLP", ha="left", va="center", fontsize=11, style="italic", color=FROZEN_EDGE)
 
     # head
