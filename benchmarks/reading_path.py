@@ -57,22 +57,25 @@ BATCH = 4
 # with the equation it holds. The line counts are measured (the QLoRA path); a file on the path
 # missing from this list is reported after the table.
 READING_ORDER = [
-    ("data.py", "a batch of token ids and next-token targets (targets = ids shifted by one)"),
-    ("model.py", "GPT-2: h = x + attn(ln1(x)); h + mlp(ln2(h)); logits = ln_f(h) W_te^T"),
-    ("functional.py", "the forward/backward pairs: y = x W^T + b, dx = dy W, dW = dy^T x; softmax cross-entropy"),
-    ("nn.py", "layers: a Parameter holds .data and .grad; a frozen one gets no gradient"),
-    ("adapter.py", "h = base(x) + s * pool(dropout(x)) A^T B^T, s = alpha / r (Hu et al., 2021, eq. 3)"),
-    ("quant/tables.py", "NF4: 16 quantiles of N(0, 1), normalized to [-1, 1] (Dettmers et al., 2023, eq. 4)"),
-    ("quant/blockwise.py", "X_q = round(X / absmax(X_block)) to the nearest NF4 level, two codes per byte; "
-                           "double quantization of the absmax constants (section 3)"),
-    ("qlora.py", "Y = X doubleDequant(c1, c2, W_NF4) + X L1 L2 (Dettmers et al., 2023, eq. 5)"),
-    ("lora.py", "apply the adapters: freeze W0, wrap every target layer"),
-    ("methods.py", "adapt(model, method): one name per method"),
-    ("train.py", "one step: forward, cross-entropy, backward, clip, optimizer step"),
-    ("optim.py", "AdamW: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; "
-                 "W -= lr (m_hat / (sqrt(v_hat) + eps) + wd W)"),
-    ("backend.py", "xp_of(*arrays): NumPy or CuPy, from the arrays themselves"),
-    ("targets.py", "which matrices get an adapter (q, k, v, o, fc, proj)"),
+    ("data.py", "a batch: lines `task:input>answer.` as ids (B, T); targets = the next character, "
+                "scored on the answer only"),
+    ("backend.py", "`xp = xp_of(x, W)`: NumPy or CuPy, taken from the arrays themselves"),
+    ("methods.py", "`adapt(model, \"qlora\", r, alpha)`: one name per method"),
+    ("lora.py", "every target `Linear` wrapped in an adapted layer, everything else frozen"),
+    ("targets.py", "the six matrices: Wq, Wk, Wv, Wo, fc, proj (Hu et al., 2021, section 4.2)"),
+    ("quant/tables.py", "NF4: 16 levels at quantiles of N(0, 1), scaled to [-1, 1] (Dettmers et al., 2023, eq. 4)"),
+    ("quant/blockwise.py", "c = absmax(block), code = nearest level to x / c, two codes per byte; "
+                           "c stored in 8 bits (double quantization, eq. 1)"),
+    ("qlora.py", "h = x doubleDequant(c1, c2, W_NF4)^T + b + s dropout(x) A^T B^T (eq. 5-6)"),
+    ("adapter.py", "h = base(x) + s pool(dropout(x)) A^T B^T, s = alpha / r; "
+                   "dB = s dy^T (x A^T), dA = s (dy B)^T x (Hu et al., 2021, eq. 3)"),
+    ("model.py", "x = wte[idx] + wpe; x += attn(ln_1(x)); x += mlp(ln_2(x)); logits = ln_f(x) wte^T"),
+    ("nn.py", "`Linear`: y = x W^T + b; a frozen W gets no dW and no optimizer state"),
+    ("functional.py", "the forward/backward pairs: dx = dy W, dW = dy^T x; "
+                      "cross-entropy dlogits = (softmax - onehot) / (scored targets)"),
+    ("train.py", "one step: forward, loss, backward, gradient norm clipped to 1, optimizer step"),
+    ("optim.py", "AdamW: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, "
+                 "p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)"),
 ]
 
 
@@ -339,6 +342,7 @@ def reading_order_table(path: dict) -> str:
     rows += [f"| `{name}` | {by_file[name]} | {what} |" for name, what in READING_ORDER if name in by_file]
     rows.append(f"| one QLoRA step | {path['qlora']['lines']} | {path['qlora']['files']} files "
                 f"(the batch aside: {path['batch']['lines']} lines) |")
+    assert not any("|" in what for _, what in READING_ORDER), "a | would break the markdown table"
     missing = sorted(set(by_file) - {name for name, _ in READING_ORDER})
     if missing:
         rows.append(f"\nOn the path but not in the reading order: {', '.join(missing)}")

@@ -122,3 +122,12 @@ def test_reading_order_covers_the_qlora_path(measured):
     assert "not in the reading order" not in table
     for name, count in measured["qlora"]["by_file"].items():
         assert f"| `{name}` | {count} |" in table
+
+
+def test_readme_reading_order_is_the_measured_table(measured):
+    """The README's table is the script's output, not typed by hand: regenerate it with --reading-order."""
+    readme = (ROOT / "README.md").read_text()
+    table = reading_path.reading_order_table(measured)
+    missing = [row for row in table.splitlines() if row not in readme]
+    assert not missing, "README's reading order is stale; run python benchmarks/reading_path.py --reading-order:\n" + \
+        "\n".join(missing)
