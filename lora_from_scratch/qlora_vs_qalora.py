@@ -32,8 +32,6 @@ import copy
 import os
 from numbers import Integral
 
-import numpy as np
-
 from . import data
 from .backend import to_numpy
 from .experiments.common import finetune, measure, percent
@@ -124,7 +122,7 @@ def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targ
         if held != {b}:
             raise ValueError(f"a QA-LoRA model deploys at the width it was trained at ({sorted(held)}), not {b}")
         deployed = merge_and_unload(model)
-    d, _ = measure(deployed, eval_sets, reference={task: to_numpy(t_logits).astype(np.float64)})  # (N, T, V)
+    d, _ = measure(deployed, eval_sets, reference={task: to_numpy(t_logits).astype("float64")})  # (N, T, V)
     d_ft = d["exact_match"][task]
     return {"method": NAMES[method], "bits": b, "group_size": group_size,
             "train_base": "NF4" if method == "qlora" else f"INT{b}", "trained": t_ft,
