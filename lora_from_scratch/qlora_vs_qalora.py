@@ -40,7 +40,8 @@ from .lora import TARGETS, lora_layers, merge_and_unload, merge_lora
 from .methods import NAMES
 from .qalora import quantize_model_groupwise
 
-__all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "deploy_qlora", "format_table"]
+__all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "deploy_qlora", "format_table",
+           "trained_scores"]
 
 # Settings for the shipped base model (4 layers, width 128), timed on 2 CPU cores. FULL: about a minute
 # per fine-tune, about 4.5 minutes for bits (4, 3, 2) (four fine-tunes). QUICK: about 15 s per fine-tune;
@@ -92,6 +93,13 @@ def deploy_qlora(model, fmt: str = "float", group_size: int = 32, targets=TARGET
     raise ValueError(f"unknown deployment format {fmt!r}; valid: 'float', 'nf4', 'int2' .. 'int8'")
 
 
+def trained_scores(model, eval_sets: dict) -> tuple:
+    """(exact match on the fine-tuning task, mean exact match on the pre-training tasks or None, the fine-tuning
+    task's logits): what ``deploy`` compares a deployed model with (``experiments.common.measure``)."""
+    m, logits = measure(model, eval_sets)
+    return m["exact_match"][data.FINETUNE_TASK], m["pretrain_mean"], logits[data.FINETUNE_TASK]
+
+
 def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targets=TARGETS,
            trained=None) -> dict:
     """Deploy a fine-tuned ``model`` at ``bits`` and measure it before and after: one row of the table.
@@ -99,9 +107,8 @@ def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targ
     ``method`` "qlora": ``deploy_qlora(model, f"int{bits}", group_size, targets)`` (on a copy: ``model``
     is unchanged, so one QLoRA run deploys at every width). "qalora": the model's own INT-``bits``
     base with the adapters folded into its zero points (``lora.merge_and_unload``, in place: ``model``
-    becomes the deployed model; ``bits`` must be the width it was trained at). ``trained``: (exact
-    match on the fine-tuning task, mean exact match on the pre-training tasks, the fine-tuning task's
-    logits) when already measured (else measured here, ``experiments.common.measure``).
+    becomes the deployed model; ``bits`` must be the width it was trained at). ``trained``:
+    ``trained_scores(model, eval_sets)`` when already measured (else measured here).
 
     The row: ``method``, ``bits``, ``group_size``, ``train_base``, ``trained``, ``deployed``,
     ``difference``, ``pretrain_trained``, ``pretrain_deployed``, ``logits_rel`` (as in
@@ -111,10 +118,7 @@ def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targ
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
     (b,) = _check_bits_list(bits)
     task = data.FINETUNE_TASK
-    if trained is None:
-        m, logits = measure(model, eval_sets)
-        trained = (m["exact_match"][task], m["pretrain_mean"], logits[task])
-    t_ft, t_pre, t_logits = trained
+    t_ft, t_pre, t_logits = trained_scores(model, eval_sets) if trained is None else trained
     if method == "qlora":
         deployed = deploy_qlora(model, f"int{b}", group_size, targets)
     else:
@@ -188,8 +192,7 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
         say(f"QLoRA: fine-tuning on {data.FINETUNE_TASK!r} with an NF4 base ({steps} steps, lr {lr_qlora:g})")
         model, seconds = fine_tune("qlora", first, lr_qlora, blocksize=64, double_quant=True)
         first = None
-        m, logits = measure(model, eval_sets)
-        trained = (m["exact_match"][data.FINETUNE_TASK], m["pretrain_mean"], logits[data.FINETUNE_TASK])
+        trained = trained_scores(model, eval_sets)
         for b in bits:
             say(f"QLoRA: deploying at INT{b} (merge in float, re-quantize, group size {group_size})")
             rows.append({**deploy(model, "qlora", b, group_size, eval_sets, targets, trained),

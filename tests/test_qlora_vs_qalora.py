@@ -97,7 +97,6 @@ def test_bad_arguments():
 def test_deploy_one_trained_model():
     """``deploy``: QLoRA deploys a copy at every width (the model is left as trained); QA-LoRA folds in place."""
     from lora_from_scratch import data
-    from lora_from_scratch.experiments.common import measure
     from lora_from_scratch.lora import lora_layers
     from lora_from_scratch.qalora import GroupwiseLinear, apply_qalora
     from lora_from_scratch.qlora import apply_qlora
@@ -106,8 +105,7 @@ def test_deploy_one_trained_model():
     qlora = apply_qlora(GPT(TINY, seed=0), 4, 8, ["q", "v", "fc"], seed=0)
     for layer in lora_layers(qlora).values():  # as after training: the adapters change the model
         layer.lora_B.data = layer.lora_B.data + 0.1
-    m, logits = measure(qlora, evals)
-    trained = (m["exact_match"][data.FINETUNE_TASK], m["pretrain_mean"], logits[data.FINETUNE_TASK])
+    trained = qlora_vs_qalora.trained_scores(qlora, evals)
     rows = [qlora_vs_qalora.deploy(qlora, "qlora", b, 16, evals, ["q", "v", "fc"], trained) for b in (4, 2)]
     assert [r["bits"] for r in rows] == [4, 2] and all(r["trained"] == trained[0] for r in rows)
     assert all(r["logits_rel"] > 0 and r["train_base"] == "NF4" for r in rows)
