@@ -198,9 +198,10 @@ class QuantizedLinear(Module):
         self.dequantizations = 0
         self._cache = None
 
-    # True when the stored form can take an update exactly and give it back (QA-LoRA's zero points);
-    # False when an update forces the weight out of its format (NF4: float, or re-quantized with a loss)
-    absorbs_updates = False
+    # True when the stored form can take an update exactly and give it back (QA-LoRA's zero points), so an
+    # adapter merges into it in place; False when an update forces the weight out of its format (NF4: float,
+    # or re-quantized with a loss), so a merge replaces the layer
+    merges_in_place = False
 
     def dequantized_weight(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -396,7 +397,7 @@ class AdaptedLinear(Module):
     @property
     def merges_in_place(self) -> bool:
         """Whether the base can hold the update and give it back: a float weight, or QA-LoRA's zero points."""
-        return self.base.absorbs_updates
+        return self.base.merges_in_place
 
     def merge(self):
         """Fold the active adapter into the base, in place (where the base allows it). A no-op when merged."""
@@ -406,10 +407,14 @@ class AdaptedLinear(Module):
             raise ValueError(f"a {type(self).__name__} cannot merge in place: its {type(self.base).__name__} "
                              "cannot hold the update; use lora.merge_lora(model), which replaces the layer by a "
                              "float (or re-quantized) one")
-        return self._commit_merge(self.merged_base())
+        return self.set_merged_base(self.merged_base())
 
-    def _commit_merge(self, new):
-        """Make ``new`` (from ``merged_base``) the base and mark the layer merged (``merge``, ``lora.merge_lora``)."""
+    def set_merged_base(self, new):
+        """Make ``new`` (from ``merged_base``) the base and mark the layer merged (``merge``, ``lora.merge_lora``).
+
+        ``merged_base`` computes and checks the merge without changing anything; this commits it, so a
+        model-wide merge can check every layer first and change them only when all succeeded.
+        """
         for p in self.adapter.parameters():
             p.grad = None  # no stale gradient may move A or B while they are folded into the base
         self.base, self.merged, self._cache = new, True, None

@@ -20,7 +20,7 @@ frozen base's before tuning. Full fine-tuning has no adapter to switch off: its 
 tasks are gone.
 
 Table 2 deploys the two quantized methods at low bit width (QA-LoRA section 3.3;
-``compare.deploy``): QLoRA, trained once on its NF4 base (its row in table 1), must merge in
+``qlora_vs_qalora.deploy``): QLoRA, trained once on its NF4 base (its row in table 1), must merge in
 float and re-quantize group-wise to INT-N; QA-LoRA, trained once per N (its 4-bit run *is* table
 1's row), folds its adapter into the zero points and keeps its integer codes, so its deployed
 model scores what it scored in training. Every number comes from one run and appears once.
@@ -276,9 +276,9 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
     ``train_seconds``, ``desc``, ``pretrain`` per task and ``pretrain_mean``,
     ``pretrain_adapter_off`` and ``pretrain_frozen_base`` per task, ``adapter_off_is_frozen_base``,
     ``loss``); ``extra_runs`` (QA-LoRA at the other widths, the same fields); ``table2`` (one row
-    per (method, width), as ``compare.deploy``); ``seconds`` (wall and CPU).
+    per (method, width), as ``qlora_vs_qalora.deploy``); ``seconds`` (wall and CPU).
     """
-    from . import compare
+    from . import qlora_vs_qalora
 
     t0, c0 = time.perf_counter(), time.process_time()
     s = QUICK if quick else FULL
@@ -323,7 +323,7 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
 
     def deploy(row, model, desc_logits, method, b):
         trained = (row["desc"], row["pretrain_mean"], desc_logits)  # the run's own measurement, not a new one
-        result["table2"].append(compare.deploy(model, method, b, group_size, eval_sets, TARGETS, trained))
+        result["table2"].append(qlora_vs_qalora.deploy(model, method, b, group_size, eval_sets, TARGETS, trained))
 
     for method in methods:
         row, model, desc_logits = run(method)
@@ -406,7 +406,7 @@ def _notes1(result: dict) -> str:
 
 def format_result(result: dict) -> str:
     """Both tables and their notes, as the demo prints them."""
-    from .compare import format_table
+    from .qlora_vs_qalora import format_table
 
     s = result["settings"]
     out = ["1. What each method trains, holds and gets\n", format_table1(result), "", _notes1(result), ""]

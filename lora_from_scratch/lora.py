@@ -392,7 +392,7 @@ def merge_lora(model, requantize: bool = False):
             raise ValueError(f"{path}: {e}") from None
     for path, layer, new in plan:
         if layer.merges_in_place:
-            layer._commit_merge(new)
+            layer.set_merged_base(new)
         else:  # QLoRA: the layer leaves the 4-bit world
             model.set_submodule(path, new)
     return model

@@ -372,8 +372,8 @@ class Linear(Module):
     """y = x W^T + b with W of shape (out_features, in_features), as in the LoRA paper's W0 (d x k)."""
 
     # a float weight holds an update exactly and gives it back (``with_update(delta)``, then ``-delta``),
-    # so an adapter merges into it in place (``adapter.QuantizedLinear.absorbs_updates``)
-    absorbs_updates = True
+    # so an adapter merges into it in place (``adapter.QuantizedLinear.merges_in_place``)
+    merges_in_place = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, std=None,
                  rng=None, dtype="float32"):

@@ -26,7 +26,7 @@ zero points into the base in place (and ``unmerge()`` takes them out again), and
 ``lora.merge_and_unload`` leaves a plain ``GroupwiseLinear`` per layer: the deployed model, whose
 outputs equal the unmerged layer's up to float rounding. A plain LoRA/QLoRA update (B A of shape
 (out, in)) varies inside a group and cannot be folded this way; it has to be added to the
-dequantized weight and re-quantized, which loses accuracy at low bit widths (``compare.py``).
+dequantized weight and re-quantized, which loses accuracy at low bit widths (``qlora_vs_qalora.py``).
 
 As for LoRA and QLoRA, the layer is a frozen base plus one adapter (``adapter.py``): the base is
 ``GroupwiseLinear`` (dequantized on the fly in the forward and again in the backward), the
@@ -87,7 +87,7 @@ class GroupwiseLinear(QuantizedLinear):
     QA-LoRA layer and what the QLoRA deployment re-quantizes into.
     """
 
-    absorbs_updates = True  # a group-constant update moves the zero points, and can be moved back
+    merges_in_place = True  # a group-constant update moves the zero points, and can be moved back
 
     def __init__(self, q: GroupwiseQuantized, bias=None):
         if not isinstance(q, GroupwiseQuantized):

@@ -56,7 +56,7 @@ class NF4Linear(QuantizedLinear):
     ``offset`` (1,) float32 and ``absmax2`` (nblocks / 256,) float32. The bias stays float and frozen.
     """
 
-    absorbs_updates = False  # an update forces the weight out of NF4: a float Linear, or re-quantized with a loss
+    merges_in_place = False  # an update forces the weight out of NF4: a float Linear, or re-quantized with a loss
 
     def __init__(self, q: Quantized4bit, bias=None):
         if not isinstance(q, Quantized4bit):

@@ -453,3 +453,19 @@ def test_nested_disable_adapters_still_refuses_until_the_outer_block_ends():
             lora.set_adapter(model, "b")
     lora.set_adapter(model, "b")
     assert lora.active_adapter(model) == "b"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merges_in_place_is_the_bases_and_says_what_merge_does(kind):
+    """One name for one idea: a layer merges in place exactly when its base can hold the update (float W0, QA-LoRA's
+    zero points); then ``merge`` keeps the layer and ``set_merged_base`` commits; else ``merge`` refuses."""
+    model = randomize_B(adapt(kind))
+    layer = next(iter(lora.lora_layers(model).values()))
+    assert layer.merges_in_place is BASE_CLASS[kind].merges_in_place is (kind != "qlora")
+    if layer.merges_in_place:
+        base = layer.base
+        assert layer.merge() is layer and layer.merged and layer.base is not base
+    else:
+        with pytest.raises(ValueError, match="cannot merge in place"):
+            layer.merge()
+        assert not layer.merged

@@ -20,6 +20,7 @@ REPORTS = {
     "nf4.py": "ratio ours/bitsandbytes",
     "qalora.py": "ratio QA-LoRA / LoRA",
     "file_checks.py": "ratio with/without",
+    "reading_path.py": "import cycles (all imports)",
 }
 
 

@@ -56,3 +56,35 @@ def test_an_unknown_experiment_or_scale_is_refused():
         experiments.run("nope")
     with pytest.raises(ValueError, match="has no scale 'huge'"):
         experiments.run(NAMES[0], scale="huge")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_committed_result_draws(name):
+    """``plot`` turns the committed result into the data its figure function takes, and the figure draws it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = experiments.get(name).plot(experiments.load_result(name))
+    try:
+        assert fig.axes and any(ax.has_data() for ax in fig.axes)
+    finally:
+        plt.close(fig)
+
+
+def test_figure_data_of_qalora_bits_holds_the_findings_numbers():
+    """The bars of the QA-LoRA figure are the means over seeds that the findings quote (both from the result rows)."""
+    import numpy as np
+
+    from lora_from_scratch.experiments import qalora_bits
+
+    result = experiments.load_result("qalora_bits")
+    data = qalora_bits.figure_data(result)
+    assert data["bits"] == sorted(result["settings"]["bits"], reverse=True)
+    for i, b in enumerate(data["bits"]):
+        for method in ("qlora", "qalora"):
+            for stage in ("trained", "deployed"):
+                expected = 100 * qalora_bits.mean_over_seeds(result["rows"], method, stage, bits=b)
+                assert np.mean(data["desc"][method][stage][i]) == pytest.approx(expected, rel=1e-12)
+            assert len(data["logits_rel"][method][i]) == len(result["settings"]["seeds"])

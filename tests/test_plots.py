@@ -259,3 +259,19 @@ def test_make_all_figures_writes_pngs(tmp_path):
         assert head == PNG_MAGIC, p
         assert size > 20_000, (p, size)
     assert plt.get_fignums() == []  # every figure was closed
+
+
+def test_plots_only_draw_and_share_no_private_names():
+    """No figure module imports an experiment (the data comes in as arguments) or another module's private name."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(plots.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                assert "experiments" not in module, f"{path.name} imports {module}"
+                if node.level:
+                    private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__future__"]
+                    assert not private, f"{path.name} imports {private} from {module or '.'}"

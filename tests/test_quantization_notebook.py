@@ -109,16 +109,16 @@ def test_quantize_base_replaces_the_24_matrices():
         qb.quantize_base({"kind": "ternary"})
 
 
-def test_measure_agrees_with_cross_entropy_and_exact_match():
+def test_score_predictions_agrees_with_cross_entropy_and_exact_match():
     evals = common.eval_sets(16, seed=3, tasks=data.PRETRAIN_TASKS)
     model = common.base_model()
     pred = qb.predictions(model, evals)
-    summary, rows = qb.measure(pred)
+    summary, rows = qb.score_predictions(pred)
     n_tokens = {t: int((y != data.IGNORE_INDEX).sum()) for t, (_, y) in evals.items()}
     pooled = sum(float(cross_entropy(model(x), y)[0]) * n_tokens[t] for t, (x, y) in evals.items())
     assert summary["loss"] == pytest.approx(pooled / sum(n_tokens.values()), rel=1e-3)  # float32 vs float64
     assert summary["exact_match"] == train.evaluate(model, evals)
-    same, _ = qb.measure(pred, pred, rows)
+    same, _ = qb.score_predictions(pred, pred, rows)
     assert same["kl"] == 0 and same["flips"] == 0 and same["loss_delta"] == 0
 
 

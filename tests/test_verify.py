@@ -91,7 +91,7 @@ def test_without_torch_it_says_how_to_install():
 def test_package_imports_without_the_references():
     code = ("import sys\n"
             "for name in ('torch', 'transformers', 'peft', 'bitsandbytes'): sys.modules[name] = None\n"
-            "import lora_from_scratch.verify, lora_from_scratch.demo, lora_from_scratch.compare\n"
+            "import lora_from_scratch.verify, lora_from_scratch.demo, lora_from_scratch.qlora_vs_qalora\n"
             "print(lora_from_scratch.verify.missing_references())")
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,8 @@ that defines ``TITLE``, ``PAPER`` (the paper and section, table or figure it rep
 
 - ``run(scale, progress)``: does the work and returns a JSON-able dict (settings, measurements,
   findings, seconds);
-- ``plot(result)``: draws the result (a matplotlib figure, drawn by ``plots``-style code);
+- ``plot(result)``: turns the result into the data its figure takes and draws it with ``plots`` (the
+  figure functions only draw; no figure module imports an experiment);
 - ``SCALES``: named settings. ``"full"`` is what the command runs and commits to ``figures/``;
   ``"slice"`` is the small part a notebook re-runs live to check the committed result; ``"test"``
   is what the test suite re-runs to assert the finding.

@@ -36,9 +36,10 @@ from ..backend import to_numpy
 from ..lora import lora_layers, merge_and_unload
 from ..methods import NAMES
 from ..qalora import GroupwiseLinear, quantize_model_groupwise
+from ..qlora_vs_qalora import deploy_qlora
 from ..targets import TARGETS
-from .common import base_model, finetune, progress_bar
-from .qlora_vs_lora import all_eval_sets, measure, pretrain_mean
+from .common import base_model, finetune, measure, pretrain_mean, progress_bar
+from .qlora_vs_lora import all_eval_sets
 
 TITLE = "QLoRA re-quantized vs QA-LoRA merged, deployed at INT4 / INT3 / INT2"
 PAPER = "QA-LoRA (Xu et al., 2023), section 3.3 and Table 1 (QLoRA w/ GPTQ vs QA-LoRA at 4, 3 and 2 bits)"
@@ -108,9 +109,10 @@ def train_qlora(s: dict, seed: int, evals: dict) -> tuple[dict, object, dict]:
             "trained": trained}, model, logits
 
 
-def deploy_qlora(model, logits: dict, bits: int, group_size: int, evals: dict) -> dict:
-    """The QLoRA model merged in float and re-quantized group-wise to INT-``bits`` (on a copy), measured."""
-    deployed = quantize_model_groupwise(copy.deepcopy(model), bits, group_size, list(TARGETS))
+def measure_qlora_deployed(model, logits: dict, bits: int, group_size: int, evals: dict) -> dict:
+    """The QLoRA model merged in float and re-quantized group-wise to INT-``bits`` (``deploy_qlora``, on a copy),
+    measured against its trained ``logits``."""
+    deployed = deploy_qlora(model, f"int{bits}", group_size, TARGETS)
     m, _ = measure(deployed, evals, logits)
     return {**m, "deployed_bits": deployed_bits(deployed)}
 
@@ -154,11 +156,20 @@ def mean_over_seeds(rows: list, method: str, stage: str, task: str = "desc", **k
     return float(np.mean([em(r, stage, task) for r in sel]))
 
 
+def per_seed(rows: list, method: str, stage: str, key: str = "desc", **keys) -> list:
+    """Per seed (the rows ``select`` picks): exact match in % (``em`` of ``key``: "desc" or "pretrain") at ``stage``,
+    or the logits' change there with ``key="logits_rel"``."""
+    sel = select(rows, method, **keys)
+    if key == "logits_rel":
+        return [r[stage]["logits_rel"] for r in sel]
+    return [100 * em(r, stage, key) for r in sel]
+
+
 def train_and_deploy_all(s: dict, cells: list, evals: dict, *, curve_stride: int, curve_keys: tuple, desc: str,
                          progress: bool) -> tuple[list, list]:
     """Per seed, QLoRA trained once and deployed at every (bits, group size) of ``cells``; QA-LoRA trained and
     deployed at each. Returns (rows, curves): one row per seed, method and cell (``train_qlora`` with
-    ``deploy_qlora``, ``train_and_deploy_qalora``), one loss curve per training run, every ``curve_stride``-th
+    ``measure_qlora_deployed``, ``train_and_deploy_qalora``), one loss curve per training run, every ``curve_stride``-th
     step, labelled by ``curve_keys`` (of "bits", "group_size"; None for QLoRA's).
     """
     rows, curves = [], []
@@ -171,8 +182,8 @@ def train_and_deploy_all(s: dict, cells: list, evals: dict, *, curve_stride: int
             curves.append({"method": "qlora", **label, "loss": q["loss"][::curve_stride]})
             for b, g in cells:
                 rows.append({"method": "qlora", "seed": seed, "bits": b, "group_size": g, "trained": q["trained"],
-                             "deployed": deploy_qlora(model, logits, b, g, evals), "final_loss": q["final_loss"],
-                             "seconds": q["seconds"]})
+                             "deployed": measure_qlora_deployed(model, logits, b, g, evals),
+                             "final_loss": q["final_loss"], "seconds": q["seconds"]})
         else:
             row = train_and_deploy_qalora(s, seed, *cell, evals)
             curves.append({"method": "qalora", **label, "loss": row.pop("loss")[::curve_stride]})
@@ -253,11 +264,32 @@ def findings(result: dict, s: dict) -> list[str]:
     return lines
 
 
+def figure_data(result: dict) -> dict:
+    """What ``plots.qalora.plot_qalora_bits`` draws, at each bit width of the result (widest first): per method the
+    per-seed exact match on "desc" trained and deployed, the logits' change and the pre-training tasks deployed; the
+    quantized and the float32 base model on the pre-training tasks; the loss curves."""
+    rows = result["rows"]
+    if not rows:
+        raise ValueError("the qalora_bits result holds no rows")
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    methods = ("qlora", "qalora")
+    base = {q["bits"]: 100 * q["pretrain_mean"] for q in result["quantized_base"]}
+    return {"bits": bits,
+            "desc": {m: {st: [per_seed(rows, m, st, bits=b) for b in bits] for st in ("trained", "deployed")}
+                     for m in methods},
+            "logits_rel": {m: [per_seed(rows, m, "deployed", "logits_rel", bits=b) for b in bits] for m in methods},
+            "pretrain": {m: [per_seed(rows, m, "deployed", "pretrain", bits=b) for b in bits] for m in methods},
+            "pretrain_base": [base.get(b, float("nan")) for b in bits],
+            "pretrain_float": 100 * result["base_float"]["pretrain_mean"],
+            "curves": result["curves"], "curve_stride": result.get("curve_stride", 1)}
+
+
 def plot(result: dict):
     from ..plots.qalora import plot_qalora_bits
 
-    return plot_qalora_bits(result)
+    return plot_qalora_bits(figure_data(result))
 
 
-__all__ = ["SCALES", "deploy_qlora", "deployed_bits", "em", "mean_over_seeds", "pretrain_mean", "quantized_base",
-           "run", "select", "train_and_deploy_all", "train_and_deploy_qalora", "train_qlora", "with_float16_zeros"]
+__all__ = ["SCALES", "deployed_bits", "em", "figure_data", "mean_over_seeds", "per_seed",
+           "pretrain_mean", "quantized_base", "run", "select", "train_and_deploy_all", "train_and_deploy_qalora",
+           "measure_qlora_deployed", "train_qlora", "with_float16_zeros"]

@@ -24,9 +24,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import base_model
-from .qalora_bits import mean_over_seeds, quantized_base, select, train_and_deploy_all, train_and_deploy_qalora
-from .qlora_vs_lora import all_eval_sets, measure
+from .common import base_model, measure
+from .qalora_bits import (
+    mean_over_seeds,
+    per_seed,
+    quantized_base,
+    select,
+    train_and_deploy_all,
+    train_and_deploy_qalora,
+)
+from .qlora_vs_lora import all_eval_sets
 
 TITLE = "Group size: QLoRA re-quantized vs QA-LoRA merged at INT2 / INT3, groups of 8 to 64 input channels"
 PAPER = "QA-LoRA (Xu et al., 2023), section 3.3 (group-wise quantization, L = D_in / group size) and section 4 " \
@@ -94,7 +101,27 @@ def findings(result: dict, s: dict) -> list[str]:
     return lines
 
 
+def figure_data(result: dict) -> dict:
+    """What ``plots.qalora.plot_qalora_group_size`` draws: per bit width and method the mean deployed exact match on
+    "desc" (%) at each group size, QLoRA's trained score, the learning-rate checks and the stored bits per weight."""
+    rows = result["rows"]
+    if not rows:
+        raise ValueError("the qalora_group_size result holds no rows")
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    sizes = sorted({r["group_size"] for r in rows})
+    return {"bits": bits, "group_sizes": sizes,
+            "qlora_trained": float(np.mean([100 * r["trained"]["exact_match"]["desc"] for r in rows
+                                            if r["method"] == "qlora"])),
+            "deployed": {m: {b: [float(np.mean(per_seed(rows, m, "deployed", bits=b, group_size=g))) for g in sizes]
+                             for b in bits} for m in ("qlora", "qalora")},
+            "lr_checks": [{"bits": c["bits"], "group_size": c["group_size"], "lr": c["lr"],
+                           "desc": 100 * c["deployed"]["exact_match"]["desc"]}
+                          for c in result.get("lr_checks", []) if c["group_size"] in sizes],
+            "deployed_bits": {b: [next(r["deployed"]["deployed_bits"] for r in rows
+                                       if r["bits"] == b and r["group_size"] == g) for g in sizes] for b in bits}}
+
+
 def plot(result: dict):
     from ..plots.qalora import plot_qalora_group_size
 
-    return plot_qalora_group_size(result)
+    return plot_qalora_group_size(figure_data(result))

@@ -10,7 +10,7 @@ weights' format is the only difference. Measured per run: the loss curve, exact 
 "desc" rows and on the four pre-training tasks, the bytes the model holds, and (QLoRA) how often
 each layer dequantized W0.
 
-Then the QLoRA model is deployed two ways (``lora.merge_lora``): merged in float, dequant(W0) +
+Then the QLoRA model is deployed two ways (``qlora_vs_qalora.deploy_qlora``): merged in float, dequant(W0) +
 s B A in a float32 Linear, and re-quantized, that sum rounded onto the NF4 grid again
 (``requantize=True``, QLoRA's deployment weakness that QA-LoRA, Xu et al., 2023, section 1 and
 3.3, sets out to remove). For each: exact match, the loss on "desc", the relative change of the
@@ -23,17 +23,15 @@ and ``cached_arrays`` (what every layer keeps from a forward for its backward).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
 from .. import data
 from ..backend import to_numpy
-from ..functional import cross_entropy
-from ..lora import lora_layers, merge_lora
+from ..lora import lora_layers
 from ..memory import resident_bytes
 from ..qlora import NF4Linear
-from .common import eval_sets, finetune, progress_bar, spread
+from ..qlora_vs_qalora import deploy_qlora
+from .common import eval_sets, finetune, measure, pretrain_mean, progress_bar, spread
 
 TITLE = "QLoRA vs LoRA: the same adapters on an NF4 and a float32 base, and the cost of re-quantizing the merge"
 PAPER = ("QLoRA (Dettmers et al., 2023), section 3 (eq. 5-6, storage and computation type) and section 4 "
@@ -55,46 +53,6 @@ NAMES = {"lora": "LoRA (float32 W0)", "qlora": "QLoRA (NF4 W0)"}
 def all_eval_sets(eval_rows: int, pretrain_rows: int) -> dict:
     """Held-out rows of "desc" and of the four pre-training tasks (one stream, apart from every training seed)."""
     return {**eval_sets(eval_rows), **eval_sets(pretrain_rows, tasks=data.PRETRAIN_TASKS)}
-
-
-def logits_of(model, evals: dict) -> dict:
-    """task -> logits (B, T, V) on the host, in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        return {task: to_numpy(model(idx)).astype(np.float64) for task, (idx, _) in evals.items()}  # (B, T, V)
-    finally:
-        model.train(was_training)
-
-
-def relative_change(before: dict, after: dict) -> float:
-    """||after - before|| / ||before|| over the logits of every task together."""
-    num = sum(float(((after[t] - before[t]) ** 2).sum()) for t in before)
-    den = sum(float((before[t] ** 2).sum()) for t in before)
-    return float(np.sqrt(num / den))
-
-
-def desc_loss(logits: dict, evals: dict) -> float:
-    """The mean cross-entropy per answer token on the held-out "desc" rows."""
-    task = data.FINETUNE_TASK
-    loss, _ = cross_entropy(logits[task], to_numpy(evals[task][1]))  # (), (B, T, V)
-    return float(loss)
-
-
-def pretrain_mean(scores: dict) -> float:
-    """The mean exact match over the four pre-training tasks."""
-    return float(np.mean([scores[t] for t in data.PRETRAIN_TASKS]))
-
-
-def measure(model, evals: dict, reference: dict | None = None) -> dict:
-    """(measurements, logits): exact match per task, the "desc" loss and, given the reference logits, their relative
-    change."""
-    lg = logits_of(model, evals)
-    scores = {task: data.exact_match(lg[task], to_numpy(evals[task][1])) for task in evals}  # as train.evaluate
-    out = {"exact_match": scores, "pretrain_mean": pretrain_mean(scores), "desc_loss": desc_loss(lg, evals)}
-    if reference is not None:
-        out["logits_rel"] = relative_change(reference, lg)
-    return out, lg
 
 
 def update_lost(model) -> dict:
@@ -197,11 +155,12 @@ def one_run(method: str, seed: int, s: dict, evals: dict) -> tuple[dict, object]
     return row, model
 
 
-def deploy_qlora(model, evals: dict) -> dict:
-    """The trained QLoRA model unmerged, merged in float and merged + re-quantized to NF4: measured."""
+def measure_merges(model, evals: dict) -> dict:
+    """The trained QLoRA model unmerged, merged in float and merged + re-quantized to NF4 (``deploy_qlora``),
+    measured."""
     unmerged, ref = measure(model, evals)
-    float_merge, _ = measure(merge_lora(copy.deepcopy(model)), evals, ref)
-    requant, _ = measure(merge_lora(copy.deepcopy(model), requantize=True), evals, ref)
+    float_merge, _ = measure(deploy_qlora(model, "float"), evals, ref)
+    requant, _ = measure(deploy_qlora(model, "nf4"), evals, ref)
     return {"unmerged": unmerged, "float": float_merge, "requantized": requant, **update_lost(model)}
 
 
@@ -214,7 +173,7 @@ def run(scale: str = "full", progress: bool = True) -> dict:
         row, model = one_run(method, seed, s, evals)
         runs.append(row)
         if method == "qlora":
-            deployments.append({"seed": seed, **deploy_qlora(model, evals)})
+            deployments.append({"seed": seed, **measure_merges(model, evals)})
     result = {"runs": runs, "deployments": deployments, "summary": summarize(runs)}
     result["findings"] = findings(result, s)
     return result

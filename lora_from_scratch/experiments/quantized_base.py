@@ -146,7 +146,8 @@ def _mean_and_se(per_row, tokens) -> tuple[float, float]:
     return float(per_row.sum()) / n_tok, float(per_row.std() * math.sqrt(per_row.size)) / n_tok
 
 
-def measure(pred: dict, reference: dict | None = None, reference_rows: dict | None = None) -> tuple[dict, dict]:
+def score_predictions(pred: dict, reference: dict | None = None,
+                      reference_rows: dict | None = None) -> tuple[dict, dict]:
     """(summary, per-row sums) of ``predictions``: loss and exact match (per task and mean); given the reference
     model's predictions and rows, also the KL to it, the paired change of the loss and the rows that flipped."""
     rows = _rows(pred, reference)
@@ -228,11 +229,11 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     s = SCALES[scale]
     evals = eval_sets(s["n_per_task"], seed=s["eval_seed"], tasks=data.PRETRAIN_TASKS)
     reference = predictions(base_model(), evals)
-    fl, ref_rows = measure(reference)
+    fl, ref_rows = score_predictions(reference)
     measured, kl_rows = [], {}
     for fmt in progress_bar(formats(s), progress, desc=f"quantized_base ({scale})"):
         model, stats = quantize_base(fmt)
-        m, rows = measure(predictions(model, evals), reference, ref_rows)
+        m, rows = score_predictions(predictions(model, evals), reference, ref_rows)
         kl_rows[label(fmt)] = np.concatenate([rows[t]["kl"] for t in rows])  # (R,) per-row KL sums
         measured.append({"format": fmt, "label": label(fmt), **stats, **m})
     tokens = np.concatenate([ref_rows[t]["tokens"] for t in ref_rows])  # (R,)

@@ -22,7 +22,7 @@ import numpy as np
 from ..memory import lora_trainable_parameters
 from ..targets import TARGETS
 from .common import eval_sets, progress_bar
-from .which_matrices import BASE_SIZE, best_lr, fine_tune, key, label, summarize
+from .which_matrices import BASE_SIZE, best_lr, key, label, summarize, train_and_score
 
 TITLE = "The rank sweep: r = 1 ... 64 on Wq, Wq+Wv, the four attention matrices and all six"
 PAPER = "LoRA (Hu et al., 2021), section 7.2 and Table 6 (validation accuracy for r = 1, 2, 4, 8, 64)"
@@ -45,7 +45,7 @@ def run(scale: str = "full", progress: bool = True) -> dict:
             for lr in settings["lrs"] for seed in settings["seeds"]]
     runs = {}
     for targets, r, lr, seed in progress_bar(jobs, progress, "rank sweep"):
-        scores, _ = fine_tune(targets, r, lr, seed, settings, evals)
+        scores, _ = train_and_score(targets, r, lr, seed, settings, evals)
         runs.setdefault(key(targets), {}).setdefault(str(r), {}).setdefault(f"{lr:g}", []).append(
             {"seed": seed, **scores})
     sweeps = {}
@@ -89,7 +89,19 @@ def findings(sweeps: dict, settings: dict) -> list[str]:
     return out
 
 
+def curves(result: dict) -> dict:
+    """Per set of matrices, in the order of the settings: {"label", "r", "held_out_loss", "exact_match"} (``curve``)."""
+    sweeps = result["sweeps"]
+    order = ["+".join(t) for t in result.get("settings", {}).get("target_sets", [])] or list(sweeps)
+    out = {}
+    for k in order:
+        ranks, loss = curve(sweeps[k])
+        out[k] = {"label": sweeps[k]["label"], "r": ranks, "held_out_loss": loss,
+                  "exact_match": curve(sweeps[k], "exact_match")[1]}
+    return out
+
+
 def plot(result: dict):
     from ..plots.transformer import plot_rank_sweep
 
-    return plot_rank_sweep(result)
+    return plot_rank_sweep(curves(result))

@@ -33,7 +33,7 @@ from ..backend import to_numpy
 from ..lora import lora_layers
 from ..rank import subspace_similarity_matrix
 from .common import eval_sets, progress_bar
-from .which_matrices import fine_tune, lora_model
+from .which_matrices import lora_model, train_and_score
 
 TITLE = "What the adapters learn: r = 8 vs r = 64 subspaces, and how the update dW relates to W"
 PAPER = ("LoRA (Hu et al., 2021), section 7.2, eq. (4), Figures 3 and 4 (subspace similarity) and "
@@ -42,6 +42,8 @@ PAPER = ("LoRA (Hu et al., 2021), section 7.2, eq. (4), Figures 3 and 4 (subspac
 # Table 7 of the paper: GPT-3 175B, Wq of layer 48 (of 96)
 PAPER_TABLE7 = {"4": {"dW": 0.32, "W": 21.67, "random": 0.02, "W_norm": 61.95, "dW_norm": 6.91},
                 "64": {"dW": 1.90, "W": 37.71, "random": 0.33, "W_norm": 61.95, "dW_norm": 3.57}}
+# Table 7's amplification factor ||dW_q||_F / ||U^T W_q V||_F on GPT-3, layer 48: {4: 21.6, 64: 1.88}
+PAPER_AMPLIFICATION = {int(r): row["dW_norm"] / row["dW"] for r, row in PAPER_TABLE7.items()}
 
 SCALES = {
     "full": {"targets": ["q", "v"], "ranks": [4, 8, 64], "pair": [8, 64], "alpha": 16, "lr": 1e-2,
@@ -125,7 +127,7 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     for seed, r in progress_bar(jobs, progress, "update subspaces"):
         model = lora_model(settings["targets"], r, settings["alpha"], init_seed=1000 * seed + r)
         started[seed, r] = {p: a[0] for p, a in _adapters(model).items()}  # the A's at step 0 (host copies)
-        out, model = fine_tune(settings["targets"], r, settings["lr"], seed, settings, evals, model=model)
+        out, model = train_and_score(settings["targets"], r, settings["lr"], seed, settings, evals, model=model)
         scores[f"seed {seed}, r = {r}"] = out
         trained[seed, r] = _adapters(model)
     paths = list(next(iter(trained.values())))
@@ -208,4 +210,4 @@ def findings(similarity: dict, summary: dict, settings: dict) -> list[str]:
 def plot(result: dict):
     from ..plots.transformer import plot_update_subspaces
 
-    return plot_update_subspaces(result)
+    return plot_update_subspaces(result, PAPER_AMPLIFICATION)

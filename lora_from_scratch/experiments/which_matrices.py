@@ -20,7 +20,7 @@ adapter's initial A and the batches); a configuration is scored at its best lear
 held-out loss (cross-entropy on held-out "desc" rows after training, lower is better), with exact
 match on the same rows next to it.
 
-The helpers here (``budget_rank``, ``label``, ``held_out_loss``, ``lora_model``, ``fine_tune``) are shared with
+The helpers here (``budget_rank``, ``label``, ``held_out_loss``, ``lora_model``, ``train_and_score``) are shared with
 the ``rank_sweep`` and ``update_subspaces`` experiments and notebook 6.
 """
 
@@ -34,7 +34,7 @@ from ..memory import PRESETS, lora_trainable_parameters
 from ..methods import adapt
 from ..targets import TARGETS
 from ..train import held_out_loss
-from .common import base_model, desc_config, eval_sets, progress_bar, spread
+from .common import base_model, eval_sets, finetune, progress_bar, spread
 
 TITLE = "Which matrices to adapt at a fixed parameter budget: Wq, Wk, Wv, Wo, pairs, all four, the MLP"
 PAPER = "LoRA (Hu et al., 2021), section 7.1 and Table 5 (which weight matrices, at a fixed budget)"
@@ -92,8 +92,8 @@ def lora_model(targets, r: int, alpha: float, init_seed: int):
     return adapt(base_model(), "lora", r, alpha, list(targets), seed=init_seed)
 
 
-def fine_tune(targets, r: int, lr: float, seed: int, settings: dict, evals: dict, init_seed: int | None = None,
-              model=None):
+def train_and_score(targets, r: int, lr: float, seed: int, settings: dict, evals: dict, init_seed: int | None = None,
+                    model=None):
     """LoRA on ``targets`` with rank r, fine-tuned on "desc"; returns (scores, model).
 
     ``seed`` draws the batches, ``init_seed`` (default: ``seed``) the adapters' initial A. ``model``:
@@ -105,18 +105,18 @@ def fine_tune(targets, r: int, lr: float, seed: int, settings: dict, evals: dict
     """
     if model is None:
         model = lora_model(targets, r, settings["alpha"], seed if init_seed is None else init_seed)
-    cfg = desc_config(settings["steps"], settings["batch_size"], lr, seed)
     try:
-        hist = train.train(model, cfg, progress=False, eval_sets=evals)
+        out = finetune("lora", steps=settings["steps"], batch_size=settings["batch_size"], lr=lr, seed=seed,
+                       evals=evals, model=model, adapted=True)
     except train.TrainingDiverged:  # a NaN or inf loss: the run is scored as failed, the sweep goes on
         return {"held_out_loss": None, "exact_match": 0.0, "final_train_loss": None,
                 "parameters": count_parameters(model)[0], "seconds": None}, model
     loss = held_out_loss(model, evals)
     scores = {"held_out_loss": loss if np.isfinite(loss) else None,
-              "exact_match": hist["eval"][-1][1][data.FINETUNE_TASK],
-              "final_train_loss": float(np.mean(hist["loss"][-10:])),
+              "exact_match": out["exact_match"][data.FINETUNE_TASK],
+              "final_train_loss": out["final_loss"],
               "parameters": count_parameters(model)[0],
-              "seconds": round(hist["seconds"], 2)}
+              "seconds": round(out["seconds"], 2)}
     return scores, model
 
 
@@ -139,7 +139,7 @@ def run(scale: str = "full", progress: bool = True) -> dict:
     runs = {}
     for targets, lr, seed in progress_bar(jobs, progress, "which matrices"):
         r = budget_rank(budget, targets)
-        scores, _ = fine_tune(targets, r, lr, seed, settings, evals)
+        scores, _ = train_and_score(targets, r, lr, seed, settings, evals)
         runs.setdefault(key(targets), {}).setdefault(f"{lr:g}", []).append({"seed": seed, **scores})
     configs = {}
     for targets in settings["configs"]:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 
-from . import FROZEN_EDGE, TRAINABLE, _minor_log_label, _smooth, _styled
+from .style import FROZEN_EDGE, TRAINABLE, moving_average, plain_log_axis, styled
 
 INIT_COLORS = {"gaussian": "#4e79a7", "kaiming": TRAINABLE, "uniform-1/r": "#59a14f", "pissa": "#e15759"}
 
@@ -27,14 +26,14 @@ def mean_band(ax, losses, smooth: int, color, label: str) -> None:
 
     ``losses``: one loss curve per seed, all of the same length; steps are numbered from 1.
     """
-    curves = np.array([_smooth(np.asarray(loss, dtype=np.float64), smooth) for loss in losses])  # (seeds, T)
+    curves = np.array([moving_average(np.asarray(loss, dtype=np.float64), smooth) for loss in losses])  # (seeds, T)
     steps = np.arange(1, curves.shape[1] + 1)  # (T,)
     ax.plot(steps, curves.mean(axis=0), color=color, lw=2, label=label)
     if len(losses) > 1:
         ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.2, lw=0)
 
 
-@_styled
+@styled
 def plot_init_curves(result: dict, smooth: int = 10):
     """Three panels from an ``init_curves`` result: loss curves, exact match per run, subspace similarity."""
     runs = result["runs"]
@@ -47,8 +46,7 @@ def plot_init_curves(result: dict, smooth: int = 10):
         mean_band(ax_l, [row["loss"] for row in rows], smooth, INIT_COLORS.get(init, "#333333"),
                   f"{init} ({len(rows)} init seed{'s' if len(rows) > 1 else ''})")
     ax_l.set_yscale("log")
-    ax_l.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.3, not 3 x 10^-1
-    ax_l.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_l.yaxis)
     ax_l.set_xlabel("step")
     ax_l.set_ylabel(f"training loss ({smooth}-step average, log scale)")
     ax_l.set_title("Fine-tuning on 'desc': same r, alpha, lr and batches")
@@ -91,7 +89,7 @@ def plot_init_curves(result: dict, smooth: int = 10):
     return fig
 
 
-@_styled
+@styled
 def plot_symmetry(watched: dict, spectra: dict, key: str = "B columns"):
     """Left: how far apart B's columns get over training, per run; right: the normalized singular values of s B A.
 
@@ -124,7 +122,7 @@ def plot_symmetry(watched: dict, spectra: dict, key: str = "B columns"):
     return fig
 
 
-@_styled
+@styled
 def plot_gradient_share(shares: dict, expected: float, best: float | None = None, ax=None):
     """Histograms of ``gradient_share`` over many random A per kind, with sqrt(r / k) and the best r-dim subspace."""
     fig, ax = (plt.subplots(figsize=(8.5, 4.4)) if ax is None else (ax.figure, ax))

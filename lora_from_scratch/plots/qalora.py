@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 
 from ..backend import to_numpy
-from ..experiments.qalora_bits import em, select
 from ..methods import NAMES
 from ..quant.groupwise import dequantize_groupwise, quantize_groupwise
-from . import CODE_COLORS, FROZEN_EDGE, _minor_log_label, _smooth, _styled
+from .style import CODE_COLORS, FROZEN_EDGE, moving_average, plain_log_axis, styled
 
 METHOD_COLORS = {"qlora": CODE_COLORS["nf4"], "qalora": "#76b7b2"}
 METHOD_LABELS = {m: NAMES[m] for m in ("qlora", "qalora")}
 BITS_COLORS = {4: "#4e79a7", 3: "#f28e2b", 2: "#b07aa1"}
 
 
-@_styled
+@styled
 def plot_groupwise_row(w, bits: int = 2, group_size: int = 8, ax=None):
     """QA-LoRA section 3.3: one row ``w`` (n,) quantized with one (scale, zero) per group of ``group_size`` values.
 
@@ -73,7 +71,7 @@ def plot_groupwise_row(w, bits: int = 2, group_size: int = 8, ax=None):
     return fig
 
 
-@_styled
+@styled
 def plot_pooled_update(lora_update, qalora_update, group_size: int, rows: int = 16, cols: int = 64):
     """Side by side, the top-left ``rows`` x ``cols`` corner of LoRA's s B A and of QA-LoRA's pooled update.
 
@@ -97,21 +95,16 @@ def plot_pooled_update(lora_update, qalora_update, group_size: int, rows: int = 
     return fig
 
 
-def _cell(rows, method, bits, stage, key="desc", **keys):
-    """Per seed (``qalora_bits.select``): the logits' change, or exact match in % (``qalora_bits.em``)."""
-    sel = select(rows, method, bits=bits, **keys)
-    if key == "logits_rel":
-        return [r[stage]["logits_rel"] for r in sel]
-    return [100 * em(r, stage, key) for r in sel]
+@styled
+def plot_qalora_bits(data: dict, smooth: int = 20):
+    """Four panels (QA-LoRA Table 1 at our scale) from ``experiments.qalora_bits.figure_data(result)``.
 
-
-@_styled
-def plot_qalora_bits(result: dict, smooth: int = 20):
-    """Four panels from a ``qalora_bits`` result (QA-LoRA Table 1 at our scale)."""
-    rows = result["rows"]
-    if not rows:
-        raise ValueError("the qalora_bits result holds no rows")
-    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    ``data``: ``bits`` (widest first); per method, ``desc[method][stage]`` and ``pretrain[method]`` (deployed) the
+    per-seed exact match in % at each width, ``logits_rel[method]`` the per-seed logits' change at deployment;
+    ``pretrain_base`` (the base model quantized so, %) and ``pretrain_float`` (float32, %); ``curves`` (loss curves,
+    one every ``curve_stride`` steps). Bars are the means over seeds, dots the seeds.
+    """
+    bits = data["bits"]
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     (ax_d, ax_r), (ax_p, ax_c) = axes
     width = 0.2
@@ -119,9 +112,9 @@ def plot_qalora_bits(result: dict, smooth: int = 20):
             ("qlora", "deployed", "QLoRA deployed (merged, re-quantized INT-N)", 1.0, None),
             ("qalora", "trained", "QA-LoRA trained (INT-N, adapter unmerged)", 0.45, None),
             ("qalora", "deployed", "QA-LoRA deployed (merged into the zeros)", 1.0, "//")]
-    for n, b in enumerate(bits):
+    for n in range(len(bits)):
         for k, (method, stage, label, alpha, hatch) in enumerate(bars):
-            vals = _cell(rows, method, b, stage)
+            vals = data["desc"][method][stage][n]
             x = n + (k - 1.5) * width
             ax_d.bar(x, np.mean(vals), width * 0.92, color=METHOD_COLORS[method], alpha=alpha, hatch=hatch,
                      edgecolor="white", label=label if n == 0 else None)
@@ -136,7 +129,7 @@ def plot_qalora_bits(result: dict, smooth: int = 20):
     ax_d.grid(alpha=0.3, axis="y")
 
     for method in ("qlora", "qalora"):
-        vals = [np.mean(_cell(rows, method, b, "deployed", "logits_rel")) for b in bits]
+        vals = [np.mean(v) for v in data["logits_rel"][method]]
         ax_r.plot(range(len(bits)), vals, "o-", color=METHOD_COLORS[method], lw=2, ms=7,
                   label=f"{METHOD_LABELS[method]}: deployed vs trained")
     ax_r.set_yscale("log")
@@ -146,14 +139,13 @@ def plot_qalora_bits(result: dict, smooth: int = 20):
     ax_r.legend(frameon=False)
     ax_r.grid(alpha=0.3, which="both")
 
-    base = {q["bits"]: 100 * q["pretrain_mean"] for q in result["quantized_base"]}
-    for k, (method, stage) in enumerate((("qlora", "deployed"), ("qalora", "deployed"))):
-        vals = [np.mean(_cell(rows, method, b, stage, "pretrain")) for b in bits]
+    for k, method in enumerate(("qlora", "qalora")):
+        vals = [np.mean(v) for v in data["pretrain"][method]]
         ax_p.bar(np.arange(len(bits)) + (k - 1) * 0.27, vals, 0.25, color=METHOD_COLORS[method],
                  label=f"{METHOD_LABELS[method]} deployed, after fine-tuning on 'desc'")
-    ax_p.bar(np.arange(len(bits)) + 0.27, [base.get(b, np.nan) for b in bits], 0.25, color=FROZEN_EDGE, alpha=0.6,
+    ax_p.bar(np.arange(len(bits)) + 0.27, data["pretrain_base"], 0.25, color=FROZEN_EDGE, alpha=0.6,
              label="the base model quantized so, before fine-tuning")
-    ax_p.axhline(100 * result["base_float"]["pretrain_mean"], color="black", ls="--", lw=1, label="float32 base")
+    ax_p.axhline(data["pretrain_float"], color="black", ls="--", lw=1, label="float32 base")
     ax_p.set_xticks(range(len(bits)), [f"INT{b}" for b in bits])
     ax_p.set_ylim(0, 140)
     ax_p.set_yticks(range(0, 101, 20))
@@ -162,19 +154,19 @@ def plot_qalora_bits(result: dict, smooth: int = 20):
     ax_p.legend(frameon=False, fontsize=9, loc="upper left", ncol=2)
     ax_p.grid(alpha=0.3, axis="y")
 
-    stride = result.get("curve_stride", 1)
-    for c in result["curves"]:
-        loss = _smooth(np.asarray(c["loss"], dtype=np.float64), max(1, smooth // stride))  # (T,) recorded steps
+    stride = data["curve_stride"]
+    curves = data["curves"]
+    for c in curves:
+        loss = moving_average(np.asarray(c["loss"], dtype=np.float64), max(1, smooth // stride))  # (T,) recorded steps
         steps = np.arange(loss.size) * stride + 1  # (T,) the recorded steps
         if c["method"] == "qlora":
             ax_c.plot(steps, loss, color=METHOD_COLORS["qlora"], lw=1.6, alpha=0.8,
-                      label="QLoRA (NF4)" if c["seed"] == result["curves"][0]["seed"] else None)
+                      label="QLoRA (NF4)" if c["seed"] == curves[0]["seed"] else None)
         else:
             ax_c.plot(steps, loss, color=BITS_COLORS.get(c["bits"], "gray"), lw=1.6, alpha=0.8,
-                      label=f"QA-LoRA INT{c['bits']}" if c["seed"] == result["curves"][0]["seed"] else None)
+                      label=f"QA-LoRA INT{c['bits']}" if c["seed"] == curves[0]["seed"] else None)
     ax_c.set_yscale("log")
-    ax_c.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_c.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_c.yaxis)
     ax_c.set_xlabel("step")
     ax_c.set_ylabel(f"training loss ({smooth}-step average)")
     ax_c.set_title("Training curves (all seeds)")
@@ -186,32 +178,34 @@ def plot_qalora_bits(result: dict, smooth: int = 20):
     return fig
 
 
-@_styled
-def plot_qalora_group_size(result: dict):
-    """Per bit width, deployed exact match on "desc" against the group size, and the stored bits per weight."""
-    rows = result["rows"]
-    if not rows:
-        raise ValueError("the qalora_group_size result holds no rows")
-    bits = sorted({r["bits"] for r in rows}, reverse=True)
-    sizes = sorted({r["group_size"] for r in rows})
+@styled
+def plot_qalora_group_size(data: dict):
+    """Per bit width, deployed exact match on "desc" against the group size, and the stored bits per weight.
+
+    ``data`` (``experiments.qalora_group_size.figure_data(result)``): ``bits``, ``group_sizes``, ``qlora_trained``
+    (QLoRA's trained exact match, %), ``deployed[method][bits]`` (the mean deployed exact match in % at each group
+    size), ``lr_checks`` (single runs at another learning rate: bits, group_size, lr, desc in %) and
+    ``deployed_bits[bits]`` (stored bits per weight at each group size).
+    """
+    bits, sizes = data["bits"], data["group_sizes"]
     fig, axes = plt.subplots(1, len(bits) + 1, figsize=(6.2 * (len(bits) + 1), 5.0), squeeze=False)
     axes = axes[0]
     x = np.arange(len(sizes))  # (G,)
     for ax, b in zip(axes, bits):
-        q_tr = np.mean([100 * r["trained"]["exact_match"]["desc"] for r in rows if r["method"] == "qlora"])
+        q_tr = data["qlora_trained"]
         ax.axhline(q_tr, color=METHOD_COLORS["qlora"], ls="--", lw=1.3, label="QLoRA trained (NF4, unmerged)")
         lowest = q_tr
         for method, label, dy in (("qlora", "QLoRA deployed (re-quantized)", -15),
                                   ("qalora", "QA-LoRA deployed (= trained)", 7)):
-            vals = [np.mean(_cell(rows, method, b, "deployed", group_size=g)) for g in sizes]
+            vals = data["deployed"][method][b]
             lowest = min(lowest, *vals)
             ax.plot(x, vals, "o-", color=METHOD_COLORS[method], lw=2.2, ms=7, label=label)
             for xi, v in zip(x, vals):
                 ax.annotate(f"{v:.0f}", (xi, v), textcoords="offset points", xytext=(0, dy), ha="center", fontsize=9.5,
                             color=METHOD_COLORS[method])
-        for c in result.get("lr_checks", []):
-            if c["bits"] == b and c["group_size"] in sizes:
-                v = 100 * c["deployed"]["exact_match"]["desc"]
+        for c in data["lr_checks"]:
+            if c["bits"] == b:
+                v = c["desc"]
                 ax.plot(sizes.index(c["group_size"]), v, "*", ms=15, mfc="white", mec=METHOD_COLORS["qalora"],
                         mew=2, label=f"QA-LoRA at lr {c['lr']:g}")
                 ax.annotate(f"{v:.0f}", (sizes.index(c["group_size"]), v), textcoords="offset points", xytext=(12, -3),
@@ -226,9 +220,7 @@ def plot_qalora_group_size(result: dict):
         ax.legend(frameon=False, fontsize=9, loc="lower left")
     ax = axes[-1]
     for b in bits:
-        vals = [next(r["deployed"]["deployed_bits"] for r in rows if r["bits"] == b and r["group_size"] == g)
-                for g in sizes]
-        ax.plot(x, vals, "s-", color=BITS_COLORS.get(b, "gray"), lw=2, label=f"INT{b}")
+        ax.plot(x, data["deployed_bits"][b], "s-", color=BITS_COLORS.get(b, "gray"), lw=2, label=f"INT{b}")
     ax.set_xticks(x, [str(g) for g in sizes])
     ax.set_xlabel("group size")
     ax.set_ylabel("stored bits per weight (float16 scale and zero)")

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 
-from . import CODE_COLORS, FROZEN, FROZEN_EDGE, NEUTRAL, TRAINABLE, _minor_log_label, _styled
 from .init import mean_band
+from .style import CODE_COLORS, FROZEN, FROZEN_EDGE, NEUTRAL, TRAINABLE, plain_log_axis, styled
 
 METHOD_COLORS = {"lora": "#4e79a7", "qlora": CODE_COLORS["nf4"]}
 METHOD_LABELS = {"lora": "LoRA (float32 W0)", "qlora": "QLoRA (NF4 W0)"}
@@ -25,7 +24,7 @@ PART_COLORS = {"float W0": FROZEN, "NF4 codes": CODE_COLORS["nf4"], "NF4 constan
                "embeddings and layer norms": NEUTRAL}
 
 
-@_styled
+@styled
 def plot_resident_memory(panels: dict, title: str = "What the model holds (memory.resident_bytes)"):
     """One panel of stacked horizontal bars per entry of ``panels``: {panel title: {bar label: {kind: bytes}}}.
 
@@ -59,7 +58,7 @@ def plot_resident_memory(panels: dict, title: str = "What the model holds (memor
     return fig
 
 
-@_styled
+@styled
 def plot_qlora_vs_lora(result: dict, smooth: int = 10):
     """Three panels from a ``qlora_vs_lora`` result: loss curves, exact match per seed, and the deployment."""
     runs = result["runs"]
@@ -72,8 +71,7 @@ def plot_qlora_vs_lora(result: dict, smooth: int = 10):
         mean_band(ax_l, [r["loss"] for r in rows], smooth, METHOD_COLORS.get(m, "black"),
                   f"{METHOD_LABELS.get(m, m)}, {len(rows)} seed{'s' if len(rows) > 1 else ''}")
     ax_l.set_yscale("log")
-    ax_l.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_l.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_l.yaxis)
     ax_l.set_xlabel("step")
     ax_l.set_ylabel(f"training loss ({smooth}-step average, log scale)")
     ax_l.set_title("Fine-tuning on 'desc': same r, alpha, lr, batches")

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..backend import to_numpy
-from ..quant import INT4_CODE, NF4_CODE, dequantize_4bit, normal_quantile, quantize_4bit, unpack_nibbles
+from ..quant import FP4_CODE, INT4_CODE, NF4_CODE, dequantize_4bit, normal_quantile, quantize_4bit, unpack_nibbles
 from ..quant.tables import NF4_OFFSET, float32_linspace
-from . import CODE_COLORS, FROZEN_EDGE, TRAINABLE, _styled
+from .style import CODE_COLORS, FROZEN_EDGE, TRAINABLE, styled
 
 GROUPWISE_COLOR = "#b07aa1"  # QA-LoRA's group-wise INT4: purple
 
@@ -29,7 +29,7 @@ def _normal_cdf(z):
     return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(z) / math.sqrt(2.0)))  # same shape as z
 
 
-@_styled
+@styled
 def plot_nf4_construction(offset: float = NF4_OFFSET):
     """QLoRA section 3, Eq. 4: the 16 NF4 levels are quantiles of N(0, 1), divided by the largest.
 
@@ -76,7 +76,7 @@ def plot_nf4_construction(offset: float = NF4_OFFSET):
     return fig
 
 
-@_styled
+@styled
 def plot_blockwise_absmax(x, blocksize: int = 8, quant_type: str = "nf4", ax=None):
     """QLoRA section 2, Eq. 1-2: each block of ``blocksize`` values gets its own absmax c and its own grid.
 
@@ -144,7 +144,7 @@ def _size_label(r: dict) -> str:
     return f"g{f['group_size']}" if f["kind"] == "groupwise" else f"b{f['blocksize']}"
 
 
-@_styled
+@styled
 def plot_quantized_base(result: dict):
     """QLoRA Table 2 / Figure 3 at our scale: the base model with each 4-bit format, against its bits per weight.
 
@@ -192,3 +192,83 @@ def plot_quantized_base(result: dict):
                  "(QLoRA Table 2 / Figure 3 at our scale)", fontsize=14)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
+
+
+CODE_TITLES = {
+    "int4": "INT4: evenly spaced",
+    "nf4": "NF4: quantiles of N(0, 1)",
+    "fp4": "FP4: 1 sign, 2 exponent, 1 mantissa bit",
+}
+
+
+def _code_tables() -> dict:
+    """{"int4", "nf4", "fp4"} -> (16,) float32 levels in [-1, 1], from ``quant``."""
+    return {"int4": np.asarray(INT4_CODE), "nf4": np.asarray(NF4_CODE), "fp4": np.asarray(FP4_CODE)}
+
+
+def quantize_roundtrip(x, quant_type: str, blocksize: int = 64):
+    """``x`` quantized to 4 bits block by block and back (absmax scaling, nearest level): NumPy.
+
+    The data of ``plot_quantization_levels``: ``quant.dequantize_4bit(quant.quantize_4bit(x))``
+    on float32, without double quantization.
+    """
+    q = quantize_4bit(np.asarray(x, dtype=np.float32), blocksize=blocksize, quant_type=quant_type)
+    return to_numpy(dequantize_4bit(q))  # same shape as x
+
+
+@styled
+def plot_quantization_levels(n_blocks: int = 512, blocksize: int = 64, n_show: int = 14, seed: int = 0):
+    """QLoRA section 2-3: quantization maps continuous values onto 16 levels (INT4, NF4, FP4).
+
+    Top row: normally distributed weights, divided block by block (blocks of
+    ``blocksize``) by their largest magnitude so that they lie in [-1, 1], as
+    a histogram; each vertical line is one of the 16 entries of the code table
+    (INT4 and FP4 hold 0 twice: +0 and -0). NF4 puts its levels where the
+    weights are dense, so each level is used about equally often. Bottom:
+    ``n_show`` weights of one block and what each 4-bit type stores for them
+    (after dequantization), with the mean absolute error over all the weights.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_blocks, blocksize)).astype(np.float32)  # (n_blocks, blocksize)
+    normalized = w / np.abs(w).max(axis=1, keepdims=True)  # (n_blocks, blocksize), in [-1, 1]
+    codes = _code_tables()
+    fig = plt.figure(figsize=(15, 9.4))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.05], hspace=0.42, wspace=0.18, bottom=0.17)
+    errors = {}
+    deq = {}
+    for col, name in enumerate(("int4", "nf4", "fp4")):
+        ax = fig.add_subplot(grid[0, col])
+        levels = codes[name]  # (16,)
+        ax.hist(normalized.ravel(), bins=121, range=(-1, 1), density=True, color="#cfcfcf",
+                edgecolor="none", label="weights / block absmax")
+        for v in levels:
+            ax.axvline(float(v), color=CODE_COLORS[name], lw=1.4, alpha=0.9)
+        deq[name] = quantize_roundtrip(w, name, blocksize)  # (n_blocks, blocksize)
+        errors[name] = float(np.abs(deq[name] - w).mean())
+        n_distinct = len(np.unique(levels))
+        ax.set_title(f"{CODE_TITLES[name]}\n16 codes, {n_distinct} distinct levels", fontsize=12)
+        ax.set_xlim(-1.08, 1.08)
+        ax.set_yticks([])
+        ax.set_xlabel("normalized value")
+        if col == 0:
+            ax.set_ylabel("density")
+    ax = fig.add_subplot(grid[1, :])
+    idx = np.arange(n_show)  # (n_show,)
+    ax.axhline(0.0, color="#bbbbbb", lw=0.8)
+    ax.scatter(idx, w[0, :n_show], s=120, facecolor="white", edgecolor="black", lw=1.6, zorder=3,
+               label="original (float32)")
+    offsets = {"int4": -0.2, "nf4": 0.0, "fp4": 0.2}
+    markers = {"int4": "s", "nf4": "D", "fp4": "^"}
+    for name in ("int4", "nf4", "fp4"):
+        q = deq[name][0, :n_show]  # (n_show,)
+        ax.vlines(idx + offsets[name], w[0, :n_show], q, color=CODE_COLORS[name], lw=1.2, alpha=0.8)
+        ax.scatter(idx + offsets[name], q, s=45, marker=markers[name], color=CODE_COLORS[name], zorder=4,
+                   label=f"{name.upper()} (mean |error| over all weights {errors[name]:.3f})")
+    ax.set_xticks(idx, [str(i) for i in idx])
+    ax.set_xlabel(f"weight index within the first block of {blocksize}")
+    ax.set_ylabel("value")
+    ax.set_title("A few weights and the value their 4-bit code stands for (absmax scaling per block)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.suptitle(f"4-bit quantization: {w.size:,} normally distributed weights onto 16 levels", fontsize=15)
+    return fig
+

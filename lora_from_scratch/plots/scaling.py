@@ -16,14 +16,13 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colors as mcolors
-from matplotlib import ticker
 
-from . import TRAINABLE, _minor_log_label, _styled
+from .style import TRAINABLE, plain_log_axis, styled
 
 SCALING_COLORS = {"alpha/r": TRAINABLE, "alpha/sqrt(r)": "#4e79a7", "none (s = 1)": "#59a14f"}
 
 
-@_styled
+@styled
 def plot_update_sizes(sizes: dict, steps=None):
     """One panel per chosen step: ||s B A||_F against r (log-log) for each scaling.
 
@@ -55,7 +54,7 @@ def plot_update_sizes(sizes: dict, steps=None):
     return fig
 
 
-@_styled
+@styled
 def plot_loss_curves(losses: dict, title: str = "Training loss", ax=None):
     """Loss per step for a few runs on one axis; later runs dashed and thinner, so that equal curves stay visible."""
     if not losses:
@@ -68,8 +67,7 @@ def plot_loss_curves(losses: dict, title: str = "Training loss", ax=None):
         ax.plot(np.arange(1, loss.size + 1), loss, styles[n % len(styles)], color=palette[n % len(palette)],
                 lw=3.0 - 0.8 * min(n, 2), label=name)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax.yaxis)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (log scale)")
     ax.set_title(title)
@@ -90,7 +88,7 @@ def _grid_array(grid: dict, ranks, lrs, key: str):
     return out
 
 
-@_styled
+@styled
 def plot_lr_rank_grid(result: dict, key: str = "held_out_loss"):
     """Top: heat maps of ``key`` (learning rate x rank) per scaling, each rank's best lr boxed. Bottom: the best lr
     against r, and ``key`` at that best lr against r, for every scaling."""
@@ -121,8 +119,7 @@ def plot_lr_rank_grid(result: dict, key: str = "held_out_loss"):
         ax.set_title(f"s = {name}: {label}")
     bar = fig.colorbar(image, ax=list(axes[0]), label=f"{label} (red box: the rank's best lr)", fraction=0.04,
                        pad=0.02)
-    bar.ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, not 10^-1
-    bar.ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(bar.ax.yaxis)  # 0.1, not 10^-1
 
     ax_lr, ax_v = axes[1][0], axes[1][min(1, n - 1)]
     for name, b in best.items():
@@ -141,8 +138,7 @@ def plot_lr_rank_grid(result: dict, key: str = "held_out_loss"):
     ax_lr.set_ylim(min(lrs) / 1.5, max(lrs) * 1.5)
     ax_lr.set_ylabel("best learning rate")
     ax_lr.set_title("Does the best lr stay put as r grows?")
-    ax_v.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_v.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_v.yaxis)
     ax_v.set_ylabel(f"{label} at the rank's best lr")
     ax_v.set_title("Which ranks learn best (each at its best lr)?")
     return fig

@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import ticker
 
-from ..experiments.rank_sweep import curve
-from ..experiments.update_subspaces import PAPER_TABLE7
-from . import FROZEN, FROZEN_EDGE, TRAINABLE, TRAINABLE_EDGE, _minor_log_label, _styled
+from .style import FROZEN, FROZEN_EDGE, TRAINABLE, TRAINABLE_EDGE, plain_log_axis, styled
 
 ATTENTION = "#4e79a7"
 MLP = "#59a14f"
 BOTH = TRAINABLE
 SET_COLORS = {"q": "#4e79a7", "q+v": TRAINABLE, "q+k+v+o": "#e15759", "q+k+v+o+fc+proj": "#59a14f"}
 _MLP_TARGETS = {"fc", "proj"}
-# Table 7's amplification factor ||dW_q||_F / ||U^T W_q V||_F on GPT-3, layer 48: {4: 21.6, 64: 1.88}
-PAPER_AMPLIFICATION = {int(r): row["dW_norm"] / row["dW"] for r, row in PAPER_TABLE7.items()}
 
 
 def _config_color(targets) -> str:
@@ -37,7 +32,7 @@ def _config_color(targets) -> str:
     return MLP if len(mlp) == len(set(targets)) else BOTH
 
 
-@_styled
+@styled
 def plot_which_matrices(result: dict):
     """Two panels from a ``which_matrices`` result: held-out loss and exact match per configuration, best first."""
     configs = result["configs"]
@@ -73,30 +68,28 @@ def plot_which_matrices(result: dict):
     return fig
 
 
-@_styled
-def plot_rank_sweep(result: dict):
-    """Two panels from a ``rank_sweep`` result: held-out loss and exact match against r (log scale)."""
-    sweeps = result["sweeps"]
-    if not sweeps:
-        raise ValueError("the result holds no sweeps")
+@styled
+def plot_rank_sweep(curves: dict):
+    """Two panels: held-out loss and exact match against r (log scale), one line per set of adapted matrices.
+
+    ``curves``: set of matrices ("q+v") -> {"label", "r": ranks, "held_out_loss": [...], "exact_match": [...]}, the
+    means at each rank's best learning rate (``experiments.rank_sweep.curves`` makes it from a result), drawn in order.
+    """
+    if not curves:
+        raise ValueError("no curves to draw")
     fig, (ax_l, ax_e) = plt.subplots(1, 2, figsize=(14, 5))
-    order = ["+".join(t) for t in result.get("settings", {}).get("target_sets", [])] or list(sweeps)
-    for k in order:
-        sweep = sweeps[k]
-        ranks, loss = curve(sweep)
-        _, em = curve(sweep, "exact_match")
+    for k, c in curves.items():
         color = SET_COLORS.get(k, "#333333")
-        ax_l.plot(ranks, loss, "o-", lw=2, color=color, label=sweep["label"])
-        ax_e.plot(ranks, em, "o-", lw=2, color=color, label=sweep["label"])
+        ax_l.plot(c["r"], c["held_out_loss"], "o-", lw=2, color=color, label=c["label"])
+        ax_e.plot(c["r"], c["exact_match"], "o-", lw=2, color=color, label=c["label"])
+    ranks = sorted({r for c in curves.values() for r in c["r"]})
     for ax in (ax_l, ax_e):
         ax.set_xscale("log", base=2)
-        ranks = sorted({row["r"] for s in sweeps.values() for row in s["ranks"].values()})
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_xlabel("rank r (log scale)")
         ax.grid(alpha=0.3, which="both")
     ax_l.set_yscale("log")
-    ax_l.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_l.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_l.yaxis)
     ax_l.set_ylabel("held-out loss on 'desc' (log scale, lower is better)")
     ax_l.set_title("Loss at each rank's best learning rate")
     ax_e.set_ylabel("exact match, held-out 'desc'")
@@ -118,9 +111,13 @@ def _heatmap(ax, table, title: str, vmax: float = 1.0):
     return im
 
 
-@_styled
-def plot_update_subspaces(result: dict):
-    """Figure 3 (heat maps of phi, Wq and Wv, and random subspaces) above Table 7 and the amplification factor."""
+@styled
+def plot_update_subspaces(result: dict, paper_amplification: dict):
+    """Figure 3 (heat maps of phi, Wq and Wv, and random subspaces) above Table 7 and the amplification factor.
+
+    ``result``: an ``update_subspaces`` result; ``paper_amplification``: rank -> the paper's factor on GPT-3
+    (``experiments.update_subspaces.PAPER_AMPLIFICATION``), drawn next to ours.
+    """
     sim = result["similarity"]
     r1, r2 = sim["pair"]
     matrices = list(sim["mean"])
@@ -157,8 +154,7 @@ def plot_update_subspaces(result: dict):
             ticks.append((x, f"W{m}, r = {r}\nfactor {row['amplification']:.1f}"))
             x += 1.0
     ax_t.set_yscale("log")
-    ax_t.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_t.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_t.yaxis)
     ax_t.set_xticks([p for p, _ in ticks], [t for _, t in ticks], fontsize=10)
     ax_t.set_ylabel("||U^T W V||_F (log scale)")
     ax_t.set_title("How much of W lies in dW's directions (section 7.3, Table 7)")
@@ -169,12 +165,11 @@ def plot_update_subspaces(result: dict):
     for m, color in zip(matrices, (ATTENTION, TRAINABLE)):
         ax_a.plot([int(r) for r in ranks], [table[r][m]["amplification"] for r in ranks], "o-", lw=2, color=color,
                   label=f"W{m}, ours")
-    ax_a.plot(list(PAPER_AMPLIFICATION), list(PAPER_AMPLIFICATION.values()), "s--", color="#555555",
+    ax_a.plot(list(paper_amplification), list(paper_amplification.values()), "s--", color="#555555",
               label="GPT-3 Wq, layer 48 (paper)")
     ax_a.set_xscale("log", base=2)
     ax_a.set_yscale("log")
-    ax_a.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_a.yaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
+    plain_log_axis(ax_a.yaxis)
     ax_a.set_xticks([int(r) for r in ranks], ranks)
     ax_a.set_xlabel("rank r")
     ax_a.set_ylabel("||dW||_F / ||U^T W V||_F")

@@ -1,4 +1,4 @@
-"""Deploying a fine-tuned model at low bit width: QLoRA (re-quantize) against QA-LoRA (merge into zeros).
+"""QLoRA against QA-LoRA at deployment: a fine-tuned model served at low bit width (re-quantize vs merge into zeros).
 
 QA-LoRA (Xu et al., 2023), Section 1 and Section 3.3; QLoRA (Dettmers et al., 2023). After QLoRA
 training the adapter s B A is a full (out, in) float matrix: to serve a low-bit model it must be
@@ -7,9 +7,11 @@ new error the adapter was never trained against. QA-LoRA's adapter is constant w
 quantization group, so it folds into the zero points and the deployed model is *exactly* the
 trained one.
 
-``deploy`` deploys one fine-tuned model at one width and measures it before and after (the demo's
-table 2 calls it on the runs of its table 1); ``compare_deployment`` trains both methods on the
-same base model and the same task and deploys them:
+``deploy_qlora`` makes the deployed copy of a QLoRA model, in float, in NF4 or in group-wise
+INT-N (every experiment that deploys QLoRA calls it); ``deploy`` deploys one fine-tuned model of
+either method at one width and measures it before and after (the demo's table 2 calls it on the
+runs of its table 1); ``compare_deployment`` fine-tunes both methods on the same base model and
+the same task (``experiments.common.finetune``) and deploys them:
 
 - QLoRA: base weights in NF4 (blocksize 64, double quantization), LoRA on the targeted layers,
   fine-tuned once; deployed at each bit width N by ``qalora.quantize_model_groupwise``
@@ -20,25 +22,26 @@ same base model and the same task and deploys them:
 
 For each it reports the fine-tuning task's exact match with the adapter unmerged ("trained") and
 after deployment ("deployed"), the pre-training tasks' mean exact match before and after, and
-the relative change of the logits on the evaluation set caused by the deployment.
+the relative change of the logits on the evaluation set caused by the deployment
+(``experiments.common.measure``).
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import os
-import time
 from numbers import Integral
 
-from . import data, train
-from .backend import global_rng, manual_seed, xp_of
+from . import data
+from .backend import to_numpy
+from .experiments.common import finetune, measure, percent
 from .io import BASE_CHECKPOINT, load_checkpoint
-from .lora import TARGETS, lora_layers, merge_and_unload
+from .lora import TARGETS, lora_layers, merge_and_unload, merge_lora
 from .methods import NAMES
-from .qalora import apply_qalora, quantize_model_groupwise
+from .qalora import quantize_model_groupwise
 
-__all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "format_table", "measure"]
+__all__ = ["BASE_CHECKPOINT", "FULL", "QUICK", "compare_deployment", "deploy", "deploy_qlora", "format_table",
+           "trained_scores"]
 
 # Settings for the shipped base model (4 layers, width 128), timed on 2 CPU cores. FULL: about a minute
 # per fine-tune, about 4.5 minutes for bits (4, 3, 2) (four fine-tunes). QUICK: about 15 s per fine-tune;
@@ -72,50 +75,40 @@ def _check_bits_list(bits) -> tuple:
     return tuple(int(b) for b in bits)
 
 
-def _rel(a, b) -> float:
-    """||a - b|| / ||b|| over the whole array."""
-    xp = xp_of(a, b)
-    a64, b64 = a.astype(xp.float64), b.astype(xp.float64)  # same shapes, float64
-    return float(xp.linalg.norm(a64 - b64) / max(float(xp.linalg.norm(b64)), 1e-300))
+def deploy_qlora(model, fmt: str = "float", group_size: int = 32, targets=TARGETS):
+    """A deployed copy of a fine-tuned QLoRA model (``model`` is not changed), every adapted layer merged.
+
+    ``fmt`` "float": dequant(W0) + s B A in a float Linear (``lora.merge_lora``): the trained model,
+    unquantized; "nf4": that sum quantized to NF4 again (``merge_lora(requantize=True)``); "int2" to
+    "int8": that sum quantized group-wise to INT-N with ``group_size`` on ``targets``
+    (``qalora.quantize_model_groupwise``: QA-LoRA's own format, round to nearest).
+    """
+    if fmt == "float":
+        return merge_lora(copy.deepcopy(model))
+    if fmt == "nf4":
+        return merge_lora(copy.deepcopy(model), requantize=True)
+    if isinstance(fmt, str) and fmt.startswith("int") and fmt[3:].isdigit():
+        (bits,) = _check_bits_list(int(fmt[3:]))
+        return quantize_model_groupwise(copy.deepcopy(model), bits, group_size, list(targets))
+    raise ValueError(f"unknown deployment format {fmt!r}; valid: 'float', 'nf4', 'int2' .. 'int8'")
 
 
-def measure(model, eval_sets: dict) -> tuple[float, float | None, object]:
-    """(exact match on the fine-tuning task, mean exact match on the other tasks or None, its logits)."""
-    model.eval()
-    scores, kept = {}, None
-    for task, (idx, targets) in eval_sets.items():
-        logits = model(idx)  # (N, T) -> (N, T, V)
-        scores[task] = data.exact_match(logits, targets)
-        if task == data.FINETUNE_TASK:
-            kept = logits  # (N, T, V)
-    others = [v for k, v in scores.items() if k != data.FINETUNE_TASK]
-    return scores[data.FINETUNE_TASK], (sum(others) / len(others) if others else None), kept
-
-
-def _apply_qlora_seeded(model, r, alpha, targets, seed):
-    """``qlora.apply_qlora`` with the adapters drawn reproducibly for ``seed``."""
-    from .qlora import apply_qlora  # noqa: PLC0415  (QLoRA is only needed when it is compared)
-
-    if "seed" in inspect.signature(apply_qlora).parameters:
-        return apply_qlora(model, r, alpha, targets, blocksize=64, double_quant=True, seed=seed)
-    state = global_rng().bit_generator.state  # restored afterwards: the package generator is left as it was
-    manual_seed(seed)
-    try:
-        return apply_qlora(model, r, alpha, targets, blocksize=64, double_quant=True)
-    finally:
-        global_rng().bit_generator.state = state
+def trained_scores(model, eval_sets: dict) -> tuple:
+    """(exact match on the fine-tuning task, mean exact match on the pre-training tasks or None, the fine-tuning
+    task's logits): what ``deploy`` compares a deployed model with (``experiments.common.measure``)."""
+    m, logits = measure(model, eval_sets)
+    return m["exact_match"][data.FINETUNE_TASK], m["pretrain_mean"], logits[data.FINETUNE_TASK]
 
 
 def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targets=TARGETS,
            trained=None) -> dict:
     """Deploy a fine-tuned ``model`` at ``bits`` and measure it before and after: one row of the table.
 
-    ``method`` "qlora": the float merge dequant(W0) + s B A of every targeted layer, re-quantized
-    group-wise to INT-``bits`` with ``group_size`` (``qalora.quantize_model_groupwise``, on a copy:
-    ``model`` is unchanged, so one QLoRA run deploys at every width). "qalora": the model's own
-    INT-``bits`` base with the adapters folded into its zero points (``lora.merge_and_unload``, in
-    place: ``model`` becomes the deployed model; ``bits`` must be the width it was trained at).
-    ``trained``: ``measure(model, eval_sets)`` when already measured (else measured here).
+    ``method`` "qlora": ``deploy_qlora(model, f"int{bits}", group_size, targets)`` (on a copy: ``model``
+    is unchanged, so one QLoRA run deploys at every width). "qalora": the model's own INT-``bits``
+    base with the adapters folded into its zero points (``lora.merge_and_unload``, in place: ``model``
+    becomes the deployed model; ``bits`` must be the width it was trained at). ``trained``:
+    ``trained_scores(model, eval_sets)`` when already measured (else measured here).
 
     The row: ``method``, ``bits``, ``group_size``, ``train_base``, ``trained``, ``deployed``,
     ``difference``, ``pretrain_trained``, ``pretrain_deployed``, ``logits_rel`` (as in
@@ -124,19 +117,21 @@ def deploy(model, method: str, bits: int, group_size: int, eval_sets: dict, targ
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
     (b,) = _check_bits_list(bits)
-    t_ft, t_pre, t_logits = measure(model, eval_sets) if trained is None else trained
+    task = data.FINETUNE_TASK
+    t_ft, t_pre, t_logits = trained_scores(model, eval_sets) if trained is None else trained
     if method == "qlora":
-        deployed = quantize_model_groupwise(copy.deepcopy(model), b, group_size, list(targets))
+        deployed = deploy_qlora(model, f"int{b}", group_size, targets)
     else:
         held = {layer.bits for layer in lora_layers(model).values()}
         if held != {b}:
             raise ValueError(f"a QA-LoRA model deploys at the width it was trained at ({sorted(held)}), not {b}")
         deployed = merge_and_unload(model)
-    d_ft, d_pre, d_logits = measure(deployed, eval_sets)
+    d, _ = measure(deployed, eval_sets, reference={task: to_numpy(t_logits).astype("float64")})  # (N, T, V)
+    d_ft = d["exact_match"][task]
     return {"method": NAMES[method], "bits": b, "group_size": group_size,
             "train_base": "NF4" if method == "qlora" else f"INT{b}", "trained": t_ft,
             "deployed": d_ft, "difference": d_ft - t_ft, "pretrain_trained": t_pre,
-            "pretrain_deployed": d_pre, "logits_rel": _rel(d_logits, t_logits)}
+            "pretrain_deployed": d["pretrain_mean"], "logits_rel": d["logits_rel"]}
 
 
 def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, lr_qlora=None,
@@ -180,10 +175,13 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
     block = first.config.block_size
     tasks = (data.FINETUNE_TASK,) + (data.PRETRAIN_TASKS if pretrain_eval else ())
     eval_sets = data.eval_set(tasks, eval_per_task, seed=seed, block_size=block)
+    desc_rows = {data.FINETUNE_TASK: eval_sets[data.FINETUNE_TASK]}
 
-    def config(lr):
-        return train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                 tasks=(data.FINETUNE_TASK,), eval_every=0, seed=seed)
+    def fine_tune(method, model, lr, **kw):
+        """``experiments.common.finetune`` of ``model`` on desc; (the trained model, the seconds)."""
+        out = finetune(method, r, alpha, targets, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                       warmup_steps=warmup_steps, evals=desc_rows, model=model, progress=progress, **kw)
+        return out["model"], out["seconds"]
 
     def say(msg):
         if progress:
@@ -192,13 +190,9 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
     rows = []
     if "qlora" in methods:
         say(f"QLoRA: fine-tuning on {data.FINETUNE_TASK!r} with an NF4 base ({steps} steps, lr {lr_qlora:g})")
-        model = _apply_qlora_seeded(first, r, alpha, targets, seed)
+        model, seconds = fine_tune("qlora", first, lr_qlora, blocksize=64, double_quant=True)
         first = None
-        t0 = time.perf_counter()
-        train.train(model, config(lr_qlora), progress=progress, eval_sets={data.FINETUNE_TASK: eval_sets[
-            data.FINETUNE_TASK]})
-        seconds = time.perf_counter() - t0
-        trained = measure(model, eval_sets)
+        trained = trained_scores(model, eval_sets)
         for b in bits:
             say(f"QLoRA: deploying at INT{b} (merge in float, re-quantize, group size {group_size})")
             rows.append({**deploy(model, "qlora", b, group_size, eval_sets, targets, trained),
@@ -209,22 +203,14 @@ def compare_deployment(base=None, bits=(4, 3, 2), steps=None, batch_size=None, l
                 f"({steps} steps, lr {lr_qalora:g})")
             model = first if first is not None else _fresh_model(base)
             first = None
-            apply_qalora(model, r, alpha, targets, bits=b, group_size=group_size, seed=seed)
-            t0 = time.perf_counter()
-            train.train(model, config(lr_qalora), progress=progress, eval_sets={data.FINETUNE_TASK: eval_sets[
-                data.FINETUNE_TASK]})
-            seconds = time.perf_counter() - t0
+            model, seconds = fine_tune("qalora", model, lr_qalora, bits=b, group_size=group_size)
             say(f"QA-LoRA: deploying at INT{b} (adapter folded into the zero points)")
             rows.append({**deploy(model, "qalora", b, group_size, eval_sets, targets), "train_seconds": seconds})
     return rows
 
 
-def _pct(v) -> str:
-    return "   -  " if v is None else f"{100 * v:5.1f}%"
-
-
 def format_table(rows) -> str:
-    """The rows of ``compare_deployment`` as a fixed-width text table ("base": the format trained on)."""
+    """The rows of ``compare_deployment`` or ``deploy`` as a fixed-width text table ("base": the format trained on)."""
     rows = list(rows)
     if not rows:
         raise ValueError("format_table needs at least one row")
@@ -234,8 +220,8 @@ def format_table(rows) -> str:
     for r in rows:
         lines.append(
             f"{r['method']:<8} {r.get('train_base', '-'):>4} {r['bits']:>4} {r['group_size']:>5} "
-            f"{_pct(r['trained']):>8} {_pct(r['deployed']):>8} "
-            f"{100 * r['difference']:>+9.1f} {_pct(r['pretrain_trained']):>16} {_pct(r['pretrain_deployed']):>17} "
-            f"{r['logits_rel']:>10.2e}"
+            f"{percent(r['trained']):>8} {percent(r['deployed']):>8} "
+            f"{100 * r['difference']:>+9.1f} {percent(r['pretrain_trained']):>16} "
+            f"{percent(r['pretrain_deployed']):>17} {r['logits_rel']:>10.2e}"
         )
     return "\n".join(lines)
