@@ -56,6 +56,8 @@ import numpy as np
 from . import data, train
 from .backend import get_backend_name, to_numpy
 from .checks import check_choice, check_int, check_number
+from .experiments.common import desc_config, finetune
+from .experiments.common import percent as _pct
 from .io import BASE_CHECKPOINT, json_writer, load_checkpoint
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
@@ -186,12 +188,6 @@ def probe_step(model, cfg: train.TrainConfig, seed: int) -> dict:
     return out
 
 
-def _train_config(method: str, steps: int, batch_size: int, seed: int) -> train.TrainConfig:
-    return train.TrainConfig(steps=steps, batch_size=batch_size, lr=LEARNING_RATES[method],
-                             warmup_steps=max(1, steps // 10), tasks=(data.FINETUNE_TASK,), eval_every=0,
-                             seed=seed)
-
-
 def adapted_models(base, methods, r: int, alpha: float, seed: int, bits, group_size: int = GROUP_SIZE) -> dict:
     """{(method, bit width): a copy of ``base`` adapted with ``method``} for every run of the demo.
 
@@ -219,7 +215,7 @@ def fine_tune(model, method: str, r: int, steps: int, batch_size: int, seed: int
     """
     name = run_name(method, r, bits)
     trainable, total = count_parameters(model)
-    cfg = _train_config(method, steps, batch_size, seed)
+    cfg = desc_config(steps, batch_size, LEARNING_RATES[method], seed)
     say(f"{name}: {trainable:,} of {total:,} parameters train; {steps} steps of {batch_size}, lr {cfg.lr:g}")
     adapted = method != "full"
     before = None
@@ -228,7 +224,8 @@ def fine_tune(model, method: str, r: int, steps: int, batch_size: int, seed: int
             before = _evaluate(model, {t: eval_sets[t] for t in data.PRETRAIN_TASKS})
     step = probe_step(model, cfg, seed + 1) if probe else {"step_ms": None, "step_cpu_ms": None, "memory": None}
     desc = {data.FINETUNE_TASK: eval_sets[data.FINETUNE_TASK]}  # the progress line's score
-    hist = train.train(model, cfg, progress=progress, eval_sets=desc)
+    out = finetune(method, steps=steps, batch_size=batch_size, lr=cfg.lr, seed=seed, evals=desc, model=model,
+                   adapted=True, progress=progress)
     scores, logits = _evaluate(model, eval_sets)  # every task, the logits kept for table 2
     off_scores = off_same = None
     if adapted:
@@ -239,20 +236,20 @@ def fine_tune(model, method: str, r: int, steps: int, batch_size: int, seed: int
         "method": method, "name": name, "bits": bits if method == "qalora" else None,
         "group_size": group_size if method == "qalora" else None, "lr": cfg.lr,
         "trainable": int(trainable), "total": int(total),
-        "state_bytes": int(hist["gradient_bytes"] + hist["optimizer_state_bytes"]),
+        "state_bytes": out["state_bytes"],
         "weight_bytes": int(resident_bytes(model)),
         "task_bytes": int(parameter_bytes(model, trainable=True)),
         "step_memory": step["memory"], "step_ms": step["step_ms"], "step_cpu_ms": step["step_cpu_ms"],
-        "train_seconds": hist["seconds"], "final_loss": float(np.mean(hist["loss"][-10:])),
+        "train_seconds": out["seconds"], "final_loss": out["final_loss"],
         "desc": scores[data.FINETUNE_TASK],
         "pretrain": {t: scores[t] for t in data.PRETRAIN_TASKS}, "pretrain_mean": _pretrain_mean(scores),
         "pretrain_frozen_base": before[0] if adapted else None,
         "pretrain_adapter_off": off_scores,
         "pretrain_adapter_off_mean": _pretrain_mean(off_scores) if adapted else None,
         "adapter_off_is_frozen_base": off_same,
-        "loss": [round(v, 5) for v in hist["loss"]],
+        "loss": out["loss"],
     }
-    say(f"  {hist['seconds']:.1f} s; desc {row['desc']:.1%}; pretrain tasks {row['pretrain_mean']:.1%}"
+    say(f"  {out['seconds']:.1f} s; desc {row['desc']:.1%}; pretrain tasks {row['pretrain_mean']:.1%}"
         + (f", adapter off {row['pretrain_adapter_off_mean']:.1%}" if adapted else ""))
     return row, model, logits[data.FINETUNE_TASK]
 
@@ -345,10 +342,6 @@ def run_demo(methods=METHODS, r: int = RANK, alpha: float = ALPHA, steps: int | 
 
 
 # ---------------------------------------------------------------------------------------- printing
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
 def _mem(row, key="peak") -> str:
     m = row.get("step_memory")
     return "n/a" if not m else format_bytes(m[key])
@@ -437,21 +430,13 @@ def _color(row, result) -> str:
     return _QALORA_COLORS[result["settings"]["bits"].index(row["bits"]) % len(_QALORA_COLORS)]
 
 
-def _moving_average(y, window: int):
-    """Trailing mean over ``window`` steps (fewer at the start)."""
-    c = np.concatenate([[0.0], np.cumsum(y)])  # (n + 1,)
-    n = np.arange(1, y.size + 1)  # (n,)
-    lo = np.maximum(0, n - window)  # (n,)
-    return (c[n] - c[lo]) / (n - lo)  # (n,)
-
-
 def plot_losses(result: dict, smooth: int | None = None):
     """Every run's training loss on one plot (log scale): faint per step, solid its moving average
     (over ``smooth`` steps, default a thirtieth of the run)."""
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    from .plots import STYLE
+    from .plots import STYLE, moving_average
 
     if smooth is None:
         smooth = max(1, result["settings"]["steps"] // 30)
@@ -462,7 +447,7 @@ def plot_losses(result: dict, smooth: int | None = None):
             step = np.arange(1, loss.size + 1)  # (steps,)
             color = _color(row, result)
             ax.plot(step, loss, color=color, alpha=0.2, lw=0.8)
-            ax.plot(step, _moving_average(loss, smooth), color=color, lw=2.0,
+            ax.plot(step, moving_average(loss, smooth), color=color, lw=2.0,
                     label=f"{row['name']}: desc {row['desc']:.1%}")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
