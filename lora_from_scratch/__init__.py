@@ -7,4 +7,7 @@ gradcheck, data, train, io (and peft_io), rank, lora, memory, quant, qlora, qalo
 compare, plots, demo; for real text: tokenizer (GPT-2's byte-level BPE).
 """
 
+from .nn import no_grad
+
+__all__ = ["no_grad"]
 __version__ = "0.1.0"
