@@ -20,6 +20,7 @@ REPORTS = {
     "nf4.py": "ratio ours/bitsandbytes",
     "qalora.py": "ratio QA-LoRA / LoRA",
     "tokenizer.py": "ratio ours/transformers (tokenizer)",
+    "generate.py": "ratio ours/transformers tokens/s (base)",
 }
 
 

@@ -92,6 +92,13 @@ def test_backward_after_a_forward_inside_raises():
         lin.backward(asarray(np.ones((2, 3), dtype=np.float32)))
 
 
+def test_attention_probabilities_refused_inside():
+    model = make("base")
+    with no_grad(), pytest.raises(RuntimeError, match="attention_probabilities .* outside no_grad"):
+        model.attention_probabilities(batch(), layer=1)
+    assert model.attention_probabilities(batch(), layer=1).shape == (3, CFG.n_head, 16, 16)
+
+
 def test_nests_restores_after_an_exception_and_decorates():
     with no_grad():
         with no_grad():
