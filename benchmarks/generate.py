@@ -120,11 +120,9 @@ def tokens_per_second(setup: dict, reps: int, threads: int):
     with tempfile.TemporaryDirectory() as directory:
         save_peft_adapter(lora, directory)
         peft = PeftModel.from_pretrained(hf_model(setup["shape"]), directory).eval()
-    merged = merge_lora(apply_lora(load_hf_gpt2(sd, hf.config.n_head), RANK, ALPHA, TARGETS, seed=1))
-    for name, layer in lora_layers(merged).items():  # the same B as ``lora``, merged after it is set
-        layer.unmerge()
-        layer.lora_B.data = lora_layers(lora)[name].lora_B.data.copy()
-        layer.merge()
+    merged = apply_lora(load_hf_gpt2(sd, hf.config.n_head), RANK, ALPHA, TARGETS, seed=1)
+    randomize_adapters(merged)  # the same A (seed 1) and B (seed 1) as ``lora``
+    merge_lora(merged)  # W0 + s B A in every adapted layer
 
     n, T = setup["new"], setup["prompt"]
     idx_host = np.random.default_rng(0).integers(0, hf.config.vocab_size, size=(1, T))  # (1, T)

@@ -73,7 +73,7 @@ def test_backward_inside_raises(kind):
         model.backward(dlogits)
     layer = model.blocks[0].attn.q
     with no_grad(), pytest.raises(RuntimeError, match=rf"{type(layer).__name__}.backward called inside no_grad"):
-        layer.backward(np.zeros((3, 16, CFG.n_embd), dtype=np.float32))
+        layer.backward(asarray(np.zeros((3, 16, CFG.n_embd), dtype=np.float32)))
     model.backward(dlogits)  # outside again, the same caches serve the backward
     assert all(p.grad is not None for p in model.trainable_parameters())
 
