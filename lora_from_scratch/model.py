@@ -32,9 +32,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from . import functional as F
+from . import generation
 from .backend import global_rng, xp_of
 from .backend import rng as host_rng
-from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, check_float_dtype
+from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, check_float_dtype, is_grad_enabled
 
 
 @dataclass
@@ -205,7 +206,8 @@ class GPT(Module):
     def backward(self, dlogits):
         """Fills ``.grad`` of every trainable parameter from d(loss)/d(logits)."""
         if self._cache is None:
-            raise RuntimeError("GPT.backward called without a forward (or twice for one forward)")
+            raise RuntimeError("GPT.backward called without a forward (or twice for one forward, or after a forward "
+                               "inside no_grad(), which keeps no cache)")
         wte = self.wte.weight
         dx, dW_head, _ = F.linear_backward(dlogits, self._cache, need_dW=wte.trainable, need_db=False)
         self._cache = None  # (B, T, V) -> (B, T, C); dW_head (V, C) when the embedding trains
@@ -217,6 +219,15 @@ class GPT(Module):
         dx = self.drop.backward(dx)  # (B, T, C)
         self.wpe.backward(dx.sum(axis=0, keepdims=True))  # (B, T, C) -> (1, T, C)
         self.wte.backward(dx)  # scatter-add into (V, C)
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, use_cache: bool = True):
+        """``idx`` (B, T) and ``max_new_tokens`` new tokens after it, (B, T + max_new_tokens), with a KV cache.
+
+        Greedy at ``temperature`` 0, else sampled (optionally from the ``top_k`` most likely), ``seed``ed;
+        refuses to go past ``block_size``. See ``generation.generate``.
+        """
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, seed, use_cache)
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
@@ -232,6 +243,9 @@ class GPT(Module):
         n_layer = len(self.blocks)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layer <= layer < n_layer:
             raise ValueError(f"layer {layer!r} out of range for a model with {n_layer} blocks")
+        if not is_grad_enabled():
+            raise RuntimeError("attention_probabilities reads the attention cache of a forward, which no_grad() "
+                               "does not keep: call it outside no_grad()")
         was_training = self.training
         self.eval()
         try:

@@ -21,6 +21,8 @@ REPORTS = {
     "qalora.py": "ratio QA-LoRA / LoRA",
     "file_checks.py": "ratio with/without",
     "reading_path.py": "import cycles (all imports)",
+    "tokenizer.py": "ratio ours/transformers (tokenizer)",
+    "generate.py": "ratio ours/transformers tokens/s (base)",
 }
 
 
