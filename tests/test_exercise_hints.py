@@ -432,3 +432,71 @@ def test_a_mistake_list_answer_hint_never_leaks(ex_id):
     ex = get(ex_id)
     for m in ex.mistakes:
         assert not _leaks(ex, m.hint), (ex_id, m.name, _leaks(ex, m.hint))
+    assert not _leaks(ex, ex.title), (ex_id, "the title, shown by progress() before the exercise is solved")
+
+
+# ----------------------------------------------------------------- accepted forms, predictions, progress
+@pytest.mark.parametrize("ex_id, answer", [
+    ("07.dq_bits", 4.127), ("07.dq_bits", 4.1274), ("07.dq_bits", np.float32(4.12744140625)),
+    ("05.doubling", (0.71, 1, 1.41)), ("05.doubling", np.array([2 ** -0.5, 1.0, 2 ** 0.5])),
+    ("05.doubling", [0.707, 1.0, 1.414]), ("05.rslora_alpha", 11.314), ("05.rslora_alpha", 11.3137),
+    ("05.rslora_alpha", np.float64(2 * np.sqrt(32))), ("03.trainable_parameters", [1024, 1024, 2560, 18432]),
+    ("09.adapter_size", np.array([1056, 1056, 1056, 1056, 4128, 1152])),
+])
+def test_answers_at_the_printed_precision_and_in_any_form_are_accepted(ex_id, answer, capsys):
+    check(ex_id, answer)
+    assert "correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ex_id, answer", [("07.dq_bits", 4.13), ("07.dq_bits", 4.1), ("05.rslora_alpha", 11.31),
+                                           ("05.doubling", (0.7, 1, 1.4))])
+def test_too_coarse_an_answer_is_named_as_such(ex_id, answer):
+    assert "rounded too coarsely" in _message(ex_id, answer)
+
+
+def test_an_accepted_rslora_alpha_passes_the_next_cells_assert():
+    """The cell after 05.rslora_alpha asserts |s(alpha) / s_tuned - 1| < 1e-4 with the student's own alpha."""
+    from lora_from_scratch.exercises.nb05 import NEW_R, TUNED_S
+
+    ex = get("05.rslora_alpha")
+    for alpha in (11.314, 11.3137, 11.31371, ex.reference):
+        assert ex.agrees(alpha, ex.reference)
+        assert abs(alpha / math.sqrt(NEW_R) / TUNED_S - 1) < 1e-4
+    for alpha in (11.31, 11.32):  # what fails the next cell is refused by the check
+        assert not ex.agrees(alpha, ex.reference) and abs(alpha / math.sqrt(NEW_R) / TUNED_S - 1) > 1e-4
+
+
+def test_a_prediction_is_recorded_verified_and_shown_in_progress(capsys):
+    from lora_from_scratch.exercises import predict, progress, reset_progress, verify_prediction
+
+    reset_progress()
+    with pytest.raises(ExerciseError, match="no prediction recorded"):
+        verify_prediction("06.amplification_side", "above")
+    with pytest.raises(ExerciseError, match="must be one of"):
+        predict("06.amplification_side", "higher")
+    predict("06.amplification_side", "below")
+    assert "predicted 'below'" in str(progress("06"))
+    with pytest.raises(ExerciseError, match="your prediction was 'below'"):
+        verify_prediction("06.amplification_side", "above")
+    assert "predicted wrong" in str(progress("06"))
+    predict("06.amplification_side", "above")
+    verify_prediction("06.amplification_side", "above")
+    assert "predicted right" in str(progress("06"))
+
+
+def test_progress_is_a_table_of_this_sessions_exercises(capsys):
+    from lora_from_scratch.exercises import progress, reset_progress
+
+    reset_progress()
+    table = progress("03")
+    assert [row[0] for row in table] == ["03.adapter_backward", "03.trainable_parameters", "03.merged_weight"]
+    assert all(row[2] == "not tried" for row in table)
+    with pytest.raises(ExerciseError):
+        check("03.merged_weight", lambda W0, A, B, alpha: W0)
+    check("03.trainable_parameters", get("03.trainable_parameters").reference)
+    status = {row[0]: row[2] for row in progress("03")}
+    assert status == {"03.adapter_backward": "not tried", "03.trainable_parameters": "solved",
+                      "03.merged_weight": "not yet (1 tries)"}
+    text = str(progress())
+    assert "1 of 24 done this session" in text and "| 03.trainable_parameters | solved |" in progress()._repr_markdown_()
+    reset_progress()

@@ -461,6 +461,9 @@ class Progress(list):
     def __repr__(self) -> str:
         return str(self)
 
+    def _repr_pretty_(self, p, cycle) -> None:  # IPython's text form
+        p.text(str(self))
+
     def _repr_markdown_(self) -> str:
         rows = "\n".join(f"| {i} | {s} | {t} |" for i, t, s in self)
         return f"| exercise | status | title |\n|---|---|---|\n{rows}"

@@ -118,7 +118,7 @@ SUBSPACE_MISTAKES = (
 EXERCISES = [
     Exercise(
         id="02.update_rank",
-        title="a rank-r update stays rank r; the merged weight keeps W0's full rank",
+        title="the rank of an update, and of the merged weight",
         task=(f"B ({D_FC}, {R_FC}) and A ({R_FC}, {K_FC}) are random, W0 ({D_FC}, {K_FC}) is the pretrained "
               "(full-rank) MLP up-projection fc: give the pair (rank of B A, rank of W0 + B A) as two integers"),
         reference=(R_FC, K_FC),
@@ -140,7 +140,7 @@ EXERCISES = [
     ),
     Exercise(
         id="02.approx_error",
-        title="the Eckart-Young error: sqrt of the sum of the discarded sigma_i^2",
+        title="the rank-r approximation error from the singular values",
         task=("write approx_error(W, r) returning ||W - W_r||_F of the best rank-r approximation (a float), from the "
               "singular values of W alone (np.linalg.svd(W, compute_uv=False))"),
         reference=approx_error,
@@ -161,7 +161,7 @@ EXERCISES = [
     ),
     Exercise(
         id="02.subspace_similarity",
-        title="the LoRA paper's subspace similarity phi(A1, A2, i, j)",
+        title="the LoRA paper's subspace similarity phi",
         task=("write phi(A1, A2, i, j) for A1 (r1, k), A2 (r2, k): ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) with U "
               "the right-singular vectors of A (the rows of Vt from np.linalg.svd), a float in [0, 1]"),
         reference=subspace_similarity,

@@ -102,7 +102,7 @@ def _merge_cases():
 EXERCISES = [
     Exercise(
         id="03.adapter_backward",
-        title="the adapter's backward by hand: dA = (s dy B)^T x, dB = s dy^T (x A^T)",
+        title="the adapter's backward by hand",
         task=("write backward(x, dy, A, B, s) returning (dA, dB) for y = s (x A^T) B^T, with x (N, k), dy = dL/dy "
               "(N, d), A (r, k), B (d, r); dA has A's shape and dB has B's"),
         reference=adapter_backward,
@@ -122,7 +122,7 @@ EXERCISES = [
     ),
     Exercise(
         id="03.trainable_parameters",
-        title="LoRA's trainable parameters: r (d + k) per adapted matrix, in every block",
+        title="how many parameters LoRA trains",
         task=(f"LoRA with r = {R_COUNT} on {', '.join(TARGETS_COUNT)} in each of the {_L} blocks of the base model "
               f"(W0 shapes (d, k): {', '.join(f'{t} {_SHAPES[t]}' for t in TARGETS_COUNT)}): how many numbers are "
               "trained? Give a tuple (per block: the count of q, of v, of fc; then the total over all blocks)"),
@@ -148,7 +148,7 @@ EXERCISES = [
     ),
     Exercise(
         id="03.merged_weight",
-        title="the merged weight W0 + (alpha / r) B A",
+        title="the merged weight",
         task=("write merge(W0, A, B, alpha) returning the (d, k) weight of the merged layer for W0 (d, k), A (r, k), "
               "B (d, r) and LoRA's scaling s = alpha / r (r = A.shape[0])"),
         reference=merged_weight,

@@ -92,7 +92,7 @@ def _pissa_cases():
 EXERCISES = [
     Exercise(
         id="04.nonzero_gradients",
-        title="at step 0 only B gets a gradient: d r numbers",
+        title="which numbers get a gradient at step 0",
         task=(f"an adapter with r = {R_PROJ} on the MLP down-projection proj (d = {D_PROJ} outputs, k = {K_PROJ} "
               "inputs) starts with B = 0 and a random A: how many of its trainable numbers get a nonzero gradient "
               "from the first backward pass? (an integer)"),
@@ -113,7 +113,7 @@ EXERCISES = [
     ),
     Exercise(
         id="04.gaussian_init",
-        title="the paper's initialization: A Gaussian with std 1/r, B = 0",
+        title="the paper's initialization of A and B",
         task=("write init(d, k, r, rng) returning (A, B): A of shape (r, k) drawn as rng.standard_normal((r, k)) "
               "scaled to standard deviation 1/r, and B of shape (d, r) as the paper says"),
         reference=gaussian_init,
@@ -141,7 +141,7 @@ EXERCISES = [
     ),
     Exercise(
         id="04.pissa_factors",
-        title="PiSSA's start: s B A = the top-r part of W0, the residual frozen",
+        title="PiSSA's start from the SVD",
         task=("write pissa(W, r, s) returning (A, B, W_res) from np.linalg.svd(W, full_matrices=False): A = "
               "sqrt(S_r / s) V_r^T (r, k), B = U_r sqrt(S_r / s) (d, r), and the frozen residual W_res = W - s B A"),
         reference=pissa_factors,

@@ -53,7 +53,7 @@ TUNED_S = TUNED_ALPHA / TUNED_R
 EXERCISES = [
     Exercise(
         id="05.scaling",
-        title="the scaling factor: alpha / r, or alpha / sqrt(r) with rsLoRA",
+        title="the scaling factor, LoRA's and rsLoRA's",
         task="write scale(r, alpha, rslora=False) returning the factor s that multiplies B A",
         reference=lora_scaling,
         cases=_scaling_cases,
@@ -77,7 +77,7 @@ EXERCISES = [
     ),
     Exercise(
         id="05.doubling",
-        title="early in training ||B A|| grows like sqrt(r): factors 1/sqrt(2), 1, sqrt(2)",
+        title="the update's size when r doubles",
         task=("early in training (Adam moves each entry of B by about the learning rate; B starts at zero, A at "
               "its random start), by what factor does ||s B A||_F change when r doubles? Give a tuple (factor "
               "with s = alpha / r, with s = alpha / sqrt(r), with s = 1)"),
@@ -98,7 +98,7 @@ EXERCISES = [
     ),
     Exercise(
         id="05.rslora_alpha",
-        title="the same s at a new rank under rsLoRA: alpha = s sqrt(r)",
+        title="alpha for rsLoRA at a new rank",
         task=(f"a LoRA run was tuned at r = {TUNED_R}, alpha = {TUNED_ALPHA} with s = alpha / r. Which alpha gives "
               f"rsLoRA (s = alpha / sqrt(r)) at r = {NEW_R} the same s? (a number)"),
         reference=TUNED_S * math.sqrt(NEW_R),

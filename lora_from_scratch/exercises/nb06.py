@@ -84,7 +84,7 @@ def _amplification_cases():
 EXERCISES = [
     Exercise(
         id="06.budget_rank",
-        title="the rank of a fixed budget: budget / (n_layer * sum of (d_out + d_in))",
+        title="the rank a fixed budget allows",
         task=("write budget_rank(budget, shapes, n_layer): the rank r (a number, not necessarily whole) at which "
               "LoRA on the matrices of `shapes` (a list of (d_out, d_in), one per adapted matrix of a block) in "
               "all n_layer blocks has exactly `budget` trainable parameters"),
@@ -104,7 +104,7 @@ EXERCISES = [
     ),
     Exercise(
         id="06.subspace_similarity",
-        title="phi(A1, A2, i, j) = ||V1_i^T V2_j||_F^2 / min(i, j) from the right-singular vectors of A",
+        title="the subspace similarity of two adapters",
         task=("write phi(A1, A2, i, j) for two A matrices of shape (r, k): with np.linalg.svd, take the top-i "
               "right-singular vectors of A1 and the top-j of A2 (directions in the input space R^k) and return "
               "the squared Frobenius norm of their overlap divided by min(i, j)"),
@@ -116,7 +116,7 @@ EXERCISES = [
     ),
     Exercise(
         id="06.amplification",
-        title="the amplification factor ||dW||_F / ||U^T W V||_F, U and V from dW's top-r singular vectors",
+        title="the amplification factor",
         task=("write amplification(W, dW, r): project W onto the top-r left (U) and right (V) singular vectors "
               "of the update dW, U^T W V of shape (r, r), and return ||dW||_F divided by the Frobenius norm of "
               "that projection"),

@@ -111,7 +111,7 @@ _NO_OFFSET = (4 * _N + 8 * _BLOCKS + 32 * _BLOCKS2) / _N
 EXERCISES = [
     Exercise(
         id="07.nf4_code",
-        title="the NF4 code lookup: nearest level of x / absmax",
+        title="the NF4 code lookup",
         task=("write nf4_codes(block): the NF4 code (0..15) of each value of a 1-D block: the index of the level of "
               "quant.NF4_CODE nearest to x / absmax, absmax = max |x| over the block; a value exactly halfway "
               "between two levels takes the lower one"),
@@ -143,7 +143,7 @@ EXERCISES = [
     ),
     Exercise(
         id="07.pack_nibbles",
-        title="two 4-bit codes per byte, the first in the high nibble",
+        title="two 4-bit codes per byte",
         task=("write pack(codes): (n,) uint8 codes < 16, n even -> (n/2,) uint8 bytes; byte k holds code 2k in its "
               "high nibble (bits 7-4) and code 2k + 1 in its low nibble (bits 3-0)"),
         reference=pack_nibbles,
@@ -166,7 +166,7 @@ EXERCISES = [
     ),
     Exercise(
         id="07.dq_bits",
-        title="bits per weight of a 512 x 128 matrix in NF4 with double quantization",
+        title="the bits of double quantization",
         task=("the bits per weight of the 512 x 128 fc matrix in NF4, blocksize 64, double quantization: 4-bit "
               "codes, 8-bit block constants, one float32 scale per 256 constants, one float32 offset (their mean) "
               "for the matrix; count every stored bit and divide by 512 * 128"),

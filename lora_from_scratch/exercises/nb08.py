@@ -86,7 +86,7 @@ DEQUANTIZATIONS = N_LAYERS * (2 * N_STEPS + N_EVAL_TASKS)  # 2 per step (forward
 EXERCISES = [
     Exercise(
         id="08.layer_bytes",
-        title="the bytes a QLoRA layer holds: NF4 codes and constants, float32 bias and adapters",
+        title="the bytes of a QLoRA layer",
         task=("write layer_bytes(out_features, in_features, r, bias=True): the bytes a QLoRA layer holds. W0 "
               "(out, in) in NF4: two 4-bit codes per byte, one uint8 constant per block of 64 weights, one float32 "
               "scale per 256 constants (round up), one float32 offset; the bias (out,) and A (r, in), B (out, r) "
@@ -114,7 +114,7 @@ EXERCISES = [
     ),
     Exercise(
         id="08.dequantizations",
-        title="two dequantizations per training step and one per evaluation forward, in every layer",
+        title="how often W0 is dequantized",
         task=(f"predict: the base model with QLoRA on its {N_LAYERS} matrices trains {N_STEPS} steps (forward + "
               f"backward each), then is evaluated on {N_EVAL_TASKS} tasks (one forward each). How many times is a "
               "W0 dequantized, summed over all layers? (an integer)"),

@@ -122,7 +122,7 @@ ADAPTER_SIZE = _count(lambda i: i // GROUP_SIZE)  # A (r, in / group_size) and B
 EXERCISES = [
     Exercise(
         id="09.zero_merge",
-        title="the merge into the zero points: zero' = zero - s (B A) / (group_size * scale)",
+        title="the merge into the zero points",
         task=("write merged_zeros(zeros, scales, A, B, alpha, group_size): zeros and scales (out, L), A (r, L), "
               "B (out, r), s = alpha / r; return the zero points (out, L) that make scale * (q - zero') equal "
               "scale * (q - zero) plus the pooled adapter's update s (B A)[o, g] / group_size"),
@@ -152,7 +152,7 @@ EXERCISES = [
     ),
     Exercise(
         id="09.pool_backward",
-        title="the group mean's backward: every channel of a group gets dp / group_size",
+        title="the backward of the group mean",
         task=("write pool_backward(dp, group_size): dp (..., L) is the gradient of the group means p "
               "(p[..., g] = mean of x[..., g * group_size : (g + 1) * group_size]); return dx (..., L * group_size)"),
         reference=_pool_backward,
@@ -171,7 +171,7 @@ EXERCISES = [
     ),
     Exercise(
         id="09.adapter_size",
-        title="QA-LoRA's trainable parameters, per matrix of a block",
+        title="the size of QA-LoRA's adapters",
         task=(f"how many trainable parameters has QA-LoRA with r = {R}, group size {GROUP_SIZE} on all six matrices "
               f"(q, k, v, o: (128, 128); fc: (512, 128); proj: (128, 512), as (out, in)) of the {N_BLOCKS} "
               "blocks? Give a tuple: the count of each matrix of one block, (q, k, v, o, fc, proj)"),
