@@ -498,5 +498,6 @@ def test_progress_is_a_table_of_this_sessions_exercises(capsys):
     assert status == {"03.adapter_backward": "not tried", "03.trainable_parameters": "solved",
                       "03.merged_weight": "not yet (1 tries)"}
     text = str(progress())
-    assert "1 of 24 done this session" in text and "| 03.trainable_parameters | solved |" in progress()._repr_markdown_()
+    assert "1 of 24 done this session" in text
+    assert "| 03.trainable_parameters | solved |" in progress()._repr_markdown_()
     reset_progress()
