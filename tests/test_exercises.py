@@ -116,3 +116,80 @@ def test_student_copies_hold_no_solution_and_no_output():
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 assert cell["outputs"] == [] and cell["execution_count"] is None, name
+
+
+# ----------------------------------------------------------------- the student copies, filled in and started
+REPLACEMENT = "raise NotImplementedError  # your answer here"
+
+
+def fill(student: dict, teacher: dict) -> dict:
+    """The student copy with every blank answered by the teacher's solution (without nbgrader's markers)."""
+    filled = json.loads(json.dumps(student))
+    assert len(filled["cells"]) == len(teacher["cells"])
+    for mine, ref in zip(filled["cells"], teacher["cells"]):
+        text = "".join(mine["source"])
+        if REPLACEMENT not in text:
+            continue
+        blocks = re.findall(rf"^[ \t]*{st.BEGIN}\n(.*?)^[ \t]*{st.END}\n?", "".join(ref["source"]), re.M | re.S)
+        lines, k = [], 0
+        for line in text.splitlines(keepends=True):
+            if line.strip() == REPLACEMENT:
+                lines.append(blocks[k] if line.endswith("\n") or not blocks[k].endswith("\n") else blocks[k][:-1])
+                k += 1
+            else:
+                lines.append(line)
+        assert k == len(blocks)
+        mine["source"] = "".join(lines)
+    return filled
+
+
+def _code(nb: dict) -> list:
+    """The code of every code cell, nbgrader's solution markers left out."""
+    return ["".join(ln for ln in "".join(c["source"]).splitlines(keepends=True) if ln.strip() not in (st.BEGIN, st.END))
+            .rstrip("\n") for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+STUDENT_COPIES = sorted(n for n in os.listdir(st.STUDENT) if n.endswith(".ipynb"))
+CWD_DEPENDENT = re.compile(r"\.\./|[\"']\.\.[\"']|os\.chdir|Path\.cwd|getcwd|\bopen\(")
+
+
+@pytest.mark.parametrize("name", STUDENT_COPIES)
+def test_a_filled_student_copy_is_the_teacher_notebook_and_starts_in_student(name):
+    """The student copy, answered with the solutions, starts where a student opens it (notebooks/student/).
+
+    The filled copy's code equals the teacher notebook's cell for cell, and after the set-up cell no code
+    depends on the folder it runs in; the suite executes the teacher notebook in full (``--nbmake``),
+    every ``check`` included. So executing the filled copy again in full would run the same code a second
+    time; what only the student folder can break, the start (finding the package from
+    ``notebooks/student/`` without installing it), is executed here: every cell up to the first import
+    from the package, in a fresh kernel whose working folder is ``notebooks/student/``.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    with open(os.path.join(st.STUDENT, name)) as f:
+        student = json.load(f)
+    with open(os.path.join(st.NOTEBOOKS, name)) as f:
+        teacher = json.load(f)
+    filled = fill(student, teacher)
+    assert _code(filled) == _code(teacher), f"{name}: the filled student copy is not the teacher's code"
+    code = [c for c in filled["cells"] if c["cell_type"] == "code"]
+    for c in code[1:]:
+        assert not CWD_DEPENDENT.search("".join(c["source"])), f"{name}: code that depends on the working folder"
+    first_import = next(i for i, c in enumerate(code) if re.search(r"^from lora_from_scratch", "".join(c["source"]),
+                                                                    re.M))
+    start = nbformat.reads(json.dumps(dict(filled, cells=code[: first_import + 1])), as_version=4)
+    env_path = os.environ.get("PYTHONPATH", "")
+    assert st.ROOT not in env_path.split(os.pathsep), "the kernel must find the package by itself"
+    NotebookClient(start, timeout=120, kernel_name="python3", resources={"metadata": {"path": st.STUDENT}}).execute()
+    outputs = [o for c in start["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def test_fill_restores_a_solution_and_a_blank_stays_blank():
+    teacher = {"cells": [{"cell_type": "code", "source": f"def f(x):\n    {st.BEGIN}\n    return 2 * x\n    {st.END}\n"
+                                                          "\n\nf(1)"}]}
+    student = st.student_notebook(teacher)
+    assert REPLACEMENT in "".join(student["cells"][0]["source"])
+    assert _code(fill(student, teacher)) == _code(teacher) == ["def f(x):\n    return 2 * x\n\n\nf(1)"]
+    assert _code(student) != _code(teacher)

@@ -47,11 +47,6 @@ def _error_spectral(W, r):
     return float(s[r])  # sigma_{r+1}: the spectral-norm error
 
 
-def _error_off_by_one(W, r):
-    s = np.linalg.svd(W, compute_uv=False)  # (min(d, k),)
-    return float(np.sqrt(np.sum(s[r + 1:] ** 2)))  # drops sigma_{r+1} as if it were kept
-
-
 def _error_cases():
     rng = np.random.default_rng(20)
     return [(rng.standard_normal((30, 20)), 3), (rng.standard_normal((12, 16)), 5), (rng.standard_normal((9, 9)), 1)]
@@ -91,6 +86,12 @@ def _phi_unnormalized(A1, A2, i, j):
     return float(np.sum((U1[:, :i].T @ U2[:, :j]) ** 2))  # (i, j), not divided at all
 
 
+def _phi_vt_columns(A1, A2, i, j):
+    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r, k)
+    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r, k)
+    return float(np.sum((V1t[:, :i].T @ V2t[:, :j]) ** 2) / min(i, j))  # columns of Vt: (i, r) @ (r, j)
+
+
 def _phi_cases():
     rng = np.random.default_rng(21)
     shared = rng.standard_normal((2, 24))  # (2, k): two directions both adapters contain
@@ -99,67 +100,75 @@ def _phi_cases():
     return [(A1, A2, 1, 1), (A1, A2, 2, 4), (A1, A2, 6, 3), (A2, A1, 5, 6)]
 
 
+SUBSPACE_MISTAKES = (
+    Mistake("left-singular vectors", _phi_left,
+            "the left-singular vectors of A: they live in R^r (the adapter's r latent channels), not in the input "
+            "space R^k; A's input directions are its right-singular vectors."),
+    Mistake("not squared", _phi_not_squared,
+            "the Frobenius norm is not squared: phi adds up squared cosines."),
+    Mistake("max instead of min", _phi_max,
+            "divided by max(i, j): with that normalization phi stays below 1 even when the smaller subspace lies "
+            "inside the larger one."),
+    Mistake("not normalized", _phi_unnormalized,
+            "not normalized: phi must lie in [0, 1] (1: one subspace contains the other)."),
+    Mistake("columns of Vt", _phi_vt_columns,
+            "the columns of Vt: np.linalg.svd returns V transposed, so the right-singular vectors are Vt's rows."),
+)
+
 EXERCISES = [
     Exercise(
         id="02.update_rank",
-        title="a rank-r update stays rank r; the merged weight keeps W0's full rank",
+        title="the rank of an update, and of the merged weight",
         task=(f"B ({D_FC}, {R_FC}) and A ({R_FC}, {K_FC}) are random, W0 ({D_FC}, {K_FC}) is the pretrained "
               "(full-rank) MLP up-projection fc: give the pair (rank of B A, rank of W0 + B A) as two integers"),
         reference=(R_FC, K_FC),
+        parts=("rank of B A", "rank of W0 + B A"),
         mistakes=(
             Mistake("min(d, k) for B A", (K_FC, K_FC),
-                    "min(d, k) instead of r: every column of B A is a combination of the r columns of B, so "
-                    "rank(B A) <= r."),
+                    "the rank of B A is not min(d, k): every column of B A is a combination of the columns of B, "
+                    "so the product can have no more independent columns than B has."),
             Mistake("r for the merged weight", (R_FC, R_FC),
-                    "W0 + B A is not low rank: adding a rank-r matrix to a full-rank W0 changes at most r of its "
-                    "directions, and the sum stays full rank, min(d, k)."),
+                    "the merged weight is not low rank: adding a low-rank matrix to a full-rank W0 moves at most a "
+                    "few of its directions; it does not remove the others."),
             Mistake("ranks added", (R_FC, K_FC + R_FC),
-                    "rank(W0) + r is only an upper bound; no matrix of shape (d, k) has a rank above min(d, k)."),
+                    "rank(W0) + r is only an upper bound: no matrix has more independent columns than it has "
+                    "columns (or rows)."),
             Mistake("d instead of min(d, k)", (R_FC, D_FC),
-                    "the rank is at most min(d, k): fc has only k = 128 columns, so its rank cannot be d = 512."),
+                    "that rank is larger than one side of the matrix: no matrix has more independent rows than it has "
+                    "columns."),
         ),
     ),
     Exercise(
         id="02.approx_error",
-        title="the Eckart-Young error: sqrt of the sum of the discarded sigma_i^2",
+        title="the rank-r approximation error from the singular values",
         task=("write approx_error(W, r) returning ||W - W_r||_F of the best rank-r approximation (a float), from the "
               "singular values of W alone (np.linalg.svd(W, compute_uv=False))"),
         reference=approx_error,
         cases=_error_cases,
         mistakes=(
             Mistake("sum of the kept singular values", _error_kept,
-                    "the sum of the kept singular values: the error is what the approximation leaves out, the "
-                    "singular values after the first r."),
+                    "the kept singular values: the error is what the approximation leaves out, not what it keeps "
+                    "(and they are not simply summed)."),
             Mistake("not squared", _error_not_squared,
-                    "the discarded singular values summed but not squared: ||E||_F^2 = sum of sigma_i^2 over i > r, "
-                    "then take the square root."),
+                    "the singular values summed but not squared: the Frobenius norm adds squares (it is the root "
+                    "of a sum of squares, like a Euclidean length)."),
             Mistake("no square root", _error_no_root,
                     "that is the squared error ||W - W_r||_F^2: take its square root."),
             Mistake("spectral norm", _error_spectral,
-                    "sigma_(r+1) is the error in the spectral norm ||.||_2; the Frobenius error adds up every "
-                    "discarded sigma_i^2."),
-            Mistake("off by one", _error_off_by_one,
-                    "one singular value too few: with 0-based indexing the discarded ones are s[r:], not s[r+1:]."),
+                    "one singular value: that is the error in the spectral norm ||.||_2; the Frobenius error takes "
+                    "every discarded singular value into account."),
         ),
     ),
     Exercise(
         id="02.subspace_similarity",
-        title="the LoRA paper's subspace similarity phi(A1, A2, i, j)",
+        title="the LoRA paper's subspace similarity phi",
         task=("write phi(A1, A2, i, j) for A1 (r1, k), A2 (r2, k): ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) with U "
               "the right-singular vectors of A (the rows of Vt from np.linalg.svd), a float in [0, 1]"),
         reference=subspace_similarity,
         cases=_phi_cases,
+        factors=lambda A1, A2, i, j: {"min(i, j)": min(i, j), "max(i, j)": max(i, j)},
         mistakes=(
-            Mistake("left-singular vectors", _phi_left,
-                    "the left-singular vectors of A: A (r, k) acts on the k inputs, and its input directions are the "
-                    "right-singular vectors (rows of Vt, length k)."),
-            Mistake("not squared", _phi_not_squared,
-                    "the Frobenius norm not squared: phi sums the squared cosines, ||U1^T U2||_F^2."),
-            Mistake("max instead of min", _phi_max,
-                    "divided by max(i, j): the paper normalizes by min(i, j), so that phi = 1 when the smaller "
-                    "subspace lies inside the larger one."),
-            Mistake("not normalized", _phi_unnormalized,
-                    "not normalized: divide ||U1^T U2||_F^2 by min(i, j) so that phi lies in [0, 1]."),
+            *SUBSPACE_MISTAKES,
         ),
     ),
 ]

@@ -3,7 +3,8 @@
 1. ``03.adapter_backward``: the adapter's backward by hand, (dA, dB) of y = s (x A^T) B^T for an
    upstream gradient dy; the reference is the library's ``functional.lowrank_backward``.
 2. ``03.trainable_parameters``: how many numbers LoRA trains for given targets and r on the
-   base model: r (d + k) per adapted matrix, in every block (``memory.lora_trainable_parameters``).
+   base model, per adapted matrix of a block and in all (``memory.lora_trainable_parameters``);
+   asked per matrix, so that mistakes giving the same total (B only; fc taken as square) differ.
 3. ``03.merged_weight``: the merged weight W0 + (alpha / r) B A that makes the adapted layer one
    ordinary matrix again ("No Additional Inference Latency", section 4.1); the reference is what
    ``LoRALinear.merge`` does (``Linear.with_update`` of ``LowRankAdapter.delta_weight``).
@@ -57,6 +58,16 @@ R_COUNT, TARGETS_COUNT = 4, ("q", "v", "fc")
 _SHAPES = {t: memory.target_shapes(BASE)[t] for t in TARGETS_COUNT}  # (d, k) of each target, per block
 _L = BASE.n_layer
 
+
+def _count(per_matrix) -> tuple:
+    """(count of q, of v, of fc, all blocks together) for ``per_matrix(d, k)``, the count of one (d, k) matrix."""
+    each = tuple(per_matrix(d, k) for d, k in _SHAPES.values())
+    return (*each, _L * sum(each))
+
+
+COUNT = _count(lambda d, k: R_COUNT * (d + k))
+assert COUNT[-1] == memory.lora_trainable_parameters(BASE, R_COUNT, TARGETS_COUNT)
+
 # ---------------------------------------------------------------- 3. the merged weight
 
 
@@ -91,60 +102,72 @@ def _merge_cases():
 EXERCISES = [
     Exercise(
         id="03.adapter_backward",
-        title="the adapter's backward by hand: dA = (s dy B)^T x, dB = s dy^T (x A^T)",
+        title="the adapter's backward by hand",
         task=("write backward(x, dy, A, B, s) returning (dA, dB) for y = s (x A^T) B^T, with x (N, k), dy = dL/dy "
               "(N, d), A (r, k), B (d, r); dA has A's shape and dB has B's"),
         reference=adapter_backward,
         cases=_backward_cases,
+        parts=("dA", "dB"),
+        factors=lambda x, dy, A, B, s: {"s": s, "r": A.shape[0], "N (the number of rows of x)": x.shape[0]},
         mistakes=(
             Mistake("dA transposed", _backward_dA_transposed,
-                    "dA transposed: A is (r, k), so its gradient is (s dy B)^T x of shape (r, k), not x^T (s dy B)."),
+                    "dA is transposed: a gradient has the shape of its parameter, and A is (r, k)."),
             Mistake("no s", _backward_no_s,
-                    "forgetting s: the adapter's output is multiplied by s = alpha / r, so both dA and dB carry the "
-                    "factor s."),
+                    "both gradients miss the scaling s: the adapter's output is multiplied by s, and so is every "
+                    "gradient that flows back through it."),
             Mistake("dB without s", _backward_dB_no_s,
-                    "dB = dy^T x A^T without the scaling: it is dB = s dy^T (x A^T); dA has its s, dB needs it too."),
+                    "dB misses the scaling: the adapter's output is multiplied by s, and that factor reaches dB as it "
+                    "reaches dA."),
         ),
     ),
     Exercise(
         id="03.trainable_parameters",
-        title="LoRA's trainable parameters: r (d + k) per adapted matrix, in every block",
+        title="how many parameters LoRA trains",
         task=(f"LoRA with r = {R_COUNT} on {', '.join(TARGETS_COUNT)} in each of the {_L} blocks of the base model "
               f"(W0 shapes (d, k): {', '.join(f'{t} {_SHAPES[t]}' for t in TARGETS_COUNT)}): how many numbers are "
-              "trained? (an integer)"),
-        reference=memory.lora_trainable_parameters(BASE, R_COUNT, TARGETS_COUNT),
+              "trained? Give a tuple (per block: the count of q, of v, of fc; then the total over all blocks)"),
+        reference=COUNT,
+        parts=("q", "v", "fc", "the total"),
+        factors={"r": R_COUNT, f"the {_L} blocks": _L},
         mistakes=(
-            Mistake("r d k", _L * sum(R_COUNT * d * k for d, k in _SHAPES.values()),
-                    "r * d * k: the adapter is not r copies of W0; A (r, k) and B (d, r) hold r k + d r = r (d + k)."),
-            Mistake("A only", _L * sum(R_COUNT * k for _, k in _SHAPES.values()),
-                    "counting A only (r k): B (d, r) is trained too, r (d + k) per matrix."),
-            Mistake("B only", _L * sum(R_COUNT * d for d, _ in _SHAPES.values()),
-                    "counting B only (d r): A (r, k) is trained too, r (d + k) per matrix."),
-            Mistake("one block", sum(R_COUNT * (d + k) for d, k in _SHAPES.values()),
-                    f"that is one block: every one of the {_L} blocks has its own adapters."),
-            Mistake("d k", _L * sum(d * k for d, k in _SHAPES.values()),
+            Mistake("r d k", _count(lambda d, k: R_COUNT * d * k),
+                    "r * d * k: the adapter is not r copies of W0; count the entries of A and of B, each from its "
+                    "own shape."),
+            Mistake("A only", _count(lambda d, k: R_COUNT * k),
+                    "counting A only: B is trained too."),
+            Mistake("B only", _count(lambda d, k: R_COUNT * d),
+                    "counting B only: A is trained too."),
+            Mistake("one block", (*COUNT[:3], sum(COUNT[:3])),
+                    f"the total is that of one block: every one of the {_L} blocks has its own adapters."),
+            Mistake("d k", _count(lambda d, k: d * k),
                     "d * k is the size of W0 (what full fine-tuning of these matrices trains), not of A and B."),
+            Mistake("fc as square", _count(lambda d, k: R_COUNT * 2 * k),
+                    "fc counted as a square 128 x 128 matrix: the MLP's up-projection maps 128 inputs to 512 "
+                    "outputs, so its B is taller than q's."),
         ),
     ),
     Exercise(
         id="03.merged_weight",
-        title="the merged weight W0 + (alpha / r) B A",
+        title="the merged weight",
         task=("write merge(W0, A, B, alpha) returning the (d, k) weight of the merged layer for W0 (d, k), A (r, k), "
               "B (d, r) and LoRA's scaling s = alpha / r (r = A.shape[0])"),
         reference=merged_weight,
         cases=_merge_cases,
+        offset=("W0", lambda W0, A, B, alpha: W0),
+        factors=lambda W0, A, B, alpha: {"r": A.shape[0], "alpha": alpha, "sqrt(r)": A.shape[0] ** 0.5,
+                                         "alpha / r": alpha / A.shape[0]},
         mistakes=(
             Mistake("alpha instead of alpha / r", _merge_alpha,
-                    "alpha instead of alpha / r: the layer adds s B A with s = alpha / r, and the merge must add the "
-                    "same."),
+                    "the update is scaled by alpha alone: LoRA's scaling divides alpha by the rank, and the merge "
+                    "must add what the layer adds."),
             Mistake("no scaling", _merge_unscaled,
-                    "W0 + B A without the scaling: the adapted layer computes s (x A^T) B^T, so the merge adds "
-                    "s B A, s = alpha / r."),
+                    "the update is not scaled: the adapted layer multiplies its second path by s, and the merged "
+                    "weight must add what that path adds."),
             Mistake("B A order swapped", _merge_transposed,
-                    "B A order swapped (A^T B^T): the update of a (d, k) weight is B (d, r) @ A (r, k); A^T B^T is "
-                    "its transpose, what the row-vector form x A^T B^T multiplies x by."),
+                    "the update is transposed (A^T B^T): the weight is (d, k), and the product must have that shape; "
+                    "A^T B^T is what the row-vector form multiplies x by."),
             Mistake("minus", _merge_minus,
-                    "W0 - s B A is the unmerge (it takes the update out again); the merge adds it."),
+                    "the update is subtracted: that is the unmerge, which takes the update out again."),
         ),
     ),
 ]

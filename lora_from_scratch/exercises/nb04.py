@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Exercise, Mistake
+from . import Exercise, Mistake, Relation
 
 # ---------------------------------------------------------------- 1. which numbers get a gradient at step 0
 D_PROJ, K_PROJ, R_PROJ = 128, 512, 8  # the MLP down-projection proj of the base model: (out, in) = (C, 4C), C = 128
@@ -92,63 +92,75 @@ def _pissa_cases():
 EXERCISES = [
     Exercise(
         id="04.nonzero_gradients",
-        title="at step 0 only B gets a gradient: d r numbers",
+        title="which numbers get a gradient at step 0",
         task=(f"an adapter with r = {R_PROJ} on the MLP down-projection proj (d = {D_PROJ} outputs, k = {K_PROJ} "
               "inputs) starts with B = 0 and a random A: how many of its trainable numbers get a nonzero gradient "
               "from the first backward pass? (an integer)"),
         reference=D_PROJ * R_PROJ,
+        factors={"r": R_PROJ, "k": K_PROJ, "d": D_PROJ},
         mistakes=(
             Mistake("both A and B", R_PROJ * (D_PROJ + K_PROJ),
-                    "dA = s (dy B)^T x is zero while B = 0: A gets no gradient at step 0, only B's d r entries do."),
+                    "not every adapter number gets a gradient at step 0: look at what dA is multiplied by while "
+                    "B = 0."),
             Mistake("A instead of B", R_PROJ * K_PROJ,
-                    "it is the other way round: dA needs B (zero), dB = s dy^T (x A^T) needs only A (random): count "
-                    "B's d r entries."),
+                    "the other factor: dA is a product with B, dB a product with A; which of the two is zero at "
+                    "step 0?"),
             Mistake("none", 0,
-                    "dB = s dy^T (x A^T) is not zero when A is random: B's entries do get a gradient (only A's do "
-                    "not)."),
+                    "not none: a gradient that is a product with the random A is not zero."),
             Mistake("W0's d k", D_PROJ * K_PROJ,
                     "W0 is frozen: its (d, k) gradient is never formed. Count the adapter's numbers that get one."),
         ),
     ),
     Exercise(
         id="04.gaussian_init",
-        title="the paper's initialization: A Gaussian with std 1/r, B = 0",
+        title="the paper's initialization of A and B",
         task=("write init(d, k, r, rng) returning (A, B): A of shape (r, k) drawn as rng.standard_normal((r, k)) "
               "scaled to standard deviation 1/r, and B of shape (d, r) as the paper says"),
         reference=gaussian_init,
         cases=_init_cases,
+        parts=("A", "B"),
+        factors=lambda d, k, r, rng: {"r": r, "sqrt(r)": r ** 0.5},
+        relations=(
+            Relation("B nonzero", None,
+                     "B is not zero at init: then B A is not zero at step 0, and the adapted model starts away "
+                     "from the pretrained one.",
+                     test=lambda got, want, args: np.shape(got[1]) == want[1].shape and np.any(got[1] != 0)),
+        ),
         mistakes=(
             Mistake("B random", _init_b_random,
-                    "B random at init: B must start at zero, so that B A = 0 and step 0 is the pretrained model."),
+                    "B random at init: then B A is not zero at step 0, and the adapted model starts away from the "
+                    "pretrained one."),
             Mistake("A zero", _init_a_zero,
-                    "A zero (and B zero): then every gradient is zero and nothing ever learns; A must be random."),
+                    "A zero (and B zero): then every gradient is zero and nothing ever learns."),
             Mistake("std 1/sqrt(r)", _init_std_sqrt,
-                    "std 1/sqrt(r) instead of 1/r: PEFT's Gaussian init (the paper's distribution) divides the "
-                    "standard normal draws by r."),
+                    "A's standard deviation is 1/sqrt(r): a factor sqrt(r) too large for the standard "
+                    "deviation the task asks for."),
             Mistake("A transposed", _init_transposed,
-                    "A transposed: A has shape (r, k), it maps the k inputs down to r numbers."),
+                    "A is transposed: A maps the k inputs down to r numbers."),
         ),
     ),
     Exercise(
         id="04.pissa_factors",
-        title="PiSSA's start: s B A = the top-r part of W0, the residual frozen",
+        title="PiSSA's start from the SVD",
         task=("write pissa(W, r, s) returning (A, B, W_res) from np.linalg.svd(W, full_matrices=False): A = "
               "sqrt(S_r / s) V_r^T (r, k), B = U_r sqrt(S_r / s) (d, r), and the frozen residual W_res = W - s B A"),
         reference=pissa_factors,
         cases=_pissa_cases,
+        parts=("A", "B", "W_res"),
+        factors=lambda W, r, s: {"s": s, "sqrt(s)": s ** 0.5},
         mistakes=(
             Mistake("no s", _pissa_no_s,
-                    "the split forgets s: with A = sqrt(S_r) V_r^T the layer adds s B A = s U_r S_r V_r^T; divide "
-                    "S_r by s before taking the square root."),
+                    "the split forgets s: the layer adds s B A, so A and B without s make the adapter's start s "
+                    "times too large."),
             Mistake("bottom r", _pissa_bottom,
                     "the bottom r singular triplets: PiSSA takes the top (principal) r, np.linalg.svd sorts them "
                     "in descending order."),
             Mistake("one factor", _pissa_one_factor,
-                    "all singular values in one factor: PiSSA (and PEFT) share sqrt(S_r / s) between A and B, so "
-                    "both start at the same scale."),
+                    "all singular values in one factor: PiSSA (and PEFT) share them between A and B, so both start "
+                    "at the same scale."),
             Mistake("no residual", _pissa_no_residual,
-                    "W itself kept frozen: PiSSA freezes the residual W - s B A, otherwise the adapted layer "
-                    "computes W + s B A at step 0, not W."),
+                    "W itself kept frozen: then the adapted layer computes W plus the adapter's start at step 0, "
+                    "not W."),
         ),
     ),
 ]

@@ -15,8 +15,8 @@ import numpy as np
 
 from .. import rank  # the solution of 06.subspace_similarity: rank.subspace_similarity
 from ..experiments.update_subspaces import amplification_factor  # the solution of 06.amplification
-from . import Exercise, Mistake
-from .nb02 import _phi_left, _phi_unnormalized  # the same mistakes as in 02.subspace_similarity
+from . import Exercise, Mistake, Prediction
+from .nb02 import SUBSPACE_MISTAKES  # the same mistakes as in 02.subspace_similarity
 
 
 # ---------------------------------------------------------------- 1. the rank a budget allows
@@ -46,12 +46,6 @@ def _budget_cases():
 
 
 # ---------------------------------------------------------------- 2. the subspace similarity
-def _phi_vt_columns(A1, A2, i, j):
-    _, _, V1t = np.linalg.svd(A1, full_matrices=False)  # (r, k)
-    _, _, V2t = np.linalg.svd(A2, full_matrices=False)  # (r, k)
-    return float(np.sum((V1t[:, :i].T @ V2t[:, :j]) ** 2) / min(i, j))  # columns of Vt: (i, r) @ (r, j)
-
-
 def _similarity_cases():
     rng = np.random.default_rng(6)
     cases = []
@@ -90,62 +84,65 @@ def _amplification_cases():
 EXERCISES = [
     Exercise(
         id="06.budget_rank",
-        title="the rank of a fixed budget: budget / (n_layer * sum of (d_out + d_in))",
+        title="the rank a fixed budget allows",
         task=("write budget_rank(budget, shapes, n_layer): the rank r (a number, not necessarily whole) at which "
               "LoRA on the matrices of `shapes` (a list of (d_out, d_in), one per adapted matrix of a block) in "
               "all n_layer blocks has exactly `budget` trainable parameters"),
         reference=budget_rank,
         cases=_budget_cases,
+        factors=lambda budget, shapes, n_layer: {"n_layer": n_layer, "the number of matrices": len(shapes)},
         mistakes=(
             Mistake("budget / d", _rank_over_d,
-                    "budget / d divides by one width only: a rank costs d_out + d_in numbers (B's column and A's "
-                    "row) in every adapted matrix of every block, so divide by n_layer * sum(d_out + d_in)."),
+                    "divided by one width only: a rank costs numbers in B and in A, in every adapted matrix of "
+                    "every block."),
             Mistake("only A", _rank_only_A,
-                    "only A's r x d_in numbers are counted: B (d_out x r) costs r * d_out more, so one rank of a "
-                    "matrix costs d_out + d_in."),
+                    "only A's numbers are counted: B costs numbers for every rank too."),
             Mistake("one matrix", _rank_one_matrix,
-                    "the whole budget given to the first matrix: it is shared by all the adapted matrices, so sum "
-                    "d_out + d_in over all of them (Table 5: r = 8 for one matrix, 4 for two, 2 for four)."),
+                    "the whole budget given to the first matrix: it is shared by all the adapted matrices of a "
+                    "block (Table 5: the more matrices, the lower the rank)."),
         ),
     ),
     Exercise(
         id="06.subspace_similarity",
-        title="phi(A1, A2, i, j) = ||V1_i^T V2_j||_F^2 / min(i, j) from the right-singular vectors of A",
+        title="the subspace similarity of two adapters",
         task=("write phi(A1, A2, i, j) for two A matrices of shape (r, k): with np.linalg.svd, take the top-i "
               "right-singular vectors of A1 and the top-j of A2 (directions in the input space R^k) and return "
               "the squared Frobenius norm of their overlap divided by min(i, j)"),
         reference=rank.subspace_similarity,
         cases=_similarity_cases,
         mistakes=(
-            Mistake("left singular vectors", _phi_left,
-                    "left-singular vectors of A: they live in R^r (the adapter's r latent channels), not in the "
-                    "input space R^k; the paper's U_A are A's right-singular vectors, the rows of Vt."),
-            Mistake("not normalized", _phi_unnormalized,
-                    "not normalized: divide ||V1_i^T V2_j||_F^2 by min(i, j), so that phi lies in [0, 1] (1: one "
-                    "subspace contains the other)."),
-            Mistake("columns of Vt", _phi_vt_columns,
-                    "the columns of Vt: np.linalg.svd returns V transposed, so the right-singular vectors are the "
-                    "rows, Vt[:i] (or Vt[:i].T as columns)."),
+            *SUBSPACE_MISTAKES,
         ),
     ),
     Exercise(
         id="06.amplification",
-        title="the amplification factor ||dW||_F / ||U^T W V||_F, U and V from dW's top-r singular vectors",
+        title="the amplification factor",
         task=("write amplification(W, dW, r): project W onto the top-r left (U) and right (V) singular vectors "
               "of the update dW, U^T W V of shape (r, r), and return ||dW||_F divided by the Frobenius norm of "
               "that projection"),
         reference=amplification_factor,
         cases=_amplification_cases,
+        factors=lambda W, dW, r: {"r": r, "sqrt(r)": r ** 0.5},
         mistakes=(
             Mistake("divided by ||W||_F", _amp_over_W,
-                    "divided by ||W||_F: the factor compares dW with the part of W in dW's own directions, "
-                    "||U^T W V||_F (section 7.3), not with all of W."),
+                    "divided by the norm of all of W: the factor compares dW with only a part of W (the paper's "
+                    "section 7.3)."),
             Mistake("W's own directions", _amp_own_directions,
-                    "U and V from W's own SVD: that is Table 7's second column (W's top directions); the "
-                    "amplification factor projects W onto the top-r singular vectors of dW."),
+                    "U and V from W's own SVD: that is the comparison in the second column of the paper's Table 7 "
+                    "(W's top directions), not the amplification factor."),
             Mistake("columns of Vt", _amp_vt_columns,
-                    "the columns of Vt: np.linalg.svd returns V transposed, so V's top-r columns are Vt[:r].T, "
-                    "not Vt[:, :r]."),
+                    "the columns of Vt: np.linalg.svd returns V transposed, so V's columns are Vt's rows."),
         ),
+    ),
+]
+
+PREDICTIONS = [
+    Prediction(
+        id="06.amplification_side",
+        question="is the amplification factor of the desc adapter's Wq update (block 0, r = 8) above or below 1?",
+        choices=("above", "below"),
+        explanation=("A factor below 1 would mean that the update is smaller than the part of W already in its "
+                     "directions, so that it merely re-weights directions W uses strongly. The paper's Table 7 "
+                     "finds the opposite: the update amplifies directions that W holds only weakly."),
     ),
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..quant import NF4_CODE, pack_nibbles, quantize_4bit, unpack_nibbles
 from ..quant.tables import search_table
-from . import Exercise, Mistake
+from . import Exercise, Mistake, Relation
 
 _, _LEVELS, _MIDPOINTS = search_table(NF4_CODE)  # NF4 is stored in ascending order: code = sorted position
 
@@ -33,6 +33,10 @@ def _codes_of_scaled(v, side="left"):
 def _codes_max_not_absmax(block):
     block = np.asarray(block, dtype=np.float32)  # (n,)
     return _codes_of_scaled(block / block.max())  # (n,) scaled by the largest value, not magnitude
+
+
+def _codes_unscaled(block):
+    return _codes_of_scaled(np.asarray(block, dtype=np.float32))  # (n,) not divided at all
 
 
 def _codes_mean(block):
@@ -76,6 +80,16 @@ def _pack_halves(codes):
     return (codes[:half] << 4) | codes[half:]  # (n/2,) element k with element k + n/2
 
 
+def _pack_added(codes):
+    codes = np.asarray(codes, dtype=np.uint8)  # (n,)
+    return codes[0::2] + codes[1::2]  # (n/2,) added, not placed in two nibbles
+
+
+def _pack_times_8(codes):
+    codes = np.asarray(codes, dtype=np.uint8)  # (n,)
+    return (codes[0::2] << 3) | codes[1::2]  # (n/2,) shifted by 3 bits, not 4
+
+
 def _pack_cases():
     rng = np.random.default_rng(11)
     return [(np.array([1, 2, 15, 0], dtype=np.uint8),),
@@ -97,16 +111,28 @@ _NO_OFFSET = (4 * _N + 8 * _BLOCKS + 32 * _BLOCKS2) / _N
 EXERCISES = [
     Exercise(
         id="07.nf4_code",
-        title="the NF4 code lookup: nearest level of x / absmax",
+        title="the NF4 code lookup",
         task=("write nf4_codes(block): the NF4 code (0..15) of each value of a 1-D block: the index of the level of "
               "quant.NF4_CODE nearest to x / absmax, absmax = max |x| over the block; a value exactly halfway "
               "between two levels takes the lower one"),
         reference=_nf4_codes,
         cases=_nf4_cases,
+        relations=(
+            Relation("levels, not codes", lambda want, args: NF4_CODE[np.asarray(want, dtype=np.int64)],
+                     "your result holds the levels themselves (values in [-1, 1]); the task asks for their codes, "
+                     "the positions 0..15 in the table"),
+            Relation("dequantized values", lambda want, args: NF4_CODE[np.asarray(want, dtype=np.int64)]
+                     * np.abs(args[0]).max(),
+                     "your result holds the dequantized values (level times absmax); the task asks for the codes, "
+                     "the positions 0..15 in the table"),
+        ),
         mistakes=(
             Mistake("max instead of absmax", _codes_max_not_absmax,
                     "the block is divided by max(x), not by the absmax max(|x|): a block whose largest magnitude "
                     "is negative then leaves [-1, 1]"),
+            Mistake("not scaled", _codes_unscaled,
+                    "the block was not divided by its absmax: the levels lie in [-1, 1], and a block of other "
+                    "magnitudes lands on the wrong ones"),
             Mistake("divided by the mean", _codes_mean,
                     "the block is divided by the mean |x|; QLoRA's constant is the absmax max(|x|), which maps "
                     "the block exactly into [-1, 1]"),
@@ -117,32 +143,45 @@ EXERCISES = [
     ),
     Exercise(
         id="07.pack_nibbles",
-        title="two 4-bit codes per byte, the first in the high nibble",
+        title="two 4-bit codes per byte",
         task=("write pack(codes): (n,) uint8 codes < 16, n even -> (n/2,) uint8 bytes; byte k holds code 2k in its "
               "high nibble (bits 7-4) and code 2k + 1 in its low nibble (bits 3-0)"),
         reference=pack_nibbles,
         cases=_pack_cases,
         mistakes=(
             Mistake("nibbles in the wrong order", _pack_wrong_order,
-                    "the nibbles are in the wrong order: the FIRST code of each pair goes into the HIGH nibble, "
-                    "(codes[0::2] << 4) | codes[1::2]"),
+                    "the nibbles are in the wrong order: in each byte the two codes of a pair sit in each other's "
+                    "place"),
+            Mistake("added", _pack_added,
+                    "the two codes are added: a sum of two codes cannot be taken apart again; each code needs its "
+                    "own four bits of the byte"),
+            Mistake("shift by 3", _pack_times_8,
+                    "the high code was shifted by 3 bits: a nibble is 4 bits wide, so the high code overlaps the "
+                    "low one"),
+            Mistake("one code per byte", lambda codes: np.asarray(codes, dtype=np.uint8)[0::2] << 4,
+                    "only one code per byte: the second code of each pair is missing from the low nibble"),
             Mistake("halves paired", _pack_halves,
-                    "codes k and k + n/2 share a byte; neighbours share one: code 2k with code 2k + 1"),
+                    "codes k and k + n/2 share a byte: the task pairs neighbours, not the two halves"),
         ),
     ),
     Exercise(
         id="07.dq_bits",
-        title="bits per weight of a 512 x 128 matrix in NF4 with double quantization",
+        title="the bits of double quantization",
         task=("the bits per weight of the 512 x 128 fc matrix in NF4, blocksize 64, double quantization: 4-bit "
               "codes, 8-bit block constants, one float32 scale per 256 constants, one float32 offset (their mean) "
               "for the matrix; count every stored bit and divide by 512 * 128"),
         reference=_DQ_BITS,
+        rtol=1e-9,
+        min_decimals=3,
+        factors={"64 (the blocksize)": 64.0, "256": 256.0, "512 * 128": float(_N)},
         mistakes=(
             Mistake("second-level scale forgotten", _NO_ABSMAX2,
-                    "the second-level scales are missing: the 8-bit constants need one float32 scale per 256 of "
-                    "them (32 / (64 * 256) bits per weight)"),
+                    "the second-level scales are missing: the 8-bit constants need float32 scales of their own"),
             Mistake("blocksize 256 for the first level", _FIRST_256,
                     "the weights' blocks are 64 long; 256 is the block size of the second level (the constants)"),
+            Mistake("no double quantization", (4 * _N + 32 * _BLOCKS) / _N,
+                    "that counts float32 block constants, QLoRA without double quantization; the task's constants "
+                    "are 8-bit"),
             Mistake("offset forgotten", _NO_OFFSET,
                     "the offset is missing: the constants are centred on their mean before the 8-bit "
                     "quantization, and that mean is stored too (one float32 per matrix)"),

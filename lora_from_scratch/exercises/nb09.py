@@ -9,8 +9,10 @@ for every channel of group g: it folds into the zero point, zero' = zero - s (B 
    ``QALoRALinear.merged_zeros``).
 2. ``09.pool_backward``: the backward of the group mean, dp (..., L) -> dx (..., L * group_size)
    (the reference is ``functional.group_mean_backward``).
-3. ``09.adapter_size``: the trainable parameters of QA-LoRA (r = 8, group size 32) on all six matrices
-   of the base model's four blocks; the notebook counts them with ``lora.count_parameters``.
+3. ``09.adapter_size``: the trainable parameters of QA-LoRA (r = 8, group size 32) on each of the six
+   matrices of a block (asked per matrix: pooled on the output side, fc and proj trade places and the
+   total stays the same); the notebook sums them over the four blocks and compares with
+   ``lora.count_parameters``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def _zeros_added(zeros, scales, A, B, alpha, group_size):
 
 def _zeros_no_scale(zeros, scales, A, B, alpha, group_size):
     return np.asarray(zeros) - _shift(scales, A, B, alpha, group_size) * np.asarray(scales)  # (out, L)
+
+
+def _zeros_times_scale(zeros, scales, A, B, alpha, group_size):
+    return np.asarray(zeros) - _shift(scales, A, B, alpha, group_size) * np.asarray(scales) ** 2  # (out, L)
 
 
 def _zeros_alpha_not_over_r(zeros, scales, A, B, alpha, group_size):
@@ -102,8 +108,12 @@ R, GROUP_SIZE, N_BLOCKS, WIDTH = 8, 32, 4, 128
 SHAPES = [(WIDTH, WIDTH)] * 4 + [(4 * WIDTH, WIDTH), (WIDTH, 4 * WIDTH)]
 
 
-def _count(a_columns, with_b=True):
-    return N_BLOCKS * sum(R * a_columns(i) + (R * o if with_b else 0) for o, i in SHAPES)
+NAMES = ("q", "k", "v", "o", "fc", "proj")
+
+
+def _count(a_columns, b_rows=lambda o: o) -> tuple:
+    """Per matrix of one block: r * (A's columns + B's rows) for ``a_columns(in)``, ``b_rows(out)``."""
+    return tuple(R * (a_columns(i) + b_rows(o)) for o, i in SHAPES)
 
 
 ADAPTER_SIZE = _count(lambda i: i // GROUP_SIZE)  # A (r, in / group_size) and B (out, r) per matrix
@@ -112,7 +122,7 @@ ADAPTER_SIZE = _count(lambda i: i // GROUP_SIZE)  # A (r, in / group_size) and B
 EXERCISES = [
     Exercise(
         id="09.zero_merge",
-        title="the merge into the zero points: zero' = zero - s (B A) / (group_size * scale)",
+        title="the merge into the zero points",
         task=("write merged_zeros(zeros, scales, A, B, alpha, group_size): zeros and scales (out, L), A (r, L), "
               "B (out, r), s = alpha / r; return the zero points (out, L) that make scale * (q - zero') equal "
               "scale * (q - zero) plus the pooled adapter's update s (B A)[o, g] / group_size"),
@@ -120,52 +130,67 @@ EXERCISES = [
         cases=_zero_cases,
         rtol=1e-5,
         atol=1e-6,
+        offset=("the zero points", lambda zeros, scales, A, B, alpha, group_size: zeros),
+        factors=lambda zeros, scales, A, B, alpha, group_size: {
+            "group_size": group_size, "r": A.shape[0], "alpha": alpha, "alpha / r": alpha / A.shape[0]},
         mistakes=(
             Mistake("no 1 / group_size", _zeros_no_group_size,
-                    "the merge without the 1 / group_size: the adapter sees the group MEAN, so each of the "
-                    "group_size channels carries s (B A)[o, g] / group_size"),
+                    "the shift is group_size times too large: the adapter sees the group MEAN, so its update is "
+                    "shared by the group_size channels of a group"),
             Mistake("added", _zeros_added,
                     "the shift was added to the zero point; w~ = scale (q - zero), so adding c to the weights "
                     "means subtracting c / scale from the zero"),
             Mistake("scale forgotten", _zeros_no_scale,
                     "the scale was forgotten: the zero point counts quantization steps, so the update (a weight "
                     "value) must be divided by the group's scale"),
+            Mistake("times the scale", _zeros_times_scale,
+                    "the update was multiplied by the scale: the zero point counts steps of size scale, so a weight "
+                    "value becomes a number of steps the other way round"),
             Mistake("alpha instead of alpha / r", _zeros_alpha_not_over_r,
-                    "alpha instead of alpha / r: the adapter's scaling is s = alpha / r"),
+                    "the update is scaled by alpha alone: the adapter's scaling depends on the rank too"),
         ),
     ),
     Exercise(
         id="09.pool_backward",
-        title="the group mean's backward: every channel of a group gets dp / group_size",
+        title="the backward of the group mean",
         task=("write pool_backward(dp, group_size): dp (..., L) is the gradient of the group means p "
               "(p[..., g] = mean of x[..., g * group_size : (g + 1) * group_size]); return dx (..., L * group_size)"),
         reference=_pool_backward,
         cases=_pool_cases,
+        factors=lambda dp, group_size: {"group_size": group_size, "L": np.shape(dp)[-1]},
         mistakes=(
             Mistake("no division", _pool_no_division,
                     "not divided by group_size: a mean gives each of its group_size inputs 1 / group_size of "
                     "the gradient"),
             Mistake("tiled", _pool_tiled,
-                    "the groups are interleaved (np.tile): channel i belongs to group i // group_size, so "
-                    "repeat each dp[..., g] group_size times in place (np.repeat)"),
+                    "the groups are interleaved (np.tile repeats the whole row): the channels of a group are "
+                    "neighbours, group g holds channels g * group_size up to (g + 1) * group_size"),
             Mistake("divided by L", _pool_over_L,
                     "divided by the number of groups L; the mean is over the group_size channels of one group"),
         ),
     ),
     Exercise(
         id="09.adapter_size",
-        title="QA-LoRA's trainable parameters: r (in / group_size + out) per matrix",
+        title="the size of QA-LoRA's adapters",
         task=(f"how many trainable parameters has QA-LoRA with r = {R}, group size {GROUP_SIZE} on all six matrices "
               f"(q, k, v, o: (128, 128); fc: (512, 128); proj: (128, 512), as (out, in)) of the {N_BLOCKS} "
-              "blocks? (an integer)"),
+              "blocks? Give a tuple: the count of each matrix of one block, (q, k, v, o, fc, proj)"),
         reference=ADAPTER_SIZE,
+        parts=NAMES,
+        factors={"group_size": float(GROUP_SIZE), "r": float(R), f"the {N_BLOCKS} blocks": float(N_BLOCKS)},
         mistakes=(
             Mistake("LoRA's count", _count(lambda i: i),
-                    "that is LoRA's count, with A (r, in); QA-LoRA's A sees the group means: (r, in / group_size)"),
+                    "that is LoRA's count, with a full-width A: QA-LoRA's A sees the group means, not the channels"),
             Mistake("A (r, group_size)", _count(lambda i: GROUP_SIZE),
-                    "A has one column per group, in / group_size of them, not group_size columns"),
-            Mistake("B forgotten", _count(lambda i: i // GROUP_SIZE, with_b=False),
-                    "B (out, r) is missing: it trains too, and it is the larger of the two"),
+                    "A was given group_size columns: A has one column per group, and the number of groups is not the "
+                    "size of a group"),
+            Mistake("B forgotten", _count(lambda i: i // GROUP_SIZE, lambda o: 0),
+                    "B is missing: it trains too, and it is the larger of the two"),
+            Mistake("output side pooled", _count(lambda i: i, lambda o: o // GROUP_SIZE),
+                    "the pooling is on the output side: QA-LoRA pools the INPUT channels in groups (the groups of "
+                    "the quantization run along a row of W0), so A shrinks and B keeps one row per output"),
+            Mistake("all blocks", tuple(N_BLOCKS * c for c in ADAPTER_SIZE),
+                    f"each count is for the {N_BLOCKS} blocks together: the tuple asks for one block's matrices"),
         ),
     ),
 ]
