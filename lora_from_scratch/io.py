@@ -317,11 +317,11 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
 
 
 # ------------------------------------------------------------ GPT-2 and PEFT
-def load_hf_gpt2(state_dict: dict, n_head: int, dtype="float32") -> GPT:
-    """Our GPT from a Hugging Face ``GPT2LMHeadModel`` state dict (see ``hf_io.load_hf_gpt2``)."""
+def load_hf_gpt2(source, n_head: int | None = None, dtype="float32") -> GPT:
+    """Our GPT from a ``save_pretrained`` folder or a ``GPT2LMHeadModel`` state dict (see ``hf_io.load_hf_gpt2``)."""
     from .hf_io import load_hf_gpt2 as _load
 
-    return _load(state_dict, n_head, dtype)
+    return _load(source, n_head, dtype)
 
 
 def to_hf_gpt2_state_dict(model: GPT) -> dict:
