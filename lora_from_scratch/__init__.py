@@ -4,7 +4,10 @@ Start with ``python -m lora_from_scratch demo`` or the notebooks in ``notebooks/
 
 Modules, in the order the tutorial meets them: backend, functional, nn, model, optim,
 gradcheck, data, train, io (and peft_io), rank, lora, memory, quant, qlora, qalora,
-compare, plots, demo.
+compare, plots, demo; for real text: tokenizer (GPT-2's byte-level BPE).
 """
 
+from .nn import no_grad
+
+__all__ = ["no_grad"]
 __version__ = "0.1.0"

@@ -204,7 +204,8 @@ class GPT(Module):
     def backward(self, dlogits):
         """Fills ``.grad`` of every trainable parameter from d(loss)/d(logits)."""
         if self._cache is None:
-            raise RuntimeError("GPT.backward called without a forward (or twice for one forward)")
+            raise RuntimeError("GPT.backward called without a forward (or twice for one forward, or after a forward "
+                               "inside no_grad(), which keeps no cache)")
         wte = self.wte.weight
         dx, dW_head, _ = F.linear_backward(dlogits, self._cache, need_dW=wte.trainable, need_db=False)
         self._cache = None  # (B, T, V) -> (B, T, C); dW_head (V, C) when the embedding trains

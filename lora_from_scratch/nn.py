@@ -20,10 +20,17 @@ turns an upstream gradient into parameter gradients in ``backward``. A
 second forward before the backward replaces the cache; a layer used twice
 in one pass (the tied LM head) is therefore handled by the GPT with the
 pure functions and a cache of its own.
+
+Inference keeps nothing for a backward: inside ``with no_grad():`` every module drops the cache
+of its forward as soon as that forward returns (``Module.__call__``), so the activations of a
+layer are freed once the next layer has read them, and only the largest temporaries of one layer
+(and the logits) are ever alive at once. A backward inside ``no_grad`` raises.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 from . import functional as F
@@ -89,6 +96,41 @@ class Buffer(_Array):
         return f"Buffer(shape={self.shape}, dtype={self.dtype})"
 
 
+_grad_enabled = True  # False inside no_grad(): forwards keep no cache, backwards raise
+
+
+def is_grad_enabled() -> bool:
+    """Whether forwards keep the caches a backward needs (False inside ``no_grad()``)."""
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inference mode: inside it, forwards keep no backward caches and every ``backward`` raises.
+
+    ``with no_grad(): logits = model(idx)`` computes the same logits as outside, but each module
+    forgets its forward's cache (its input, attention probabilities, ...) when the forward returns.
+    Nests, restores the previous mode on exit (an exception included), and also works as a decorator.
+    """
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def _refused_under_no_grad(backward):
+    """``backward`` that first checks it is not inside ``no_grad()`` (the forward kept nothing to go back on)."""
+    @functools.wraps(backward)
+    def checked(self, *args, **kwargs):
+        if not _grad_enabled:
+            raise RuntimeError(f"{type(self).__name__}.backward called inside no_grad(): forwards there keep no "
+                               "caches; run the forward and the backward outside no_grad() to train")
+        return backward(self, *args, **kwargs)
+    return checked
+
+
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not name or "." in name or name.startswith("_") or not name.isprintable():
         raise ValueError(f"{what} name must be a non-empty string without '.' that does not start with '_', "
@@ -97,12 +139,25 @@ def _check_name(name: str, what: str) -> str:
 
 
 class Module:
-    """Base class: finds Parameters, Buffers and child Modules among its attributes, in definition order."""
+    """Base class: finds Parameters, Buffers and child Modules among its attributes, in definition order.
+
+    Calling a module runs its ``forward``; inside ``no_grad()`` the call then drops the cache the
+    forward kept (``self._cache``, the one place every module keeps it). Every subclass's
+    ``backward`` is wrapped once, when the class is defined, so that it raises inside ``no_grad()``.
+    """
 
     training = True
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "backward" in vars(cls):
+            cls.backward = _refused_under_no_grad(cls.backward)
+
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        out = self.forward(*args, **kwargs)
+        if not _grad_enabled and "_cache" in vars(self):
+            self._cache = None  # inference: nothing is kept for a backward
+        return out
 
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -345,7 +400,8 @@ def _new(shape, dtype, init: str, scale: float, rng):
 
 def _need_cache(cache, name):
     if cache is None:
-        raise RuntimeError(f"{name}.backward called without a forward (or twice for one forward)")
+        raise RuntimeError(f"{name}.backward called without a forward (or twice for one forward, or after a "
+                           "forward inside no_grad(), which keeps no cache)")
     return cache
 
 

@@ -20,6 +20,7 @@ REPORTS = {
     "nf4.py": "ratio ours/bitsandbytes",
     "qalora.py": "ratio QA-LoRA / LoRA",
     "hf_load.py": "loader peak / model bytes",
+    "tokenizer.py": "ratio ours/transformers (tokenizer)",
 }
 
 
