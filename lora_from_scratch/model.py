@@ -32,6 +32,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from . import functional as F
+from . import generation
 from .backend import global_rng, xp_of
 from .backend import rng as host_rng
 from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
@@ -217,6 +218,15 @@ class GPT(Module):
         dx = self.drop.backward(dx)  # (B, T, C)
         self.wpe.backward(dx.sum(axis=0, keepdims=True))  # (B, T, C) -> (1, T, C)
         self.wte.backward(dx)  # scatter-add into (V, C)
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, use_cache: bool = True):
+        """``idx`` (B, T) and ``max_new_tokens`` new tokens after it, (B, T + max_new_tokens), with a KV cache.
+
+        Greedy at ``temperature`` 0, else sampled (optionally from the ``top_k`` most likely), ``seed``ed;
+        refuses to go past ``block_size``. See ``generation.generate``.
+        """
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, seed, use_cache)
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
