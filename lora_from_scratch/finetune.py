@@ -9,7 +9,8 @@ and scored before and after (mean cross-entropy per token, and its exponential, 
 - ``split_tokens``, ``random_blocks``, ``held_out_blocks``: the text as training and held-out blocks;
 - ``text_loss``: held-out loss under ``no_grad`` (dropout off, no backward caches kept);
 - ``train_on_text``: AdamW with warm-up and cosine decay, a tqdm bar, one step = ``train.train_step``;
-- ``sample``: a continuation of a prompt (``GPT.generate``), cut at the end-of-text token;
+- ``sample``: a continuation of a prompt (``GPT.generate``), cut at the end-of-text token (an id the
+  tokenizer lacks is shown as U+FFFD);
 - ``attach_adapter``: put a fine-tuned adapter back on its base model, from our adapter file
   (``io.save_adapter``: LoRA, QLoRA or QA-LoRA; the base is quantized the way ``methods.adapt``
   does with its defaults) or from a PEFT folder (``peft_io``, applied over the float base as
@@ -134,7 +135,23 @@ def sample(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float
     new = [int(i) for i in to_numpy(out)[0, len(prompt_ids):]]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
         new = new[:new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new)
+    return decode_known(tokenizer, new)
+
+
+def decode_known(tokenizer, ids) -> str:
+    """``tokenizer.decode(ids)``, with each id the vocabulary lacks shown as U+FFFD.
+
+    A model's vocabulary can be larger than its tokenizer's (rows padded for speed, or random
+    weights over GPT-2's 50,257 ids with a smaller vocabulary); such ids have no text.
+    """
+    pieces, run = [], []
+    for i in ids:
+        if i in tokenizer.decoder:
+            run.append(i)
+        else:
+            pieces += [tokenizer.decode(run), "\ufffd"]
+            run = []
+    return "".join(pieces) + tokenizer.decode(run)
 
 
 # ---------------------------------------------------------------- an adapter back on its base

@@ -22,7 +22,7 @@ from tiny_gpt2 import CORPUS, tiny_gpt2_folder
 from lora_from_scratch import gpt2_cli
 from lora_from_scratch.__main__ import main
 from lora_from_scratch.backend import asarray, to_numpy
-from lora_from_scratch.finetune import attach_adapter, held_out_blocks, split_tokens, text_loss
+from lora_from_scratch.finetune import attach_adapter, decode_known, held_out_blocks, split_tokens, text_loss
 from lora_from_scratch.hf_io import load_hf_gpt2
 from lora_from_scratch.lora import lora_layers
 from lora_from_scratch.methods import adapt
@@ -208,3 +208,12 @@ def test_the_commands_run_from_the_shell(folder):
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr == "error: no text file missing.txt\n"
     assert "generate" in gpt2_cli.COMMANDS
+
+
+def test_ids_beyond_the_vocabulary_show_as_replacement_characters(folder):
+    tok = BPETokenizer.from_pretrained(folder)
+    ids = tok.encode("The lazy dog")
+    beyond = tok.vocab_size + 7  # a model's row that the tokenizer has no symbol for
+    assert decode_known(tok, ids) == "The lazy dog"
+    assert decode_known(tok, [beyond, *ids, beyond, beyond]) == "\ufffdThe lazy dog\ufffd\ufffd"
+    assert decode_known(tok, []) == ""
