@@ -35,7 +35,7 @@ import math
 import numbers
 
 from . import functional as F
-from .backend import asarray, global_rng, xp_of
+from .backend import global_rng, xp_of
 from .backend import rng as host_rng
 from .nn import no_grad
 
@@ -43,13 +43,14 @@ from .nn import no_grad
 class KVCache:
     """The keys and values of every position read so far, for every block of a model.
 
-    ``k[layer]`` and ``v[layer]`` are preallocated ``(B, H, capacity, hs)`` arrays; the first
-    ``length`` positions are filled. ``append`` writes a forward's new positions after them.
+    ``k[layer]`` and ``v[layer]`` are ``(B, H, capacity, hs)`` arrays, allocated at the first
+    ``append`` (in the dtype and on the backend of the keys); the first ``length`` positions are
+    filled. ``append`` writes a forward's new positions after them.
     """
 
-    def __init__(self, n_layer: int, B: int, n_head: int, capacity: int, hs: int, dtype, xp):
-        self.k = [xp.empty((B, n_head, capacity, hs), dtype=dtype) for _ in range(n_layer)]  # (B, H, S_max, hs)
-        self.v = [xp.empty((B, n_head, capacity, hs), dtype=dtype) for _ in range(n_layer)]  # (B, H, S_max, hs)
+    def __init__(self, n_layer: int, capacity: int):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
         self.capacity = capacity
         self.length = 0  # positions filled (in every block): advanced by ``forward_cached``
 
@@ -58,6 +59,11 @@ class KVCache:
         start, t = self.length, kh.shape[2]
         if start + t > self.capacity:
             raise ValueError(f"KV cache full: {start} + {t} positions exceed its capacity {self.capacity}")
+        if self.k[layer] is None:
+            B, H, _, hs = kh.shape
+            xp = xp_of(kh)
+            self.k[layer] = xp.empty((B, H, self.capacity, hs), dtype=kh.dtype)  # (B, H, S_max, hs)
+            self.v[layer] = xp.empty((B, H, self.capacity, hs), dtype=vh.dtype)  # (B, H, S_max, hs)
         self.k[layer][:, :, start:start + t] = kh  # (B, H, t, hs) into the cache
         self.v[layer][:, :, start:start + t] = vh  # (B, H, t, hs)
         return self.k[layer][:, :, :start + t], self.v[layer][:, :, :start + t]  # 2 x (B, H, S, hs) views
@@ -123,7 +129,7 @@ def next_token(logits, temperature: float, top_k: int | None, rng):
         z = xp.where(z < kth, -xp.inf, z)  # (B, V): all but the top k (ties at the k-th included) are out
     p, _ = F.softmax_forward(z, inplace=True)  # (B, V)
     cdf = xp.cumsum(p, axis=-1)  # (B, V), nondecreasing, last entry ~1
-    u = asarray(rng.random(z.shape[0])) * cdf[:, -1]  # (B,) uniforms from the host generator, in [0, total)
+    u = xp.asarray(rng.random(z.shape[0])) * cdf[:, -1]  # (B,) uniforms from the host generator, in [0, total)
     chosen = (cdf <= u[:, None]).sum(axis=-1)  # (B,): the first index whose CDF exceeds u (a 0-probability token never)
     return xp.minimum(chosen, V - 1)  # (B,); guards a u that rounding put at the total
 
@@ -169,18 +175,16 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     """
     _check_args(model, idx, max_new_tokens, temperature, top_k, seed)
     xp = xp_of(model.wte.weight.data)
-    idx = asarray(idx)
-    B, T = idx.shape
+    idx = xp.asarray(idx)  # (B, T) on the model's backend
+    T = idx.shape[1]
     rng = host_rng(seed) if seed is not None else global_rng()
     tokens = [idx]
-    was_training = model.training
+    modes = [(m, m.training) for _, m in model.named_modules()]
     model.eval()
     try:
         with no_grad():
             if use_cache:
-                cfg = model.config
-                cache = KVCache(cfg.n_layer, B, cfg.n_head, T + max_new_tokens, cfg.n_embd // cfg.n_head,
-                                model.wte.weight.dtype, xp)
+                cache = KVCache(model.config.n_layer, T + max_new_tokens)
                 step = lambda new: forward_cached(model, new, cache)  # noqa: E731  (B, t) -> (B, V)
             else:
                 step = lambda new: model(xp.concatenate(tokens, axis=1), check=False)[:, -1]  # noqa: E731
@@ -191,5 +195,6 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
                 if n + 1 < max_new_tokens:
                     logits = step(new)  # (B, 1) -> (B, V)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return xp.concatenate(tokens, axis=1)  # (B, T + max_new_tokens)

@@ -35,7 +35,7 @@ from . import functional as F
 from . import generation
 from .backend import global_rng, xp_of
 from .backend import rng as host_rng
-from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, is_grad_enabled
 
 
 @dataclass
@@ -242,6 +242,9 @@ class GPT(Module):
         n_layer = len(self.blocks)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layer <= layer < n_layer:
             raise ValueError(f"layer {layer!r} out of range for a model with {n_layer} blocks")
+        if not is_grad_enabled():
+            raise RuntimeError("attention_probabilities reads the attention cache of a forward, which no_grad() "
+                               "does not keep: call it outside no_grad()")
         was_training = self.training
         self.eval()
         try:

@@ -73,7 +73,7 @@ def test_backward_inside_raises(kind):
         model.backward(dlogits)
     layer = model.blocks[0].attn.q
     with no_grad(), pytest.raises(RuntimeError, match=rf"{type(layer).__name__}.backward called inside no_grad"):
-        layer.backward(np.zeros((3, 16, CFG.n_embd), dtype=np.float32))
+        layer.backward(asarray(np.zeros((3, 16, CFG.n_embd), dtype=np.float32)))
     model.backward(dlogits)  # outside again, the same caches serve the backward
     assert all(p.grad is not None for p in model.trainable_parameters())
 
@@ -90,6 +90,13 @@ def test_backward_after_a_forward_inside_raises():
         lin(asarray(np.ones((2, 4), dtype=np.float32)))
     with pytest.raises(RuntimeError, match=r"after a forward inside no_grad\(\)"):
         lin.backward(asarray(np.ones((2, 3), dtype=np.float32)))
+
+
+def test_attention_probabilities_refused_inside():
+    model = make("base")
+    with no_grad(), pytest.raises(RuntimeError, match="attention_probabilities .* outside no_grad"):
+        model.attention_probabilities(batch(), layer=1)
+    assert model.attention_probabilities(batch(), layer=1).shape == (3, CFG.n_head, 16, 16)
 
 
 def test_nests_restores_after_an_exception_and_decorates():
