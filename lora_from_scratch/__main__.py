@@ -69,7 +69,7 @@ def pretrain(out: str, steps: int, seed: int, batch_size: int, progress: bool = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import demo, experiments, verify
+    from . import demo, experiments, gpt2_cli, verify
 
     parser = _Parser(prog="python -m lora_from_scratch", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["numpy", "cupy"], default=None,
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_arguments(sub.add_parser("verify", help="every layer and model against the reference libraries"))
     experiments.add_arguments(sub.add_parser("experiment", help="run one of the papers' experiments (omit NAME "
                                                                 "to list them)"))
+    gpt2_cli.add_arguments(sub)  # generate, finetune: a GPT-2 folder in, text out
 
     p = sub.add_parser("pretrain", help="train the base model and save it as safetensors")
     p.add_argument("--out", default=PRETRAIN_OUT,
@@ -145,6 +146,10 @@ def _run(args) -> int:
         from .experiments import main as experiment_main
 
         return experiment_main(args)
+    if args.command in ("generate", "finetune"):
+        from .gpt2_cli import main as gpt2_main
+
+        return gpt2_main(args)
     if args.command == "pretrain":
         _check_pretrain(args)
         result = pretrain(args.out, args.steps, args.seed, args.batch_size, progress=not args.no_progress)

@@ -28,7 +28,7 @@ reading its data (safetensors itself checks that the header covers the file exac
 shapes bound what the data holds). Each reader checks every claim of its file against that
 header before it builds anything: ``gpt_config``, ``stored_layer_specs`` and ``check_arrays`` for our
 checkpoints, ``validate_peft_config`` for PEFT's ``adapter_config.json``,
-``validate_hf_gpt2_config`` for a GPT-2 ``config.json``, ``check_values`` for what the data
+``check_values`` for what the data
 holds (NaN, inf, codes beyond their bit width). Every refusal is a ``FileFormatError``, a
 ValueError whose message names the file and the field: ``FILE: field 'x': problem``.
 """
@@ -632,52 +632,3 @@ def validate_peft_config(config: dict, path) -> dict:
     if config.get("bias", "none") != "none":
         raise FileFormatError(path, f"{config.get('bias')!r} is not supported (only 'none')", field="bias")
     return out
-
-
-# ---------------------------------------------------------------- Hugging Face GPT-2's config.json
-_HF_FIXED = {  # field -> the values our GPT computes with, when the field is present
-    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # GELU's tanh form, two names in transformers
-    "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
-    "scale_attn_by_inverse_layer_idx": (False,),
-}
-
-
-def validate_hf_gpt2_config(config: dict, path) -> None:
-    """Check a Hugging Face GPT-2 ``config.json`` (a dict) describes a model this package's GPT computes.
-
-    ``model_type`` "gpt2"; ``vocab_size``, ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``
-    positive integers with n_embd divisible by n_head; ``n_inner`` null or 4 n_embd; GELU "gelu_new",
-    layer_norm_epsilon 1e-5, tied embeddings, attention scaled by 1/sqrt(head size) only; the three
-    dropout rates in [0, 1); a ``quantization_config``, if any, bitsandbytes' 4-bit NF4 or FP4.
-    Raises FileFormatError naming ``path`` and the field. (A loader calls it before reading weights.)
-    """
-    _object(config, path, "config")
-    if config.get("model_type") != "gpt2":
-        raise FileFormatError(path, f"{config.get('model_type')!r} is not 'gpt2'", field="model_type")
-    sizes = {}
-    for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        if field not in config:
-            raise FileFormatError(path, "missing", field=field)
-        sizes[field] = _checked(_int, config[field], path, field)
-    if sizes["n_embd"] % sizes["n_head"]:
-        raise FileFormatError(path, f"n_embd={sizes['n_embd']} is not divisible by n_head={sizes['n_head']}",
-                              field="n_head")
-    if config.get("n_inner") not in (None, 4 * sizes["n_embd"]):
-        raise FileFormatError(path, f"{config['n_inner']!r}; this GPT's MLP is 4 * n_embd = {4 * sizes['n_embd']}",
-                              field="n_inner")
-    for field, values in _HF_FIXED.items():
-        if field in config and config[field] not in values:
-            raise FileFormatError(path, f"{config[field]!r}; this GPT computes with {values[0]!r}", field=field)
-    for field in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-        _checked(_rate, config.get(field, 0.0), path, field)
-    q = config.get("quantization_config")
-    if q is not None:
-        _object(q, path, "quantization_config")
-        if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit"):
-            raise FileFormatError(path, f"only bitsandbytes' 4-bit layout is read (quant_method "
-                                        f"{q.get('quant_method')!r}, load_in_4bit {q.get('load_in_4bit')!r})",
-                                  field="quantization_config")
-        _checked(_one_of(("nf4", "fp4")), q.get("bnb_4bit_quant_type"), path,
-                 "quantization_config.bnb_4bit_quant_type")
-        _checked(_bool, q.get("bnb_4bit_use_double_quant", False), path,
-                 "quantization_config.bnb_4bit_use_double_quant")

@@ -1,5 +1,11 @@
-"""Hugging Face GPT-2 in and out: our GPT from a ``GPT2LMHeadModel`` state dict, and a folder that
-``transformers.GPT2LMHeadModel.from_pretrained`` reads, in float or in bitsandbytes' 4-bit layout.
+"""Hugging Face GPT-2 in and out: our GPT from a folder written by ``save_pretrained`` or from a
+``GPT2LMHeadModel`` state dict, and a folder that ``transformers.GPT2LMHeadModel.from_pretrained``
+reads, in float or in bitsandbytes' 4-bit layout.
+
+``load_hf_gpt2(directory)`` reads ``config.json`` and the safetensors weights (one file or shards)
+without transformers and without pickle (``hf_folder`` reads the files), and builds the model from
+the file's tensors one at a time, with no random model drawn first: loading GPT-2 small peaks at
+about the model's own bytes (``benchmarks/hf_load.py`` measures it).
 
 GPT-2 (Radford et al., 2019) stores its linear layers as ``Conv1D`` with weights of shape (in, out),
 so each is transposed to the paper's (out, in) on the way in and back on the way out; the fused
@@ -78,8 +84,9 @@ import os
 import numpy as np
 
 from .adapter import AdaptedLinear, QuantizedLinear
-from .backend import to_numpy
+from .backend import asarray, to_numpy
 from .files import host_tensors, json_writer, write_folder
+from .hf_folder import folder_tensors, read_gpt2_config, read_tensor
 from .model import GPT, GPTConfig
 from .nn import Linear
 from .qalora import GroupwiseLinear
@@ -129,6 +136,9 @@ def target_rows(target, n_embd: int) -> slice:
 
 
 # ---------------------------------------------------------------- in
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers: older files hold them
+
+
 def _take(sd: dict, key: str, shape: tuple) -> np.ndarray:
     if key not in sd:
         raise KeyError(f"GPT-2 state dict is missing key {key!r}")
@@ -155,42 +165,127 @@ def hf_gpt2_config(sd: dict, n_head: int) -> GPTConfig:
     return GPTConfig(vocab_size=int(V), block_size=int(P), n_layer=n_layer, n_head=n_head, n_embd=int(C))
 
 
-def load_hf_gpt2(state_dict: dict, n_head: int, dtype="float32") -> GPT:
-    """Our GPT holding the weights of a Hugging Face ``GPT2LMHeadModel`` state dict (NumPy arrays).
-
-    Conv1D weights (in, out) are transposed to (out, in); ``c_attn`` (C, 3C) is split column-wise
-    into Wq, Wk, Wv. Every expected key must be present with its expected shape; buffers
-    (``attn.bias`` masks) and the tied ``lm_head.weight`` are accepted and ignored (the head must
-    equal wte).
-    """
-    sd = {k: to_numpy(v) for k, v in state_dict.items()}
-    cfg = hf_gpt2_config(sd, n_head)
-    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
-    ours: dict[str, np.ndarray] = {
-        "wte.weight": _take(sd, "transformer.wte.weight", (V, C)),
-        "wpe.weight": _take(sd, "transformer.wpe.weight", (P, C)),
-        "ln_f.weight": _take(sd, "transformer.ln_f.weight", (C,)),
-        "ln_f.bias": _take(sd, "transformer.ln_f.bias", (C,)),
-    }
+def gpt2_shapes(cfg: GPTConfig, prefix: str = "transformer.") -> dict:
+    """GPT-2 tensor name -> shape in GPT-2's own layout (Conv1D weights (in, out)): every tensor our GPT needs."""
+    C = cfg.n_embd
+    shapes = {prefix + "wte.weight": (cfg.vocab_size, C), prefix + "wpe.weight": (cfg.block_size, C),
+              prefix + "ln_f.weight": (C,), prefix + "ln_f.bias": (C,)}
     for i in range(cfg.n_layer):
-        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        h = f"{prefix}h.{i}."
         for ln in ("ln_1", "ln_2"):
-            ours[b + ln + ".weight"] = _take(sd, h + ln + ".weight", (C,))
-            ours[b + ln + ".bias"] = _take(sd, h + ln + ".bias", (C,))
-        for hf_module, parts in MODULE_TARGETS.items():
+            shapes[h + ln + ".weight"] = shapes[h + ln + ".bias"] = (C,)
+        for hf_module in MODULE_TARGETS:
             out_f, in_f = module_shape(hf_module, C)
-            W = _take(sd, h + hf_module + ".weight", (in_f, out_f)).T  # Conv1D (in, out) -> (out, in)
-            bias = _take(sd, h + hf_module + ".bias", (out_f,))  # (out,)
+            shapes[h + hf_module + ".weight"] = (in_f, out_f)
+            shapes[h + hf_module + ".bias"] = (out_f,)
+    return shapes
+
+
+def gpt_from_gpt2_tensors(cfg: GPTConfig, get, dtype="float32", prefix: str = "transformer.") -> GPT:
+    """Our GPT holding GPT-2's weights, built from them without drawing a single large random weight.
+
+    ``get(name)`` returns GPT-2's tensor ``name`` (NumPy, GPT-2's layout, shape already checked, a
+    fresh array this function may keep). Each is asked for once and converted before the next:
+    Conv1D weights (in, out) transposed to (out, in), ``c_attn`` (C, 3C) split into Wq, Wk, Wv.
+    So the memory in use is the model so far plus one tensor in flight, never a second model.
+
+    The modules are those of ``GPT`` itself: a GPT of the same depth and head count is made at
+    width n_head, vocabulary 1 and context 1 (a few hundred numbers), given ``cfg``, and every
+    array is then put in place: the embeddings and layer norms into their Parameters, each matrix
+    as a new ``Linear.from_weight``.
+    """
+    model = GPT(GPTConfig(vocab_size=1, block_size=1, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_head),
+                seed=0, dtype=dtype)
+    model.config = cfg
+
+    def put(param, name):
+        param.data = asarray(get(prefix + name), dtype=dtype)  # on the backend; no copy on NumPy
+
+    put(model.wte.weight, "wte.weight")  # (V, C)
+    put(model.wpe.weight, "wpe.weight")  # (P, C)
+    for i, block in enumerate(model.blocks):
+        for ln in ("ln_1", "ln_2"):
+            put(getattr(block, ln).weight, f"h.{i}.{ln}.weight")  # (C,)
+            put(getattr(block, ln).bias, f"h.{i}.{ln}.bias")  # (C,)
+        for hf_module, parts in MODULE_TARGETS.items():
+            W = get(f"{prefix}h.{i}.{hf_module}.weight").T  # Conv1D (in, out) -> (out, in), a view
+            bias = get(f"{prefix}h.{i}.{hf_module}.bias")  # (out,)
             for t in parts:
-                rows = target_rows(t, C)
-                ours[t.path(i) + ".weight"] = W[rows]  # (out, in) -> this matrix's rows (out_t, in)
-                ours[t.path(i) + ".bias"] = bias[rows]  # (out_t,)
+                rows = target_rows(t, cfg.n_embd)
+                model.set_submodule(t.path(i), Linear.from_weight(
+                    asarray(np.ascontiguousarray(W[rows]), dtype=dtype),  # (out_t, in), its own array
+                    asarray(np.array(bias[rows]), dtype=dtype)))  # (out_t,)
+            del W, bias  # the file's layout is let go before the next module is read
+    put(model.ln_f.weight, "ln_f.weight")  # (C,)
+    put(model.ln_f.bias, "ln_f.bias")  # (C,)
+    return model
+
+
+def load_hf_gpt2(source, n_head: int | None = None, dtype="float32") -> GPT:
+    """Our GPT holding the weights of a Hugging Face GPT-2: a folder, or a ``GPT2LMHeadModel`` state dict.
+
+    - ``source`` a folder (str or path): what ``save_pretrained`` writes, read without transformers
+      or pickle (``load_hf_gpt2_folder``); ``n_head`` comes from its ``config.json``.
+    - ``source`` a state dict (name -> array): ``n_head`` is needed, since the shapes do not hold it.
+      Every expected key must be present with its expected shape; buffers (``attn.bias`` masks) and
+      the tied ``lm_head.weight`` are accepted and ignored (the head must equal wte).
+
+    Either way Conv1D weights (in, out) are transposed to (out, in) and ``c_attn`` (C, 3C) is split
+    column-wise into Wq, Wk, Wv, and no random model is drawn first (``gpt_from_gpt2_tensors``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return load_hf_gpt2_folder(source, n_head=n_head, dtype=dtype)
+    if n_head is None:
+        raise ValueError("a GPT-2 state dict does not say how many heads it has: pass n_head")
+    sd = {k: to_numpy(v) for k, v in source.items()}
+    cfg = hf_gpt2_config(sd, n_head)
+    for key, shape in gpt2_shapes(cfg).items():  # every key and shape checked before anything is built
+        _take(sd, key, shape)
     if "lm_head.weight" in sd:
-        head = _take(sd, "lm_head.weight", (V, C))
-        if not np.array_equal(head, ours["wte.weight"]):
+        head = _take(sd, "lm_head.weight", (cfg.vocab_size, cfg.n_embd))
+        if not np.array_equal(head, sd["transformer.wte.weight"]):
             raise ValueError("lm_head.weight differs from transformer.wte.weight; this GPT ties the two")
-    model = GPT(cfg, seed=0, dtype=dtype)
-    model.load_state_dict(ours)
+    return gpt_from_gpt2_tensors(cfg, lambda key: np.array(sd[key], dtype=dtype), dtype)  # copies: the caller's
+    # arrays stay the caller's
+
+
+def load_hf_gpt2_folder(directory, n_head: int | None = None, dtype="float32") -> GPT:
+    """Our GPT from a folder written by ``save_pretrained``, for any GPT-2 size (see ``hf_folder``).
+
+    ``config.json`` gives the sizes (checked field by field, ``hf_folder.gpt2_config``); the weights
+    come from ``model.safetensors`` or the shards of ``model.safetensors.index.json``, with or
+    without the ``transformer.`` prefix (``GPT2LMHeadModel`` or ``GPT2Model``), in F32, F16, BF16 or
+    F64, cast to ``dtype``. Every tensor's name, shape and dtype is checked against the config in
+    the files' headers before any weight is read; then one tensor at a time is read and put in
+    place, so the peak memory stays near the model's own bytes (measured in ``benchmarks/``).
+    A folder with only ``pytorch_model.bin`` is refused (no pickle is ever read).
+    """
+    cfg = read_gpt2_config(directory)
+    if n_head is not None and n_head != cfg.n_head:
+        raise ValueError(f"n_head={n_head} was passed, but {directory}/config.json says n_head={cfg.n_head}")
+    entries = folder_tensors(directory)
+    prefix = "transformer." if any(k.startswith("transformer.") for k in entries) else ""
+    shapes = gpt2_shapes(cfg, prefix)
+    missing = [k for k in shapes if k not in entries]
+    extra = [k for k in entries if k not in shapes and k != "lm_head.weight" and not k.endswith(IGNORED_SUFFIXES)]
+    if missing or extra:
+        raise ValueError(f"{directory}: the weights do not match config.json's GPT-2 (missing tensors "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected tensors "
+                         f"{extra[:3]}{'...' if len(extra) > 3 else ''})")
+    head = entries.get("lm_head.weight")
+    for key, shape in [*shapes.items(), *([("lm_head.weight", shapes[prefix + "wte.weight"])] if head else [])]:
+        entry = entries[key]
+        entry.check_dtype()
+        if entry.shape != shape:
+            raise ValueError(f"{entry.path}: tensor {key!r} has shape {list(entry.shape)}, config.json's sizes "
+                             f"give {list(shape)}")
+    model = gpt_from_gpt2_tensors(cfg, lambda key: read_tensor(entries[key], dtype), dtype, prefix)
+    if head is not None:  # a tied head stored anyway must be the embedding: compared a slice at a time
+        for start in range(0, cfg.vocab_size, 4096):
+            rows = slice(start, start + 4096)
+            if not np.array_equal(read_tensor(head, dtype, rows), to_numpy(model.wte.weight.data[rows])):
+                raise ValueError(f"{head.path}: lm_head.weight differs from wte.weight; this GPT ties the two "
+                                 "(tie_word_embeddings)")
     return model
 
 

@@ -14,6 +14,12 @@ encoding and nothing is ever "unknown", in three steps:
 3. merge: within a word, join the adjacent pair of lowest rank (its line number in merges.txt)
    until no pair of the word is in the merge table; each final symbol is looked up in vocab.json.
 
+The letter and number classes come from the Unicode tables of the `regex` package. transformers'
+``GPT2Tokenizer`` runs the same pattern in the `tokenizers` library, whose regular-expression engine
+has tables of its own: the two agree on every code point of Unicode 14.0 and class some of the
+characters assigned since (newer scripts and CJK extensions) differently, which changes a token
+only where a merge spans the different cut.
+
 Decoding reverses it: ids -> symbols -> bytes -> UTF-8 (bytes that do not form valid UTF-8, such as
 half an emoji, become U+FFFD, as transformers' ``GPT2Tokenizer`` does with ``errors="replace"``).
 

@@ -21,6 +21,7 @@ REPORTS = {
     "qalora.py": "ratio QA-LoRA / LoRA",
     "file_checks.py": "ratio with/without",
     "reading_path.py": "import cycles (all imports)",
+    "hf_load.py": "loader peak / model bytes",
     "tokenizer.py": "ratio ours/transformers (tokenizer)",
     "generate.py": "ratio ours/transformers tokens/s (base)",
 }

@@ -231,7 +231,7 @@ METADATA_EDITS = [
     ("trainable 5", lambda m: m.__setitem__("trainable", "5"),
      r"field 'trainable': expected a list of parameter names, got 5"),
     ("blocksize 0", edit_json("layers", set_spec("blocks.0.attn.q", "base.blocksize", 0)),
-     r"field 'layers\.blocks\.0\.attn\.q\.base\.blocksize': blocksize must be a power of two between 16 and 4096, got 0"),
+     r"field 'layers\.blocks\.0\.attn\.q\.base\.blocksize': blocksize must be a power of two between 16 and 4096"),
     ("dtype bogus", edit_json("layers", set_spec("blocks.0.attn.q", "base.weight_dtype", "bogus")),
      r"field 'layers\.blocks\.0\.attn\.q\.base\.weight_dtype': expected one of \['float16', 'float32', 'float64'\], "
      r"got 'bogus'"),

@@ -2,7 +2,7 @@
 
 Writing over an existing folder is all or nothing, even when interrupted between the two renames
 of the swap; an ``adapter_config.json`` is checked field by field, the same way whether the model
-already has adapters or not; a GPT-2 ``config.json`` is checked by ``files.validate_hf_gpt2_config``.
+already has adapters or not; a GPT-2 ``config.json`` is checked by ``hf_folder.gpt2_config``.
 No transformers or PEFT needed except where a test says so.
 """
 
@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from lora_from_scratch import files
+from lora_from_scratch import files, hf_folder
 from lora_from_scratch.backend import to_numpy
 from lora_from_scratch.hf_io import CONFIG_NAME as HF_CONFIG
 from lora_from_scratch.hf_io import WEIGHTS_NAME as HF_WEIGHTS
@@ -215,28 +215,24 @@ def test_a_bad_weights_file_is_named(tmp_path):
 
 # ----------------------------------------------------------------- Hugging Face config.json (for the folder loader)
 def test_our_and_transformers_gpt2_configs_pass():
-    files.validate_hf_gpt2_config(hf_gpt2_config_dict(CFG), "config.json")
+    assert hf_folder.gpt2_config(hf_gpt2_config_dict(CFG), "config.json") == CFG
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=29, n_positions=8, n_embd=16, n_layer=2, n_head=2).to_dict()
-    files.validate_hf_gpt2_config(config, "config.json")
+    assert hf_folder.gpt2_config(config, "config.json") == CFG
 
 
 HF_EDITS = [
-    ("model_type", {"model_type": "llama"}, r"field 'model_type': 'llama' is not 'gpt2'"),
-    ("heads", {"n_head": 3}, r"field 'n_head': n_embd=16 is not divisible by n_head=3"),
-    ("n_embd str", {"n_embd": "16"}, r"field 'n_embd': expected an integer, got '16'"),
-    ("n_layer 0", {"n_layer": 0}, r"field 'n_layer': expected an integer >= 1, got 0"),
-    ("n_inner", {"n_inner": 100}, r"field 'n_inner': 100; this GPT's MLP is 4 \* n_embd = 64"),
-    ("gelu", {"activation_function": "relu"},
-     r"field 'activation_function': 'relu'; this GPT computes with 'gelu_new'"),
-    ("eps", {"layer_norm_epsilon": 1e-6}, r"field 'layer_norm_epsilon': 1e-06"),
-    ("untied", {"tie_word_embeddings": False}, r"field 'tie_word_embeddings': False"),
-    ("dropout", {"attn_pdrop": 1.5}, r"field 'attn_pdrop': expected a number in \[0, 1\)"),
-    ("int8", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
-     r"field 'quantization_config': only bitsandbytes' 4-bit layout"),
-    ("int4", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                      "bnb_4bit_quant_type": "int4"}},
-     r"field 'quantization_config\.bnb_4bit_quant_type': expected one of \['fp4', 'nf4'\], got 'int4'"),
+    ("model_type", {"model_type": "llama"}, r"field 'model_type' is 'llama'; only 'gpt2'"),
+    ("heads", {"n_head": 3}, r"field 'n_head' \(3\) does not divide 'n_embd' \(16\)"),
+    ("n_embd str", {"n_embd": "16"}, r"field 'n_embd' must be a positive integer, got '16'"),
+    ("n_layer 0", {"n_layer": 0}, r"field 'n_layer' must be a positive integer, got 0"),
+    ("n_inner", {"n_inner": 100}, r"field 'n_inner' is 100; this GPT's MLP is 4 \* n_embd = 64"),
+    ("gelu", {"activation_function": "relu"}, r"field 'activation_function' is 'relu'; this GPT supports only"),
+    ("eps", {"layer_norm_epsilon": 1e-6}, r"field 'layer_norm_epsilon' is 1e-06"),
+    ("untied", {"tie_word_embeddings": False}, r"field 'tie_word_embeddings' is False"),
+    ("dropout", {"attn_pdrop": 1.5}, r"field 'attn_pdrop' must be a number in \[0, 1\), got 1\.5"),
+    ("quantized", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+     r"field 'quantization_config' is set \(a quantized folder\)"),
 ]
 
 
@@ -244,13 +240,12 @@ HF_EDITS = [
 def test_hf_gpt2_config_fields_are_checked_by_name(what, change, message):
     config = dict(hf_gpt2_config_dict(CFG), **change)
     with pytest.raises(ValueError, match=r"some/folder/config\.json: " + message):
-        files.validate_hf_gpt2_config(config, "some/folder/config.json")
+        hf_folder.gpt2_config(config, "some/folder/config.json")
 
 
-def test_hf_gpt2_config_must_be_an_object_with_the_sizes():
-    with pytest.raises(ValueError, match=r"config\.json: field 'config': expected a JSON object, got list"):
-        files.validate_hf_gpt2_config([1], "config.json")
+def test_hf_gpt2_config_must_be_an_object_and_missing_sizes_take_gpt2s_defaults():
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got list"):
+        hf_folder.gpt2_config([1], "config.json")
     config = hf_gpt2_config_dict(CFG)
-    del config["n_positions"]
-    with pytest.raises(ValueError, match=r"config\.json: field 'n_positions': missing"):
-        files.validate_hf_gpt2_config(config, "config.json")
+    del config["n_positions"]  # transformers reads a missing size as GPT2Config's default, and so do we
+    assert hf_folder.gpt2_config(config, "config.json").block_size == 1024

@@ -39,7 +39,7 @@ def source(cell: dict) -> str:
 
 
 def test_notebooks_found():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 10)], [p.name for p in NOTEBOOKS]
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, 11)], [p.name for p in NOTEBOOKS]
     assert not (NOTEBOOK_DIR / "solutions").exists(), "the solutions live in the tutorial notebooks now"
 
 
