@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import FROZEN, NEUTRAL, TRAINABLE, _fig_ax, _styled
+from .style import FROZEN, NEUTRAL, TRAINABLE, fig_ax, styled
 
 PARTS = (("weights", "weights held (W0 and adapters)", FROZEN),
          ("state", "gradients + AdamW moments", TRAINABLE),
@@ -28,12 +28,12 @@ def step_memory_parts(measured: dict) -> dict:
     return {"weights": weights, "state": state, "rest": max(0, measured["peak"] - weights - state)}
 
 
-@_styled
+@styled
 def plot_step_memory(rows: dict, ax=None, title: str = "One training step at GPT-2 small's size (traced peak)"):
     """Stacked horizontal bars, one per method: ``rows`` maps a label to a ``memory.step_memory`` dict."""
     if not rows:
         raise ValueError("rows must map a method label to a memory.step_memory dict")
-    fig, ax = _fig_ax(ax, (10, 0.9 * len(rows) + 1.6))
+    fig, ax = fig_ax(ax, (10, 0.9 * len(rows) + 1.6))
     labels = list(rows)
     y = np.arange(len(labels))[::-1]  # (n,) the first method on top
     left = np.zeros(len(labels))  # (n,) MiB so far
@@ -52,12 +52,12 @@ def plot_step_memory(rows: dict, ax=None, title: str = "One training step at GPT
     return fig
 
 
-@_styled
+@styled
 def plot_generation_speed(speeds: dict, ax=None, title: str = "Generation speed (greedy, KV cache)"):
     """Bars of tokens per second: ``speeds`` maps a label (base, unmerged, merged) to tokens/s."""
     if not speeds:
         raise ValueError("speeds must map a label to tokens per second")
-    fig, ax = _fig_ax(ax, (7, 3.6))
+    fig, ax = fig_ax(ax, (7, 3.6))
     labels = list(speeds)
     x = np.arange(len(labels))  # (n,)
     values = np.array([speeds[k] for k in labels], dtype=np.float64)  # (n,)
