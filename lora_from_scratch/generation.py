@@ -139,7 +139,7 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k, seed):
         raise ValueError(f"generate expects token ids of shape (B, T), got shape {tuple(idx.shape)}")
     if idx.dtype.kind not in "iu":
         raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
-    B, T = idx.shape
+    T = idx.shape[1]
     if T == 0:
         raise ValueError("generate needs a prompt of at least one token, got T = 0")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
@@ -173,21 +173,23 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, top_k: i
     and tests). Refuses (ValueError) to go past the context length. The model is left in the mode
     it was in; nothing is kept for a backward.
     """
-    _check_args(model, idx, max_new_tokens, temperature, top_k, seed)
     xp = xp_of(model.wte.weight.data)
-    idx = xp.asarray(idx)  # (B, T) on the model's backend
-    T = idx.shape[1]
+    idx = xp.asarray(idx)  # (B, T) on the model's backend (a nested list of ids is taken too)
+    _check_args(model, idx, max_new_tokens, temperature, top_k, seed)
     rng = host_rng(seed) if seed is not None else global_rng()
     tokens = [idx]
+    cache = KVCache(model.config.n_layer, idx.shape[1] + max_new_tokens) if use_cache else None
+
+    def step(new):
+        """Read the new tokens (B, t); the logits of the last position (B, V)."""
+        if cache is not None:
+            return forward_cached(model, new, cache)  # t positions through the model
+        return model(xp.concatenate(tokens, axis=1), check=False)[:, -1]  # the whole sequence again
+
     modes = [(m, m.training) for _, m in model.named_modules()]
     model.eval()
     try:
         with no_grad():
-            if use_cache:
-                cache = KVCache(model.config.n_layer, T + max_new_tokens)
-                step = lambda new: forward_cached(model, new, cache)  # noqa: E731  (B, t) -> (B, V)
-            else:
-                step = lambda new: model(xp.concatenate(tokens, axis=1), check=False)[:, -1]  # noqa: E731
             logits = step(idx) if max_new_tokens else None  # the prefill: (B, T) -> (B, V)
             for n in range(max_new_tokens):
                 new = next_token(logits, temperature, top_k, rng).astype(idx.dtype)[:, None]  # (B, 1)

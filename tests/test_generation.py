@@ -200,6 +200,7 @@ def test_leaves_the_model_as_it_was():
     model.blocks[1].eval()  # a mixed state comes back as it was
     idx = asarray(prompt(2, 4, CFG.vocab_size))
     np.testing.assert_array_equal(to_numpy(model.generate(idx, 0)), to_numpy(idx))
+    np.testing.assert_array_equal(to_numpy(model.generate(to_numpy(idx).tolist(), 3)), to_numpy(model.generate(idx, 3)))
     model.generate(idx, 5)
     assert all(m.training == (not name.startswith("blocks.1")) for name, m in model.named_modules())
     assert all(vars(m).get("_cache") is None for _, m in model.named_modules())
