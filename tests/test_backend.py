@@ -25,8 +25,8 @@ from lora_from_scratch.backend import get_backend_name, set_backend, to_numpy, x
 
 PACKAGE = pathlib.Path(lora_from_scratch.__file__).parent
 REPO = PACKAGE.parent
-HOST_SIDE = {"backend.py", "files.py", "hf_folder.py", "finetune.py", "io.py", "hf_io.py", "peft_io.py", "data.py", "plots/__init__.py", "train.py",
-             "__main__.py", "gradcheck.py", "demo.py", "quant/tables.py"}
+HOST_SIDE = {"backend.py", "files.py", "hf_folder.py", "finetune.py", "io.py", "hf_io.py", "peft_io.py", "data.py",
+             "plots/__init__.py", "train.py", "__main__.py", "gradcheck.py", "demo.py", "quant/tables.py"}
 
 
 HOST_SIDE_FOLDERS = ("experiments/", "exercises/", "plots/")  # orchestration and checking: host-side by nature
