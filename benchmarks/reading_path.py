@@ -30,6 +30,7 @@ import also runs, only later).
     python benchmarks/reading_path.py --quick          # a tiny model: the same code runs
     python benchmarks/reading_path.py --reading-order  # the README's reading-order table
     python benchmarks/reading_path.py --json out.json  # everything as JSON
+    python benchmarks/reading_path.py --functions      # also each function's lines on the path
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ class SourceFile:
         return min(holding, key=lambda span: span[1] - span[0]) if holding else None  # the innermost
 
 
+    def name_at(self, span) -> str:
+        """The name of the function whose (first, last) lines are ``span``."""
+        return next(name for first, last, name in self.functions if (first, last) == span)
+
+
 def relative(path: str) -> str:
     return os.path.relpath(path, PACKAGE_DIR).replace(os.sep, "/")
 
@@ -146,6 +152,22 @@ def count_lines(codes) -> dict:
             continue
         lines = {n for n in range(span[0], span[1] + 1) if n in files[path].code}
         counted.setdefault(relative(path), set()).update(lines)
+    return counted
+
+
+def count_functions(codes) -> dict:
+    """{"file:line:function": counted lines} for the traced code objects ``codes``, as ``count_lines`` counts them."""
+    files, counted = {}, {}
+    for code in codes:
+        path = os.path.abspath(code.co_filename)
+        if code.co_name == "<module>" or not path.startswith(PACKAGE_DIR + os.sep):
+            continue
+        if path not in files:
+            files[path] = SourceFile(path)
+        span = files[path].function_at(code)
+        if span is not None:
+            lines = sum(n in files[path].code for n in range(span[0], span[1] + 1))
+            counted[f"{relative(path)}:{span[0]}:{files[path].name_at(span)}"] = lines
     return counted
 
 
@@ -236,6 +258,7 @@ def reading_path(size: str = "base") -> dict:
             union.setdefault(path, set()).update(lines)
     out = {name: _summary(counted) for name, counted in [*per_method.items(), ("all", union)]}
     out["batch"] = _summary(count_lines(codes["qlora"]["batch"]))
+    out["functions"] = {m: count_functions(codes[m]["step"]) for m in METHODS}
     return out
 
 
@@ -354,6 +377,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny model (the same functions run)")
     parser.add_argument("--reading-order", action="store_true", help="print the README's reading-order table")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--functions", action="store_true",
+                        help="also print every function on the path with its lines and the methods that run it")
     parser.add_argument("--trace", choices=METHODS, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -370,6 +395,14 @@ def main(argv=None):
         label = NAMES.get(name, "all three")
         print(f"  {label:<10} {path[name]['lines']:5d} lines in {path[name]['files']:2d} files")
     print("  by file (all three): " + ", ".join(f"{f} {n}" for f, n in path["all"]["by_file"].items()))
+    if args.functions:
+        print("functions on the path (lines, file:line:function, the methods that run it):")
+        names = sorted({f for m in METHODS for f in path["functions"][m]},
+                       key=lambda f: (f.split(":")[0], int(f.split(":")[1])))
+        for f in names:
+            lines = next(path["functions"][m][f] for m in METHODS if f in path["functions"][m])
+            runs = ",".join(NAMES[m] for m in METHODS if f in path["functions"][m])
+            print(f"  {lines:4d}  {f}  [{runs}]")
     for kind, label in (("module_level", "module-level imports"), ("all_imports", "all imports")):
         groups = found[kind]
         print(f"import cycles ({label}): {len(groups)}" + "".join(f"\n  {' <-> '.join(g)}" for g in groups))

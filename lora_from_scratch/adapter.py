@@ -28,11 +28,20 @@ and this file is that sentence as code:
   paper's "many small task-specific modules", section 1) and the name of the active one.
   ``merge`` folds the active adapter into the base (section 4.1, "No Additional Inference
   Latency") and ``unmerge`` takes it out again, where the base allows it.
+- ``LoRALinear``: an ``AdaptedLinear`` over a float ``nn.Linear`` (LoRA itself), which also allows
+  the PiSSA start (Meng et al., 2024, section 3): with W0 = U S V^T the adapter takes the top-r
+  singular triplets, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) (so s B A = U_r S_r V_r^T,
+  PEFT's split), and W0 is replaced by the residual W0 - s B A, so the output is unchanged at step 0.
+- ``replace_targets``: the targeted ``Linear`` layers of a GPT (``targets.py``; section 4.2 and 7.1
+  study which to adapt) swapped for adapted layers, then ``mark_only_lora_as_trainable``: only the
+  active adapters' A and B train. ``apply_lora`` does it with ``LoRALinear``; ``qlora.apply_qlora``
+  and ``qalora.apply_qalora`` with their bases. The other model-level tools (several adapters,
+  disabling, per-task files, merging) are in ``lora.py``.
 
 Initialization (section 4.1): "random Gaussian initialization for A and zero for B, so dW = B A
 is zero at the beginning of training". ``"kaiming"``: A ~ U(-1/sqrt(k'), 1/sqrt(k')) (what PEFT
 and loralib do: ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: A ~ N(0, 1/r^2) (PEFT's
-reading of the paper); ``"pissa"`` (float bases only): ``lora.LoRALinear``.
+reading of the paper); ``"pissa"`` (float bases only): ``LoRALinear`` below.
 
 Nothing here forms the (d, k) matrix B A during training: the adapter's path runs through the
 rank-r bottleneck, and a frozen W0 never gets a gradient (``need_dW=False``).
@@ -41,11 +50,14 @@ rank-r bottleneck, and a frozen W0 never gets a gradient (``need_dW=False``).
 from __future__ import annotations
 
 import math
+import weakref
 from numbers import Integral, Real
 
 from . import functional as F
-from .backend import get_xp, like_of, xp_of
+from .backend import get_xp, global_rng, like_of, xp_of
+from .backend import rng as host_rng
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter
+from .targets import resolve_targets
 
 INITS = ("kaiming", "gaussian", "pissa")
 RANDOM_INITS = ("kaiming", "gaussian")
@@ -254,7 +266,7 @@ def frozen_base(base):
 class AdaptedLinear(Module):
     """h = base(x) + s * pool(dropout(x)) A^T B^T: a frozen base and named low-rank adapters, one active.
 
-    Subclasses (``lora.LoRALinear``, ``qlora.QLoRALinear``, ``qalora.QALoRALinear``) only choose
+    Subclasses (``LoRALinear`` below, ``qlora.QLoRALinear``, ``qalora.QALoRALinear``) only choose
     the base and the adapter's pooling. Parameter names below a model read
     ``blocks.0.attn.q.base.weight``, ``blocks.0.attn.q.adapters.default.A``.
 
@@ -453,3 +465,138 @@ class AdaptedLinear(Module):
         names = ", ".join(f"{n}{'*' if n == self.active else ''}: r={a.r}" for n, a in self.adapters.items())
         m = ", merged" if self.merged else ""
         return f"{type(self).__name__}(base={self.base!r}, adapters [{names}]{m})"
+
+
+# ---------------------------------------------------------------- LoRA: a float base
+class LoRALinear(AdaptedLinear):
+    """A frozen float ``Linear`` (``.base``) plus the trainable update s * B A.
+
+    ``LoRALinear(base, r, alpha, dropout=0.0, init="kaiming", use_rslora=False, rng=None)`` freezes
+    ``base.weight`` and ``base.bias`` and creates A (r, in) and B (out, r) from the host generator
+    ``rng`` (default ``backend.global_rng()``); ``init`` is "kaiming", "gaussian" or "pissa".
+    """
+
+    kind = "lora"
+    inits = INITS
+
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
+        if not isinstance(base, Linear):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_lora_args(r, alpha, dropout, init, base.in_features, base.out_features)
+        rng = global_rng() if rng is None else rng
+        if init == "pissa":
+            adapter = _pissa_adapter(base, r, alpha, dropout, use_rslora, rng)
+        else:
+            adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init,
+                                            dropout=dropout, use_rslora=use_rslora, rng=rng,
+                                            like_array=base.weight.data)
+        super().__init__(base, adapter, adapter_name)
+
+
+def check_lora_args(r, alpha, dropout, init, in_features: int, out_features: int) -> None:
+    """LoRA's checks for a float weight (out, in): 1 <= r <= min(in, out), alpha > 0, dropout, an init of ``INITS``."""
+    check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
+                       shape=(out_features, in_features), inits=INITS)
+
+
+def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslora: bool, rng) -> LowRankAdapter:
+    """Top-r singular triplets of W0 into A and B; W0 becomes the residual (computed in float64)."""
+    W = base.weight.data  # (out, in)
+    xp = xp_of(W)
+    s = lora_scaling(r, alpha, use_rslora)
+    W64 = W.astype("float64")  # (out, in)
+    U, S, Vh = xp.linalg.svd(W64, full_matrices=False)  # (out, K), (K,), (K, in); K = min(out, in)
+    root = xp.sqrt(S[:r] / s)  # (r,): sqrt(S_r / s), so that s B A = U_r S_r V_r^T
+    A = (root[:, None] * Vh[:r]).astype(W.dtype)  # (r, 1) * (r, in) -> (r, in)
+    B = (U[:, :r] * root[None, :]).astype(W.dtype)  # (out, r) * (1, r) -> (out, r)
+    # the residual from the rounded factors, so that W_res + s B A reproduces W0 as closely as possible
+    residual = W64 - s * (B.astype("float64") @ A.astype("float64"))  # (out, r) @ (r, in) -> (out, in)
+    base.weight.data = residual.astype(W.dtype)  # (out, in)
+    return LowRankAdapter(A, B, alpha, dropout=dropout, use_rslora=use_rslora, init="pissa",
+                          dropout_seed=int(rng.integers(0, 2**31 - 1)))
+
+
+# ---------------------------------------------------------------- putting adapters into a model
+def is_adapter(module) -> bool:
+    """True for an adapted layer of any kind (LoRA, QLoRA, QA-LoRA)."""
+    return isinstance(module, AdaptedLinear)
+
+
+def lora_layers(model) -> dict:
+    """dotted name -> adapted layer (LoRA, QLoRA or QA-LoRA), e.g. ``blocks.0.attn.q``, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+# layer -> how many ``disable_adapters`` contexts it is inside (weak: a copy or a dropped model is not counted)
+_DISABLED = weakref.WeakKeyDictionary()
+
+
+def refuse_while_disabled(layers: dict, what: str) -> None:
+    """ValueError if any of ``layers`` is inside ``disable_adapters``: on exit the context puts back the active
+    adapters it saved, so a switch, a deletion or a merge made inside would be half undone."""
+    inside = [path for path, layer in layers.items() if _DISABLED.get(layer)]
+    if inside:
+        raise ValueError(f"{what} inside lora.disable_adapters ({inside[0]}): the adapters are switched off "
+                         "until the with-block ends, and its end restores the active adapter it saved; call it "
+                         "after the block")
+
+
+def mark_only_lora_as_trainable(model):
+    """Freeze every parameter except the active adapters' A and B (embeddings, layer norms, biases, W0 included)."""
+    layers = lora_layers(model)
+    refuse_while_disabled(layers, "mark_only_lora_as_trainable")
+    keep = set()
+    for layer in layers.values():
+        if layer.active is not None:
+            keep.update(id(p) for p in layer.adapter.parameters())
+    for p in model.parameters():
+        p.trainable = id(p) in keep
+    return model
+
+
+def replace_targets(model, targets, check, make, seed: int | None = None, rng=None):
+    """Swap each targeted ``Linear`` of a GPT for ``make(linear, rng)``, then freeze all but the adapters.
+
+    The shared part of ``apply_lora``, ``qlora.apply_qlora`` and ``qalora.apply_qalora``: targets
+    are resolved (``targets.resolve_targets``), every layer is checked with ``check(linear)``
+    *before* the model changes, and the new layers are made in model order from ``rng``, or a
+    generator seeded with ``seed``, or ``backend.global_rng()``.
+    """
+    refuse_while_disabled(lora_layers(model), "adding adapter layers")
+    found = []
+    for i, target in resolve_targets(len(model.blocks), targets):
+        path, parent = target.path(i), getattr(model.blocks[i], target.parent)  # blocks.{i}.attn or .mlp
+        lin = getattr(parent, target.name)
+        if is_adapter(lin):
+            raise ValueError(f"{path} already has an adapter ({type(lin).__name__}); use add_adapter for another task")
+        if type(lin) is not Linear:
+            raise ValueError(f"{path} is a {type(lin).__name__}, not a float Linear layer")
+        try:
+            check(lin)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        found.append((parent, target.name, lin))
+    if rng is None:
+        rng = host_rng(seed) if seed is not None else global_rng()
+    for parent, name, lin in found:
+        setattr(parent, name, make(lin, rng))  # the adapted layer takes the Linear's place
+    return mark_only_lora_as_trainable(model)
+
+
+def apply_lora(model, r: int, alpha: float, targets, dropout: float = 0.0, init: str = "kaiming",
+               use_rslora: bool = False, seed: int | None = None, rng=None, adapter_name: str = DEFAULT_ADAPTER):
+    """Replace the targeted Linear layers of a GPT by LoRALinear, in place; freeze all the rest.
+
+    ``targets``: short names from ['q', 'k', 'v', 'o', 'fc', 'proj'] (that matrix in every
+    block: Wq, Wk, Wv, Wo, MLP up, MLP down) or 'blocks.{i}.{name}' (one block).
+    Adapters are initialized in model order from ``rng`` (a host NumPy generator),
+    or from a new generator seeded with ``seed``, or else ``backend.global_rng()``.
+    Everything is checked before the model changes. Returns the model.
+    """
+    return replace_targets(
+        model, targets,
+        check=lambda lin: check_lora_args(r, alpha, dropout, init, lin.in_features, lin.out_features),
+        make=lambda lin, g: LoRALinear(lin, r, alpha, dropout=dropout, init=init, use_rslora=use_rslora, rng=g,
+                                       adapter_name=adapter_name),
+        seed=seed, rng=rng)

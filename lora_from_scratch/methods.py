@@ -13,7 +13,7 @@ notebooks all make a method's model the same way.
 
 from __future__ import annotations
 
-from .lora import apply_lora
+from .adapter import apply_lora
 from .qalora import apply_qalora
 from .qlora import apply_qlora
 from .targets import TARGETS

@@ -31,10 +31,17 @@ base, ``NF4Linear``:
 
 from __future__ import annotations
 
-from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
+from .adapter import (
+    DEFAULT_ADAPTER,
+    RANDOM_INITS,
+    AdaptedLinear,
+    LowRankAdapter,
+    QuantizedLinear,
+    check_adapter_args,
+    replace_targets,
+)
 from .backend import get_xp, xp_of
 from .checks import check_power_of_two
-from .lora import replace_targets
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE
