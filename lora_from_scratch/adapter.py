@@ -56,7 +56,7 @@ from numbers import Integral, Real
 from . import functional as F
 from .backend import get_xp, global_rng, like_of, xp_of
 from .backend import rng as host_rng
-from .nn import Dropout, Linear, Module, ModuleDict, Parameter
+from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
 from .targets import resolve_targets
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -146,9 +146,7 @@ class LowRankAdapter(Module):
 
     def backward(self, dy):
         """Accumulates dA and dB; returns the adapter's share of dx (..., k)."""
-        if self._cache is None:
-            raise RuntimeError("LowRankAdapter.backward called without a forward (or twice for one forward)")
-        (cache, pool_cache), self._cache = self._cache, None
+        (cache, pool_cache), self._cache = _need_cache(self._cache, "LowRankAdapter"), None
         dxa, dA, dB = F.lowrank_backward(dy, cache, need_dA=self.A.trainable, need_dB=self.B.trainable)
         if dA is not None:
             self.A.accumulate(dA)  # (r, k')
@@ -242,8 +240,7 @@ class QuantizedLinear(Module):
         return y
 
     def backward(self, dy):
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called without a forward (or twice for one forward)")
+        _need_cache(self._cache, type(self).__name__)  # it kept only x's shape
         self._cache = None
         W = self._weight_as(dy.dtype)  # (out, in), dequantized again (not kept from the forward)
         need_db = self.bias is not None and self.bias.trainable
@@ -251,15 +248,6 @@ class QuantizedLinear(Module):
         if db is not None:
             self.bias.accumulate(db)
         return dx  # (..., in) = dy W0
-
-
-def frozen_base(base):
-    """Freeze a base layer's parameters and return it (a base never trains)."""
-    if not isinstance(base, (Linear, QuantizedLinear)):
-        raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
-                         f"got {type(base).__name__}")
-    base.freeze()  # every parameter frozen (the weight, the bias); buffers never train anyway
-    return base
 
 
 # ---------------------------------------------------------------- the adapted layer
@@ -280,8 +268,11 @@ class AdaptedLinear(Module):
     pooled = False  # QA-LoRA: the adapter sees group means of the base's group size
 
     def __init__(self, base, adapter: LowRankAdapter, adapter_name: str = DEFAULT_ADAPTER):
-        self.base = frozen_base(base)
-        k = self.adapter_in_features
+        if not isinstance(base, (Linear, QuantizedLinear)):
+            raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
+                             f"got {type(base).__name__}")
+        self.base = base.freeze()  # a base never trains: every parameter frozen; buffers never train anyway
+        k = base.in_features // base.group_size if self.pooled else base.in_features  # A's columns: k'
         if tuple(adapter.A.shape[1:]) != (k,) or adapter.B.shape[0] != base.out_features:
             raise ValueError(f"adapter shapes A {adapter.A.shape}, B {adapter.B.shape} do not fit a base of "
                              f"(out, in) = ({base.out_features}, {base.in_features}) (A needs {k} columns)")
@@ -370,10 +361,7 @@ class AdaptedLinear(Module):
     # ------------------------------------------------------------ forward / backward
     def forward(self, x, dropout_mask=None):
         """h = base(x) + s * pool(dropout(x)) A^T B^T (base(x) alone when merged or disabled)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects inputs with last dimension {self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
-        y = self.base(x)  # (..., in) -> (..., out), the frozen path
+        y = self.base(x)  # (..., in) -> (..., out), the frozen path (the base checks x's last dimension)
         used = None if (self.merged or self.active is None) else self.active
         if used is not None:
             y += self.adapters[used](x, dropout_mask)  # (..., out) += (..., out), the adapter's path
@@ -385,9 +373,7 @@ class AdaptedLinear(Module):
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is merged (the base holds W0 + s B A): call unmerge() "
                                "before training")
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called without a forward (or twice for one forward)")
-        used, self._cache = self._cache["adapter"], None
+        used, self._cache = _need_cache(self._cache, type(self).__name__)["adapter"], None
         dx = self.base.backward(dy)  # (..., in) = dy W0; no (out, in) weight gradient is formed
         if used is not None:
             dx += self.adapters[used].backward(dy)  # (..., in)
@@ -549,7 +535,7 @@ def mark_only_lora_as_trainable(model):
     keep = set()
     for layer in layers.values():
         if layer.active is not None:
-            keep.update(id(p) for p in layer.adapter.parameters())
+            keep.update(id(p) for p in layer.adapters[layer.active].parameters())
     for p in model.parameters():
         p.trainable = id(p) in keep
     return model

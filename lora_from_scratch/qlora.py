@@ -40,7 +40,7 @@ from .adapter import (
     check_adapter_args,
     replace_targets,
 )
-from .backend import get_xp, xp_of
+from .backend import get_xp, global_rng, xp_of
 from .checks import check_power_of_two
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
@@ -85,11 +85,9 @@ class NF4Linear(QuantizedLinear):
     @classmethod
     def from_weight(cls, weight, bias=None, blocksize: int = 64, double_quant: bool = True,
                     quant_type: str = "nf4") -> NF4Linear:
-        """Quantize a float weight (out, in); the bias (out,) stays float."""
-        if weight.ndim != 2:
-            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
-        q = quantize_4bit(weight, blocksize=check_blocksize(blocksize), quant_type=quant_type,
-                          double_quant=double_quant)  # (out, in) -> packed codes and constants
+        """Quantize a float weight (out, in); the bias (out,) stays float. ``quantize_4bit`` checks the block size
+        and the quant type, the constructor the shape (a 2-D weight)."""
+        q = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)  # packed
         return cls(q, bias)
 
     @classmethod
@@ -179,8 +177,6 @@ class QLoRALinear(AdaptedLinear):
     def __init__(self, base, r: int, alpha: float, blocksize: int = 64, double_quant: bool = True,
                  dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, *, quant_type: str = "nf4",
                  rng=None, adapter_name: str = DEFAULT_ADAPTER):
-        from .backend import global_rng
-
         if isinstance(base, Linear):
             check_qlora_args(r, alpha, dropout, init, blocksize, base.in_features, base.out_features)
             ref = base.weight.data  # (out, in), the float weight: its dtype and backend go to A and B

@@ -128,13 +128,7 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
     loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
     model.zero_grad()
     model.backward(dlogits)
-    if grad_clip:
-        norm = clip_grad_norm(opt.params, grad_clip)  # (), on the device
-    else:  # no clipping, but a NaN or inf gradient must still hold the step back: their sum shows it
-        norm = xp_of(loss).zeros((), dtype="float64")  # ()
-        for p in opt.params:
-            if p.grad is not None:
-                norm = norm + p.grad.sum()  # (shape of p) -> (), NaN or inf if any entry is
+    norm = clip_grad_norm(opt.params, grad_clip) if grad_clip else _gradient_sum(opt.params, loss)  # (), on device
     xp = xp_of(loss, norm)
     loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer
     if not grad_clip and math.isfinite(norm_value):
@@ -142,6 +136,19 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
     if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
         opt.step()
     return loss_value, norm_value
+
+
+def _gradient_sum(params, loss):
+    """The sum of every gradient, (): NaN or inf exactly when one entry is (``train_step`` without clipping).
+
+    No clipping, but a NaN or inf gradient must still hold the step back; one read of each gradient, in its
+    own dtype, with no temporary, shows it.
+    """
+    total = xp_of(loss).zeros((), dtype="float64")  # ()
+    for p in params:
+        if p.grad is not None:
+            total = total + p.grad.sum()  # (shape of p) -> (), NaN or inf if any entry is
+    return total
 
 
 def _batch(rng, cfg: TrainConfig, block: int, vocab: int, reference):
