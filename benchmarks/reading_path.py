@@ -6,8 +6,8 @@ small GPT (random weights) and a batch outside the measurement, then traces, wit
 ``sys.setprofile``, exactly what a training run does for one step:
 
 - adapt the model (``methods.adapt``: ``apply_lora``, ``apply_qlora`` or ``apply_qalora``),
-- make the optimizer (``train.make_optimizer`` with the default ``train.TrainConfig``),
-- one ``train.train_step`` (forward, cross-entropy, backward, gradient clipping, AdamW).
+- make the optimizer (``methods.make_optimizer`` with the default ``train.TrainConfig``),
+- one ``methods.train_step`` (forward, cross-entropy, backward, gradient clipping, AdamW).
 
 Making and checking the batch is traced apart (it is the data the step reads; only the reading
 order counts it).
@@ -61,20 +61,21 @@ READING_ORDER = [
     ("data.py", "a batch: lines `task:input>answer.` as ids (B, T); targets = the next character, "
                 "scored on the answer only"),
     ("backend.py", "`xp = xp_of(x, W)`: NumPy or CuPy, taken from the arrays themselves"),
-    ("methods.py", "`adapt(model, \"qlora\", r, alpha)`: one name per method"),
-    ("lora.py", "every target `Linear` wrapped in an adapted layer, everything else frozen"),
-    ("targets.py", "the six matrices: Wq, Wk, Wv, Wo, fc, proj (Hu et al., 2021, section 4.2)"),
+    ("methods.py", "`adapt(model, \"qlora\", r, alpha)`: one name per method; then one step of any method: "
+                   "forward, loss, backward, gradient norm clipped to 1, optimizer step"),
+    ("adapter.py", "the six target matrices Wq, Wk, Wv, Wo, fc, proj (Hu et al., 2021, section 4.2), each "
+                   "`Linear` replaced by an adapted layer, everything else frozen; "
+                   "h = base(x) + s pool(dropout(x)) A^T B^T, s = alpha / r; "
+                   "dB = s dy^T (x A^T), dA = s (dy B)^T x (eq. 3)"),
+    ("checks.py", "argument checks written once: the block size a power of two from 16 to 4096"),
     ("quant/tables.py", "NF4: 16 levels at quantiles of N(0, 1), scaled to [-1, 1] (Dettmers et al., 2023, eq. 4)"),
     ("quant/blockwise.py", "c = absmax(block), code = nearest level to x / c, two codes per byte; "
                            "c stored in 8 bits (double quantization, eq. 1)"),
     ("qlora.py", "h = x doubleDequant(c1, c2, W_NF4)^T + b + s dropout(x) A^T B^T (eq. 5-6)"),
-    ("adapter.py", "h = base(x) + s pool(dropout(x)) A^T B^T, s = alpha / r; "
-                   "dB = s dy^T (x A^T), dA = s (dy B)^T x (Hu et al., 2021, eq. 3)"),
     ("model.py", "x = wte[idx] + wpe; x += attn(ln_1(x)); x += mlp(ln_2(x)); logits = ln_f(x) wte^T"),
     ("nn.py", "`Linear`: y = x W^T + b; a frozen W gets no dW and no optimizer state"),
     ("functional.py", "the forward/backward pairs: dx = dy W, dW = dy^T x; "
                       "cross-entropy dlogits = (softmax - onehot) / (scored targets)"),
-    ("train.py", "one step: forward, loss, backward, gradient norm clipped to 1, optimizer step"),
     ("optim.py", "AdamW: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, "
                  "p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)"),
 ]
@@ -185,9 +186,9 @@ def trace_step(method: str, size: str) -> dict:
 
     from lora_from_scratch import data
     from lora_from_scratch.functional import check_ids, check_targets
-    from lora_from_scratch.methods import adapt
+    from lora_from_scratch.methods import adapt, make_optimizer, train_step
     from lora_from_scratch.model import GPT, GPTConfig
-    from lora_from_scratch.train import TrainConfig, make_optimizer, train_step
+    from lora_from_scratch.train import TrainConfig
 
     cfg = GPTConfig(vocab_size=data.VOCAB_SIZE, **SIZES[size])
     model = GPT(cfg, seed=0)

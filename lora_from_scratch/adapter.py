@@ -32,11 +32,14 @@ and this file is that sentence as code:
   the PiSSA start (Meng et al., 2024, section 3): with W0 = U S V^T the adapter takes the top-r
   singular triplets, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) (so s B A = U_r S_r V_r^T,
   PEFT's split), and W0 is replaced by the residual W0 - s B A, so the output is unchanged at step 0.
-- ``replace_targets``: the targeted ``Linear`` layers of a GPT (``targets.py``; section 4.2 and 7.1
-  study which to adapt) swapped for adapted layers, then ``mark_only_lora_as_trainable``: only the
-  active adapters' A and B train. ``apply_lora`` does it with ``LoRALinear``; ``qlora.apply_qlora``
-  and ``qalora.apply_qalora`` with their bases. The other model-level tools (several adapters,
-  disabling, per-task files, merging) are in ``lora.py``.
+- ``TARGET_TABLE``: the six matrices of a block LoRA can adapt, Wq, Wk, Wv, Wo, MLP up and down
+  (section 4.2: "the four projection matrices of the self-attention module ... and the two in the MLP
+  module"; section 7.1 studies which to adapt), where each lives in our GPT and in GPT-2.
+- ``replace_targets``: the targeted ``Linear`` layers of a GPT (``resolve_targets``) swapped for
+  adapted layers, then ``mark_only_lora_as_trainable``: only the active adapters' A and B train.
+  ``apply_lora`` does it with ``LoRALinear``; ``qlora.apply_qlora`` and ``qalora.apply_qalora`` with
+  their bases. The other model-level tools (several adapters, disabling, per-task files, merging)
+  are in ``lora.py``.
 
 Initialization (section 4.1): "random Gaussian initialization for A and zero for B, so dW = B A
 is zero at the beginning of training". ``"kaiming"``: A ~ U(-1/sqrt(k'), 1/sqrt(k')) (what PEFT
@@ -50,14 +53,15 @@ rank-r bottleneck, and a frozen W0 never gets a gradient (``need_dW=False``).
 from __future__ import annotations
 
 import math
+import re
 import weakref
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 from . import functional as F
 from .backend import get_xp, global_rng, like_of, xp_of
 from .backend import rng as host_rng
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
-from .targets import resolve_targets
 
 INITS = ("kaiming", "gaussian", "pissa")
 RANDOM_INITS = ("kaiming", "gaussian")
@@ -504,6 +508,93 @@ def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslor
 
 
 # ---------------------------------------------------------------- putting adapters into a model
+@dataclass(frozen=True)
+class Target:
+    """One of the six matrices LoRA can adapt in each block (Hu et al., 2021, section 4.2), and where it lives.
+
+    Our GPT keeps all six as separate ``Linear`` layers; GPT-2 (and therefore Hugging Face
+    ``transformers`` and PEFT) fuses Wq, Wk, Wv into one ``c_attn`` of width 3C and names the attention
+    output projection and the MLP's down projection both ``c_proj``. For each of our names:
+
+    - ``parent``: the module of a block that holds it (``attn`` or ``mlp``), so its path is
+      ``blocks.{i}.{parent}.{name}``;
+    - ``hf_module``: the GPT-2 module it belongs to (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``,
+      ``mlp.c_proj``), below ``transformer.h.{i}.``;
+    - ``fused_index``: for q, k, v, which third of ``c_attn``'s 3C outputs it is (0, 1, 2); None otherwise;
+    - ``in_mult``, ``out_mult``: its (in, out) widths in units of n_embd (fc: C -> 4C, proj: 4C -> C).
+    """
+
+    name: str
+    parent: str
+    hf_module: str
+    fused_index: int | None
+    in_mult: int
+    out_mult: int
+
+    def path(self, block: int) -> str:
+        """Our dotted path in a GPT: ``blocks.{block}.{parent}.{name}``."""
+        return f"blocks.{block}.{self.parent}.{self.name}"
+
+    def hf_path(self, block: int) -> str:
+        """The GPT-2 module path: ``transformer.h.{block}.{hf_module}``."""
+        return f"transformer.h.{block}.{self.hf_module}"
+
+    def shape(self, n_embd: int) -> tuple[int, int]:
+        """(out, in) of the weight, the paper's (d, k) orientation."""
+        return self.out_mult * n_embd, self.in_mult * n_embd
+
+
+TARGET_TABLE = {
+    "q": Target("q", "attn", "attn.c_attn", 0, 1, 1),
+    "k": Target("k", "attn", "attn.c_attn", 1, 1, 1),
+    "v": Target("v", "attn", "attn.c_attn", 2, 1, 1),
+    "o": Target("o", "attn", "attn.c_proj", None, 1, 1),
+    "fc": Target("fc", "mlp", "mlp.c_fc", None, 1, 4),
+    "proj": Target("proj", "mlp", "mlp.c_proj", None, 4, 1),
+}
+TARGETS = tuple(TARGET_TABLE)  # ("q", "k", "v", "o", "fc", "proj")
+FUSED = ("q", "k", "v")  # the three thirds of GPT-2's c_attn, in order
+HF_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+_PATH = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.([a-z]+)$")
+_BLOCK_TARGET = re.compile(r"^blocks\.(\d+)\.([a-z]+)$")
+
+
+def parse_path(path: str) -> tuple[int, Target]:
+    """(block index, Target) of a dotted path such as ``blocks.2.attn.q``; ValueError otherwise."""
+    m = _PATH.match(path)
+    if m is None or m.group(3) not in TARGET_TABLE or TARGET_TABLE[m.group(3)].parent != m.group(2):
+        raise ValueError(f"{path!r} is not the path of an adaptable matrix (blocks.<i>.attn.q|k|v|o or "
+                         f"blocks.<i>.mlp.fc|proj)")
+    return int(m.group(1)), TARGET_TABLE[m.group(3)]
+
+
+def resolve_targets(n_layer: int, targets) -> list[tuple[int, Target]]:
+    """(block, Target) pairs for ``targets``, in model order.
+
+    ``targets``: short names from ``TARGETS`` (that matrix in every block) or ``"blocks.{i}.{name}"``
+    (one block), or one such string. Raises ValueError naming an unknown target or a missing block.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ValueError(f"at least one target is needed; valid targets: {list(TARGETS)}")
+    chosen = set()
+    for t in targets:
+        if isinstance(t, str) and t in TARGET_TABLE:
+            chosen.update((i, t) for i in range(n_layer))
+            continue
+        m = _BLOCK_TARGET.match(t) if isinstance(t, str) else None
+        if m is None or m.group(2) not in TARGET_TABLE:
+            raise ValueError(f"unknown target {t!r}; valid targets: {list(TARGETS)} or 'blocks.<i>.<name>'")
+        i = int(m.group(1))
+        if i >= n_layer:
+            raise ValueError(f"target {t!r} names block {i}, but the model has {n_layer} blocks (0..{n_layer - 1})")
+        chosen.add((i, m.group(2)))
+    return [(i, TARGET_TABLE[n]) for i, n in sorted(chosen, key=lambda it: (it[0], TARGETS.index(it[1])))]
+
+
 def is_adapter(module) -> bool:
     """True for an adapted layer of any kind (LoRA, QLoRA, QA-LoRA)."""
     return isinstance(module, AdaptedLinear)
@@ -545,7 +636,7 @@ def replace_targets(model, targets, check, make, seed: int | None = None, rng=No
     """Swap each targeted ``Linear`` of a GPT for ``make(linear, rng)``, then freeze all but the adapters.
 
     The shared part of ``apply_lora``, ``qlora.apply_qlora`` and ``qalora.apply_qalora``: targets
-    are resolved (``targets.resolve_targets``), every layer is checked with ``check(linear)``
+    are resolved (``resolve_targets``), every layer is checked with ``check(linear)``
     *before* the model changes, and the new layers are made in model order from ``rng``, or a
     generator seeded with ``seed``, or ``backend.global_rng()``.
     """
@@ -554,7 +645,7 @@ def replace_targets(model, targets, check, make, seed: int | None = None, rng=No
     for i, target in resolve_targets(len(model.blocks), targets):
         path, parent = target.path(i), getattr(model.blocks[i], target.parent)  # blocks.{i}.attn or .mlp
         lin = getattr(parent, target.name)
-        if is_adapter(lin):
+        if isinstance(lin, AdaptedLinear):
             raise ValueError(f"{path} already has an adapter ({type(lin).__name__}); use add_adapter for another task")
         if type(lin) is not Linear:
             raise ValueError(f"{path} is a {type(lin).__name__}, not a float Linear layer")

@@ -32,6 +32,7 @@ import contextlib
 from .adapter import (  # the path of one training step lives in adapter.py; its public names are also here
     _DISABLED,
     INITS,
+    TARGETS,
     AdaptedLinear,
     LoRALinear,
     LowRankAdapter,
@@ -48,7 +49,6 @@ from .adapter import (  # the path of one training step lives in adapter.py; its
 from .backend import global_rng, like_of, xp_of
 from .backend import rng as host_rng
 from .nn import _check_name
-from .targets import TARGETS
 
 __all__ = [
     "INITS", "TARGETS", "AdaptedLinear", "LoRALinear", "LowRankAdapter", "active_adapter", "adapter_names",

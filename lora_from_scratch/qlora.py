@@ -202,10 +202,10 @@ class QLoRALinear(AdaptedLinear):
 
 
 def check_qlora_args(r, alpha, dropout, init, blocksize, in_features: int, out_features: int) -> None:
-    """LoRA's checks (rank, alpha, dropout, init) plus the block size; raises ValueError naming the problem."""
-    if init == "pissa":
-        raise ValueError("init 'pissa' is not supported by QLoRA (its residual W0 - s B A would be the "
-                         f"matrix to quantize); valid inits: {list(QLORA_INITS)}")
+    """LoRA's checks (rank, alpha, dropout, init) plus the block size; raises ValueError naming the problem.
+
+    PiSSA is refused with the other unknown inits (its residual W0 - s B A would be the matrix to quantize).
+    """
     check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
                        shape=(out_features, in_features), inits=QLORA_INITS)
     check_blocksize(blocksize)
