@@ -51,8 +51,7 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=TARGETS, *,
     check_method(method)
     targets = list(targets)
     if method == "full":
-        model.unfreeze()
-        return model
+        return model.unfreeze()  # every parameter trains
     if method == "lora":
         return apply_lora(model, r, alpha, targets, dropout=dropout, init=init, use_rslora=use_rslora, seed=seed)
     if method == "qlora":
