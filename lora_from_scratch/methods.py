@@ -34,12 +34,6 @@ METHODS = ("full", "lora", "qlora", "qalora")
 NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "qalora": "QA-LoRA"}
 
 
-def check_method(method) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
-    return method
-
-
 def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=TARGETS, *, seed: int | None = 0,
           dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, bits: int = 4,
           group_size: int = 32, blocksize: int = 64, double_quant: bool = True):
@@ -48,7 +42,8 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=TARGETS, *,
     ``bits`` and ``group_size`` are QA-LoRA's; ``blocksize`` and ``double_quant`` QLoRA's. The
     adapters are drawn from a generator seeded with ``seed`` (LoRA and QLoRA get the same draws).
     """
-    check_method(method)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
     targets = list(targets)
     if method == "full":
         return model.unfreeze()  # every parameter trains

@@ -73,6 +73,7 @@ class NF4Linear(QuantizedLinear):
         out_features, in_features = q.shape
         super().__init__(in_features, out_features, bias)
         self.blocksize, self.quant_type, self.weight_dtype = int(q.blocksize), q.quant_type, str(q.dtype)
+        self.double_quant = bool(q.double_quant)  # the block constants stored in 8 bits (c2) with c1 per 256
         # the storage: fixed-precision arrays of the format, never cast by Module.astype
         self.packed = Buffer(q.packed, castable=False)  # (out * in / 2,) uint8
         if q.double_quant:
@@ -98,10 +99,6 @@ class NF4Linear(QuantizedLinear):
             raise ValueError(f"NF4Linear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         bias = linear.bias.data if linear.bias is not None else None
         return cls.from_weight(linear.weight.data, bias, blocksize, double_quant, quant_type)
-
-    @property
-    def double_quant(self) -> bool:
-        return "qabsmax" in vars(self)
 
     @property
     def quantized(self) -> Quantized4bit:
