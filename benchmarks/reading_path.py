@@ -6,8 +6,8 @@ small GPT (random weights) and a batch outside the measurement, then traces, wit
 ``sys.setprofile``, exactly what a training run does for one step:
 
 - adapt the model (``methods.adapt``: ``apply_lora``, ``apply_qlora`` or ``apply_qalora``),
-- make the optimizer (``train.make_optimizer`` with the default ``train.TrainConfig``),
-- one ``train.train_step`` (forward, cross-entropy, backward, gradient clipping, AdamW).
+- make the optimizer (``methods.make_optimizer`` with the default ``train.TrainConfig``),
+- one ``methods.train_step`` (forward, cross-entropy, backward, gradient clipping, AdamW).
 
 Making and checking the batch is traced apart (it is the data the step reads; only the reading
 order counts it).
@@ -30,6 +30,7 @@ import also runs, only later).
     python benchmarks/reading_path.py --quick          # a tiny model: the same code runs
     python benchmarks/reading_path.py --reading-order  # the README's reading-order table
     python benchmarks/reading_path.py --json out.json  # everything as JSON
+    python benchmarks/reading_path.py --functions      # also each function's lines on the path
 """
 
 from __future__ import annotations
@@ -60,20 +61,21 @@ READING_ORDER = [
     ("data.py", "a batch: lines `task:input>answer.` as ids (B, T); targets = the next character, "
                 "scored on the answer only"),
     ("backend.py", "`xp = xp_of(x, W)`: NumPy or CuPy, taken from the arrays themselves"),
-    ("methods.py", "`adapt(model, \"qlora\", r, alpha)`: one name per method"),
-    ("lora.py", "every target `Linear` wrapped in an adapted layer, everything else frozen"),
-    ("targets.py", "the six matrices: Wq, Wk, Wv, Wo, fc, proj (Hu et al., 2021, section 4.2)"),
+    ("methods.py", "`adapt(model, \"qlora\", r, alpha)`: one name per method; then one step of any method: "
+                   "forward, loss, backward, gradient norm clipped to 1, optimizer step"),
+    ("adapter.py", "the six target matrices Wq, Wk, Wv, Wo, fc, proj (Hu et al., 2021, section 4.2), each "
+                   "`Linear` replaced by an adapted layer, everything else frozen; "
+                   "h = base(x) + s pool(dropout(x)) A^T B^T, s = alpha / r; "
+                   "dB = s dy^T (x A^T), dA = s (dy B)^T x (eq. 3)"),
+    ("checks.py", "argument checks written once: the block size a power of two from 16 to 4096"),
     ("quant/tables.py", "NF4: 16 levels at quantiles of N(0, 1), scaled to [-1, 1] (Dettmers et al., 2023, eq. 4)"),
     ("quant/blockwise.py", "c = absmax(block), code = nearest level to x / c, two codes per byte; "
                            "c stored in 8 bits (double quantization, eq. 1)"),
     ("qlora.py", "h = x doubleDequant(c1, c2, W_NF4)^T + b + s dropout(x) A^T B^T (eq. 5-6)"),
-    ("adapter.py", "h = base(x) + s pool(dropout(x)) A^T B^T, s = alpha / r; "
-                   "dB = s dy^T (x A^T), dA = s (dy B)^T x (Hu et al., 2021, eq. 3)"),
     ("model.py", "x = wte[idx] + wpe; x += attn(ln_1(x)); x += mlp(ln_2(x)); logits = ln_f(x) wte^T"),
     ("nn.py", "`Linear`: y = x W^T + b; a frozen W gets no dW and no optimizer state"),
     ("functional.py", "the forward/backward pairs: dx = dy W, dW = dy^T x; "
                       "cross-entropy dlogits = (softmax - onehot) / (scored targets)"),
-    ("train.py", "one step: forward, loss, backward, gradient norm clipped to 1, optimizer step"),
     ("optim.py", "AdamW: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, "
                  "p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)"),
 ]
@@ -128,6 +130,11 @@ class SourceFile:
         return min(holding, key=lambda span: span[1] - span[0]) if holding else None  # the innermost
 
 
+    def name_at(self, span) -> str:
+        """The name of the function whose (first, last) lines are ``span``."""
+        return next(name for first, last, name in self.functions if (first, last) == span)
+
+
 def relative(path: str) -> str:
     return os.path.relpath(path, PACKAGE_DIR).replace(os.sep, "/")
 
@@ -149,6 +156,22 @@ def count_lines(codes) -> dict:
     return counted
 
 
+def count_functions(codes) -> dict:
+    """{"file:line:function": counted lines} for the traced code objects ``codes``, as ``count_lines`` counts them."""
+    files, counted = {}, {}
+    for code in codes:
+        path = os.path.abspath(code.co_filename)
+        if code.co_name == "<module>" or not path.startswith(PACKAGE_DIR + os.sep):
+            continue
+        if path not in files:
+            files[path] = SourceFile(path)
+        span = files[path].function_at(code)
+        if span is not None:
+            lines = sum(n in files[path].code for n in range(span[0], span[1] + 1))
+            counted[f"{relative(path)}:{span[0]}:{files[path].name_at(span)}"] = lines
+    return counted
+
+
 # ---------------------------------------------------------------- tracing one step
 
 def trace_step(method: str, size: str) -> dict:
@@ -163,9 +186,9 @@ def trace_step(method: str, size: str) -> dict:
 
     from lora_from_scratch import data
     from lora_from_scratch.functional import check_ids, check_targets
-    from lora_from_scratch.methods import adapt
+    from lora_from_scratch.methods import adapt, make_optimizer, train_step
     from lora_from_scratch.model import GPT, GPTConfig
-    from lora_from_scratch.train import TrainConfig, make_optimizer, train_step
+    from lora_from_scratch.train import TrainConfig
 
     cfg = GPTConfig(vocab_size=data.VOCAB_SIZE, **SIZES[size])
     model = GPT(cfg, seed=0)
@@ -236,6 +259,7 @@ def reading_path(size: str = "base") -> dict:
             union.setdefault(path, set()).update(lines)
     out = {name: _summary(counted) for name, counted in [*per_method.items(), ("all", union)]}
     out["batch"] = _summary(count_lines(codes["qlora"]["batch"]))
+    out["functions"] = {m: count_functions(codes[m]["step"]) for m in METHODS}
     return out
 
 
@@ -354,6 +378,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny model (the same functions run)")
     parser.add_argument("--reading-order", action="store_true", help="print the README's reading-order table")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--functions", action="store_true",
+                        help="also print every function on the path with its lines and the methods that run it")
     parser.add_argument("--trace", choices=METHODS, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -370,6 +396,14 @@ def main(argv=None):
         label = NAMES.get(name, "all three")
         print(f"  {label:<10} {path[name]['lines']:5d} lines in {path[name]['files']:2d} files")
     print("  by file (all three): " + ", ".join(f"{f} {n}" for f, n in path["all"]["by_file"].items()))
+    if args.functions:
+        print("functions on the path (lines, file:line:function, the methods that run it):")
+        names = sorted({f for m in METHODS for f in path["functions"][m]},
+                       key=lambda f: (f.split(":")[0], int(f.split(":")[1])))
+        for f in names:
+            lines = next(path["functions"][m][f] for m in METHODS if f in path["functions"][m])
+            runs = ",".join(NAMES[m] for m in METHODS if f in path["functions"][m])
+            print(f"  {lines:4d}  {f}  [{runs}]")
     for kind, label in (("module_level", "module-level imports"), ("all_imports", "all imports")):
         groups = found[kind]
         print(f"import cycles ({label}): {len(groups)}" + "".join(f"\n  {' <-> '.join(g)}" for g in groups))

@@ -28,11 +28,23 @@ and this file is that sentence as code:
   paper's "many small task-specific modules", section 1) and the name of the active one.
   ``merge`` folds the active adapter into the base (section 4.1, "No Additional Inference
   Latency") and ``unmerge`` takes it out again, where the base allows it.
+- ``LoRALinear``: an ``AdaptedLinear`` over a float ``nn.Linear`` (LoRA itself), which also allows
+  the PiSSA start (Meng et al., 2024, section 3): with W0 = U S V^T the adapter takes the top-r
+  singular triplets, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) (so s B A = U_r S_r V_r^T,
+  PEFT's split), and W0 is replaced by the residual W0 - s B A, so the output is unchanged at step 0.
+- ``TARGET_TABLE``: the six matrices of a block LoRA can adapt, Wq, Wk, Wv, Wo, MLP up and down
+  (section 4.2: "the four projection matrices of the self-attention module ... and the two in the MLP
+  module"; section 7.1 studies which to adapt), where each lives in our GPT and in GPT-2.
+- ``replace_targets``: the targeted ``Linear`` layers of a GPT (``resolve_targets``) swapped for
+  adapted layers, then ``mark_only_lora_as_trainable``: only the active adapters' A and B train.
+  ``apply_lora`` does it with ``LoRALinear``; ``qlora.apply_qlora`` and ``qalora.apply_qalora`` with
+  their bases. The other model-level tools (several adapters, disabling, per-task files, merging)
+  are in ``lora.py``.
 
 Initialization (section 4.1): "random Gaussian initialization for A and zero for B, so dW = B A
 is zero at the beginning of training". ``"kaiming"``: A ~ U(-1/sqrt(k'), 1/sqrt(k')) (what PEFT
 and loralib do: ``kaiming_uniform_(a=sqrt(5))``); ``"gaussian"``: A ~ N(0, 1/r^2) (PEFT's
-reading of the paper); ``"pissa"`` (float bases only): ``lora.LoRALinear``.
+reading of the paper); ``"pissa"`` (float bases only): ``LoRALinear`` below.
 
 Nothing here forms the (d, k) matrix B A during training: the adapter's path runs through the
 rank-r bottleneck, and a frozen W0 never gets a gradient (``need_dW=False``).
@@ -41,11 +53,15 @@ rank-r bottleneck, and a frozen W0 never gets a gradient (``need_dW=False``).
 from __future__ import annotations
 
 import math
+import re
+import weakref
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 from . import functional as F
-from .backend import get_xp, like_of, xp_of
-from .nn import Dropout, Linear, Module, ModuleDict, Parameter
+from .backend import get_xp, global_rng, like_of, xp_of
+from .backend import rng as host_rng
+from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
 
 INITS = ("kaiming", "gaussian", "pissa")
 RANDOM_INITS = ("kaiming", "gaussian")
@@ -134,9 +150,7 @@ class LowRankAdapter(Module):
 
     def backward(self, dy):
         """Accumulates dA and dB; returns the adapter's share of dx (..., k)."""
-        if self._cache is None:
-            raise RuntimeError("LowRankAdapter.backward called without a forward (or twice for one forward)")
-        (cache, pool_cache), self._cache = self._cache, None
+        (cache, pool_cache), self._cache = _need_cache(self._cache, "LowRankAdapter"), None
         dxa, dA, dB = F.lowrank_backward(dy, cache, need_dA=self.A.trainable, need_dB=self.B.trainable)
         if dA is not None:
             self.A.accumulate(dA)  # (r, k')
@@ -230,8 +244,7 @@ class QuantizedLinear(Module):
         return y
 
     def backward(self, dy):
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called without a forward (or twice for one forward)")
+        _need_cache(self._cache, type(self).__name__)  # it kept only x's shape
         self._cache = None
         W = self._weight_as(dy.dtype)  # (out, in), dequantized again (not kept from the forward)
         need_db = self.bias is not None and self.bias.trainable
@@ -241,20 +254,11 @@ class QuantizedLinear(Module):
         return dx  # (..., in) = dy W0
 
 
-def frozen_base(base):
-    """Freeze a base layer's parameters and return it (a base never trains)."""
-    if not isinstance(base, (Linear, QuantizedLinear)):
-        raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
-                         f"got {type(base).__name__}")
-    base.freeze()  # every parameter frozen (the weight, the bias); buffers never train anyway
-    return base
-
-
 # ---------------------------------------------------------------- the adapted layer
 class AdaptedLinear(Module):
     """h = base(x) + s * pool(dropout(x)) A^T B^T: a frozen base and named low-rank adapters, one active.
 
-    Subclasses (``lora.LoRALinear``, ``qlora.QLoRALinear``, ``qalora.QALoRALinear``) only choose
+    Subclasses (``LoRALinear`` below, ``qlora.QLoRALinear``, ``qalora.QALoRALinear``) only choose
     the base and the adapter's pooling. Parameter names below a model read
     ``blocks.0.attn.q.base.weight``, ``blocks.0.attn.q.adapters.default.A``.
 
@@ -268,8 +272,11 @@ class AdaptedLinear(Module):
     pooled = False  # QA-LoRA: the adapter sees group means of the base's group size
 
     def __init__(self, base, adapter: LowRankAdapter, adapter_name: str = DEFAULT_ADAPTER):
-        self.base = frozen_base(base)
-        k = self.adapter_in_features
+        if not isinstance(base, (Linear, QuantizedLinear)):
+            raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
+                             f"got {type(base).__name__}")
+        self.base = base.freeze()  # a base never trains: every parameter frozen; buffers never train anyway
+        k = base.in_features // base.group_size if self.pooled else base.in_features  # A's columns: k'
         if tuple(adapter.A.shape[1:]) != (k,) or adapter.B.shape[0] != base.out_features:
             raise ValueError(f"adapter shapes A {adapter.A.shape}, B {adapter.B.shape} do not fit a base of "
                              f"(out, in) = ({base.out_features}, {base.in_features}) (A needs {k} columns)")
@@ -358,10 +365,7 @@ class AdaptedLinear(Module):
     # ------------------------------------------------------------ forward / backward
     def forward(self, x, dropout_mask=None):
         """h = base(x) + s * pool(dropout(x)) A^T B^T (base(x) alone when merged or disabled)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects inputs with last dimension {self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
-        y = self.base(x)  # (..., in) -> (..., out), the frozen path
+        y = self.base(x)  # (..., in) -> (..., out), the frozen path (the base checks x's last dimension)
         used = None if (self.merged or self.active is None) else self.active
         if used is not None:
             y += self.adapters[used](x, dropout_mask)  # (..., out) += (..., out), the adapter's path
@@ -373,9 +377,7 @@ class AdaptedLinear(Module):
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is merged (the base holds W0 + s B A): call unmerge() "
                                "before training")
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called without a forward (or twice for one forward)")
-        used, self._cache = self._cache["adapter"], None
+        used, self._cache = _need_cache(self._cache, type(self).__name__)["adapter"], None
         dx = self.base.backward(dy)  # (..., in) = dy W0; no (out, in) weight gradient is formed
         if used is not None:
             dx += self.adapters[used].backward(dy)  # (..., in)
@@ -453,3 +455,225 @@ class AdaptedLinear(Module):
         names = ", ".join(f"{n}{'*' if n == self.active else ''}: r={a.r}" for n, a in self.adapters.items())
         m = ", merged" if self.merged else ""
         return f"{type(self).__name__}(base={self.base!r}, adapters [{names}]{m})"
+
+
+# ---------------------------------------------------------------- LoRA: a float base
+class LoRALinear(AdaptedLinear):
+    """A frozen float ``Linear`` (``.base``) plus the trainable update s * B A.
+
+    ``LoRALinear(base, r, alpha, dropout=0.0, init="kaiming", use_rslora=False, rng=None)`` freezes
+    ``base.weight`` and ``base.bias`` and creates A (r, in) and B (out, r) from the host generator
+    ``rng`` (default ``backend.global_rng()``); ``init`` is "kaiming", "gaussian" or "pissa".
+    """
+
+    kind = "lora"
+    inits = INITS
+
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
+        if not isinstance(base, Linear):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_lora_args(r, alpha, dropout, init, base.in_features, base.out_features)
+        rng = global_rng() if rng is None else rng
+        if init == "pissa":
+            adapter = _pissa_adapter(base, r, alpha, dropout, use_rslora, rng)
+        else:
+            adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init,
+                                            dropout=dropout, use_rslora=use_rslora, rng=rng,
+                                            like_array=base.weight.data)
+        super().__init__(base, adapter, adapter_name)
+
+
+def check_lora_args(r, alpha, dropout, init, in_features: int, out_features: int) -> None:
+    """LoRA's checks for a float weight (out, in): 1 <= r <= min(in, out), alpha > 0, dropout, an init of ``INITS``."""
+    check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
+                       shape=(out_features, in_features), inits=INITS)
+
+
+def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslora: bool, rng) -> LowRankAdapter:
+    """Top-r singular triplets of W0 into A and B; W0 becomes the residual (computed in float64)."""
+    W = base.weight.data  # (out, in)
+    xp = xp_of(W)
+    s = lora_scaling(r, alpha, use_rslora)
+    W64 = W.astype("float64")  # (out, in)
+    U, S, Vh = xp.linalg.svd(W64, full_matrices=False)  # (out, K), (K,), (K, in); K = min(out, in)
+    root = xp.sqrt(S[:r] / s)  # (r,): sqrt(S_r / s), so that s B A = U_r S_r V_r^T
+    A = (root[:, None] * Vh[:r]).astype(W.dtype)  # (r, 1) * (r, in) -> (r, in)
+    B = (U[:, :r] * root[None, :]).astype(W.dtype)  # (out, r) * (1, r) -> (out, r)
+    # the residual from the rounded factors, so that W_res + s B A reproduces W0 as closely as possible
+    residual = W64 - s * (B.astype("float64") @ A.astype("float64"))  # (out, r) @ (r, in) -> (out, in)
+    base.weight.data = residual.astype(W.dtype)  # (out, in)
+    return LowRankAdapter(A, B, alpha, dropout=dropout, use_rslora=use_rslora, init="pissa",
+                          dropout_seed=int(rng.integers(0, 2**31 - 1)))
+
+
+# ---------------------------------------------------------------- putting adapters into a model
+@dataclass(frozen=True)
+class Target:
+    """One of the six matrices LoRA can adapt in each block (Hu et al., 2021, section 4.2), and where it lives.
+
+    Our GPT keeps all six as separate ``Linear`` layers; GPT-2 (and therefore Hugging Face
+    ``transformers`` and PEFT) fuses Wq, Wk, Wv into one ``c_attn`` of width 3C and names the attention
+    output projection and the MLP's down projection both ``c_proj``. For each of our names:
+
+    - ``parent``: the module of a block that holds it (``attn`` or ``mlp``), so its path is
+      ``blocks.{i}.{parent}.{name}``;
+    - ``hf_module``: the GPT-2 module it belongs to (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``,
+      ``mlp.c_proj``), below ``transformer.h.{i}.``;
+    - ``fused_index``: for q, k, v, which third of ``c_attn``'s 3C outputs it is (0, 1, 2); None otherwise;
+    - ``in_mult``, ``out_mult``: its (in, out) widths in units of n_embd (fc: C -> 4C, proj: 4C -> C).
+    """
+
+    name: str
+    parent: str
+    hf_module: str
+    fused_index: int | None
+    in_mult: int
+    out_mult: int
+
+    def path(self, block: int) -> str:
+        """Our dotted path in a GPT: ``blocks.{block}.{parent}.{name}``."""
+        return f"blocks.{block}.{self.parent}.{self.name}"
+
+    def hf_path(self, block: int) -> str:
+        """The GPT-2 module path: ``transformer.h.{block}.{hf_module}``."""
+        return f"transformer.h.{block}.{self.hf_module}"
+
+    def shape(self, n_embd: int) -> tuple[int, int]:
+        """(out, in) of the weight, the paper's (d, k) orientation."""
+        return self.out_mult * n_embd, self.in_mult * n_embd
+
+
+TARGET_TABLE = {
+    "q": Target("q", "attn", "attn.c_attn", 0, 1, 1),
+    "k": Target("k", "attn", "attn.c_attn", 1, 1, 1),
+    "v": Target("v", "attn", "attn.c_attn", 2, 1, 1),
+    "o": Target("o", "attn", "attn.c_proj", None, 1, 1),
+    "fc": Target("fc", "mlp", "mlp.c_fc", None, 1, 4),
+    "proj": Target("proj", "mlp", "mlp.c_proj", None, 4, 1),
+}
+TARGETS = tuple(TARGET_TABLE)  # ("q", "k", "v", "o", "fc", "proj")
+FUSED = ("q", "k", "v")  # the three thirds of GPT-2's c_attn, in order
+HF_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+_PATH = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.([a-z]+)$")
+_BLOCK_TARGET = re.compile(r"^blocks\.(\d+)\.([a-z]+)$")
+
+
+def parse_path(path: str) -> tuple[int, Target]:
+    """(block index, Target) of a dotted path such as ``blocks.2.attn.q``; ValueError otherwise."""
+    m = _PATH.match(path)
+    if m is None or m.group(3) not in TARGET_TABLE or TARGET_TABLE[m.group(3)].parent != m.group(2):
+        raise ValueError(f"{path!r} is not the path of an adaptable matrix (blocks.<i>.attn.q|k|v|o or "
+                         f"blocks.<i>.mlp.fc|proj)")
+    return int(m.group(1)), TARGET_TABLE[m.group(3)]
+
+
+def resolve_targets(n_layer: int, targets) -> list[tuple[int, Target]]:
+    """(block, Target) pairs for ``targets``, in model order.
+
+    ``targets``: short names from ``TARGETS`` (that matrix in every block) or ``"blocks.{i}.{name}"``
+    (one block), or one such string. Raises ValueError naming an unknown target or a missing block.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ValueError(f"at least one target is needed; valid targets: {list(TARGETS)}")
+    chosen = set()
+    for t in targets:
+        if isinstance(t, str) and t in TARGET_TABLE:
+            chosen.update((i, t) for i in range(n_layer))
+            continue
+        m = _BLOCK_TARGET.match(t) if isinstance(t, str) else None
+        if m is None or m.group(2) not in TARGET_TABLE:
+            raise ValueError(f"unknown target {t!r}; valid targets: {list(TARGETS)} or 'blocks.<i>.<name>'")
+        i = int(m.group(1))
+        if i >= n_layer:
+            raise ValueError(f"target {t!r} names block {i}, but the model has {n_layer} blocks (0..{n_layer - 1})")
+        chosen.add((i, m.group(2)))
+    return [(i, TARGET_TABLE[n]) for i, n in sorted(chosen, key=lambda it: (it[0], TARGETS.index(it[1])))]
+
+
+def is_adapter(module) -> bool:
+    """True for an adapted layer of any kind (LoRA, QLoRA, QA-LoRA)."""
+    return isinstance(module, AdaptedLinear)
+
+
+def lora_layers(model) -> dict:
+    """dotted name -> adapted layer (LoRA, QLoRA or QA-LoRA), e.g. ``blocks.0.attn.q``, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+# layer -> how many ``disable_adapters`` contexts it is inside (weak: a copy or a dropped model is not counted)
+_DISABLED = weakref.WeakKeyDictionary()
+
+
+def refuse_while_disabled(layers: dict, what: str) -> None:
+    """ValueError if any of ``layers`` is inside ``disable_adapters``: on exit the context puts back the active
+    adapters it saved, so a switch, a deletion or a merge made inside would be half undone."""
+    inside = [path for path, layer in layers.items() if _DISABLED.get(layer)]
+    if inside:
+        raise ValueError(f"{what} inside lora.disable_adapters ({inside[0]}): the adapters are switched off "
+                         "until the with-block ends, and its end restores the active adapter it saved; call it "
+                         "after the block")
+
+
+def mark_only_lora_as_trainable(model):
+    """Freeze every parameter except the active adapters' A and B (embeddings, layer norms, biases, W0 included)."""
+    layers = lora_layers(model)
+    refuse_while_disabled(layers, "mark_only_lora_as_trainable")
+    keep = set()
+    for layer in layers.values():
+        if layer.active is not None:
+            keep.update(id(p) for p in layer.adapters[layer.active].parameters())
+    for p in model.parameters():
+        p.trainable = id(p) in keep
+    return model
+
+
+def replace_targets(model, targets, check, make, seed: int | None = None, rng=None):
+    """Swap each targeted ``Linear`` of a GPT for ``make(linear, rng)``, then freeze all but the adapters.
+
+    The shared part of ``apply_lora``, ``qlora.apply_qlora`` and ``qalora.apply_qalora``: targets
+    are resolved (``resolve_targets``), every layer is checked with ``check(linear)``
+    *before* the model changes, and the new layers are made in model order from ``rng``, or a
+    generator seeded with ``seed``, or ``backend.global_rng()``.
+    """
+    refuse_while_disabled(lora_layers(model), "adding adapter layers")
+    found = []
+    for i, target in resolve_targets(len(model.blocks), targets):
+        path, parent = target.path(i), getattr(model.blocks[i], target.parent)  # blocks.{i}.attn or .mlp
+        lin = getattr(parent, target.name)
+        if isinstance(lin, AdaptedLinear):
+            raise ValueError(f"{path} already has an adapter ({type(lin).__name__}); use add_adapter for another task")
+        if type(lin) is not Linear:
+            raise ValueError(f"{path} is a {type(lin).__name__}, not a float Linear layer")
+        try:
+            check(lin)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        found.append((parent, target.name, lin))
+    if rng is None:
+        rng = host_rng(seed) if seed is not None else global_rng()
+    for parent, name, lin in found:
+        setattr(parent, name, make(lin, rng))  # the adapted layer takes the Linear's place
+    return mark_only_lora_as_trainable(model)
+
+
+def apply_lora(model, r: int, alpha: float, targets, dropout: float = 0.0, init: str = "kaiming",
+               use_rslora: bool = False, seed: int | None = None, rng=None, adapter_name: str = DEFAULT_ADAPTER):
+    """Replace the targeted Linear layers of a GPT by LoRALinear, in place; freeze all the rest.
+
+    ``targets``: short names from ['q', 'k', 'v', 'o', 'fc', 'proj'] (that matrix in every
+    block: Wq, Wk, Wv, Wo, MLP up, MLP down) or 'blocks.{i}.{name}' (one block).
+    Adapters are initialized in model order from ``rng`` (a host NumPy generator),
+    or from a new generator seeded with ``seed``, or else ``backend.global_rng()``.
+    Everything is checked before the model changes. Returns the model.
+    """
+    return replace_targets(
+        model, targets,
+        check=lambda lin: check_lora_args(r, alpha, dropout, init, lin.in_features, lin.out_features),
+        make=lambda lin, g: LoRALinear(lin, r, alpha, dropout=dropout, init=init, use_rslora=use_rslora, rng=g,
+                                       adapter_name=adapter_name),
+        seed=seed, rng=rng)

@@ -1,22 +1,16 @@
-"""LoRA (Hu et al., 2021) on a float W0, and the model-level tools shared by LoRA, QLoRA and QA-LoRA.
+"""The model-level tools of LoRA (Hu et al., 2021), shared by LoRA, QLoRA and QA-LoRA.
 
-``LoRALinear`` is ``adapter.AdaptedLinear`` with a float base (a frozen ``nn.Linear``): the
-paper's equation (3), section 4.1,
+What one training step runs, making the adapted layers and putting them into a model, lives in
+``adapter.py`` (``LoRALinear``, the PiSSA start, ``apply_lora``, ``replace_targets``,
+``mark_only_lora_as_trainable``); those names are importable from here too. This file holds what
+comes around training: several adapters on one base, switching them off, storing them, merging.
 
-    h = W0 x + B A x   ->   h = x W0^T + b + s * dropout(x) A^T B^T    (rows of x; s = alpha / r)
-
-with W0 frozen (it gets no gradient and no optimizer state) and only A, B trained. A float base
-also allows the PiSSA start (Meng et al., 2024, section 3): with W0 = U S V^T the adapter takes
-the top-r singular triplets, A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) (so s B A = U_r S_r
-V_r^T, PEFT's split), and W0 is replaced by the residual W0 - s B A, so the output is unchanged
-at step 0.
-
-Everything below ``apply_lora`` takes a model and works for every adapter kind (an adapted layer
-is a base plus adapters, whatever the base), or raises a ValueError that says why:
+Everything here takes a model and works for every adapter kind (an adapted layer is a base plus
+adapters, whatever the base), or raises a ValueError that says why:
 
 - ``apply_lora`` (and ``qlora.apply_qlora``, ``qalora.apply_qalora``, through ``replace_targets``):
   put adapters on the targeted matrices (``targets.TARGETS``: Wq, Wk, Wv, Wo, MLP up and down;
-  section 4.2 and 7.1 study which to adapt) and freeze everything else.
+  section 4.2 and 7.1 study which to adapt) and freeze everything else (``adapter.py``).
 - ``lora_state_dict`` / ``load_lora_state_dict``: one adapter's A and B, the per-task file of
   section 4.2 ("we only need to store and load ... the LoRA weights").
 - ``add_adapter`` / ``set_adapter`` / ``delete_adapter``: several task adapters on one shared base,
@@ -34,21 +28,27 @@ is a base plus adapters, whatever the base), or raises a ValueError that says wh
 from __future__ import annotations
 
 import contextlib
-import weakref
 
-from .adapter import (
-    DEFAULT_ADAPTER,
+from .adapter import (  # the path of one training step lives in adapter.py; its public names are also here
+    _DISABLED,
     INITS,
+    TARGETS,
     AdaptedLinear,
+    LoRALinear,
     LowRankAdapter,
     QuantizedLinear,
-    check_adapter_args,
+    apply_lora,
+    check_lora_args,
+    is_adapter,
+    lora_layers,
     lora_scaling,
+    mark_only_lora_as_trainable,
+    refuse_while_disabled,
+    replace_targets,
 )
 from .backend import global_rng, like_of, xp_of
 from .backend import rng as host_rng
-from .nn import Linear, _check_name
-from .targets import TARGETS, resolve_targets
+from .nn import _check_name
 
 __all__ = [
     "INITS", "TARGETS", "AdaptedLinear", "LoRALinear", "LowRankAdapter", "active_adapter", "adapter_names",
@@ -58,64 +58,12 @@ __all__ = [
 ]
 
 
-class LoRALinear(AdaptedLinear):
-    """A frozen float ``Linear`` (``.base``) plus the trainable update s * B A.
-
-    ``LoRALinear(base, r, alpha, dropout=0.0, init="kaiming", use_rslora=False, rng=None)`` freezes
-    ``base.weight`` and ``base.bias`` and creates A (r, in) and B (out, r) from the host generator
-    ``rng`` (default ``backend.global_rng()``); ``init`` is "kaiming", "gaussian" or "pissa".
-    """
-
-    kind = "lora"
-    inits = INITS
-
-    def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
-        if not isinstance(base, Linear):
-            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        check_lora_args(r, alpha, dropout, init, base.in_features, base.out_features)
-        rng = global_rng() if rng is None else rng
-        if init == "pissa":
-            adapter = _pissa_adapter(base, r, alpha, dropout, use_rslora, rng)
-        else:
-            adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init,
-                                            dropout=dropout, use_rslora=use_rslora, rng=rng,
-                                            like_array=base.weight.data)
-        super().__init__(base, adapter, adapter_name)
-
-
-def check_lora_args(r, alpha, dropout, init, in_features: int, out_features: int) -> None:
-    """LoRA's checks for a float weight (out, in): 1 <= r <= min(in, out), alpha > 0, dropout, an init of ``INITS``."""
-    check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
-                       shape=(out_features, in_features), inits=INITS)
-
-
-def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslora: bool, rng) -> LowRankAdapter:
-    """Top-r singular triplets of W0 into A and B; W0 becomes the residual (computed in float64)."""
-    W = base.weight.data  # (out, in)
-    xp = xp_of(W)
-    s = lora_scaling(r, alpha, use_rslora)
-    W64 = W.astype("float64")  # (out, in)
-    U, S, Vh = xp.linalg.svd(W64, full_matrices=False)  # (out, K), (K,), (K, in); K = min(out, in)
-    root = xp.sqrt(S[:r] / s)  # (r,): sqrt(S_r / s), so that s B A = U_r S_r V_r^T
-    A = (root[:, None] * Vh[:r]).astype(W.dtype)  # (r, 1) * (r, in) -> (r, in)
-    B = (U[:, :r] * root[None, :]).astype(W.dtype)  # (out, r) * (1, r) -> (out, r)
-    # the residual from the rounded factors, so that W_res + s B A reproduces W0 as closely as possible
-    residual = W64 - s * (B.astype("float64") @ A.astype("float64"))  # (out, r) @ (r, in) -> (out, in)
-    base.weight.data = residual.astype(W.dtype)  # (out, in)
-    return LowRankAdapter(A, B, alpha, dropout=dropout, use_rslora=use_rslora, init="pissa",
-                          dropout_seed=int(rng.integers(0, 2**31 - 1)))
-
-
-# ---------------------------------------------------------------- finding and making adapted layers
-def is_adapter(module) -> bool:
-    """True for an adapted layer of any kind (LoRA, QLoRA, QA-LoRA)."""
-    return isinstance(module, AdaptedLinear)
-
-
-def lora_layers(model) -> dict:
-    """dotted name -> adapted layer (LoRA, QLoRA or QA-LoRA), e.g. ``blocks.0.attn.q``, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts. The total includes the frozen base weights, and a quantized
+    weight counts as the out * in weights it encodes (its codes are buffers, not parameters)."""
+    params = model.parameters()
+    quantized = sum(m.weight_count for _, m in model.named_modules() if isinstance(m, QuantizedLinear))
+    return sum(p.size for p in params if p.trainable), sum(p.size for p in params) + quantized
 
 
 def _layers(model, what: str, changes: bool = False) -> dict:
@@ -129,87 +77,6 @@ def _layers(model, what: str, changes: bool = False) -> dict:
         refuse_while_disabled(layers, what)
     return layers
 
-
-# layer -> how many ``disable_adapters`` contexts it is inside (weak: a copy or a dropped model is not counted)
-_DISABLED = weakref.WeakKeyDictionary()
-
-
-def refuse_while_disabled(layers: dict, what: str) -> None:
-    """ValueError if any of ``layers`` is inside ``disable_adapters``: on exit the context puts back the active
-    adapters it saved, so a switch, a deletion or a merge made inside would be half undone."""
-    inside = [path for path, layer in layers.items() if _DISABLED.get(layer)]
-    if inside:
-        raise ValueError(f"{what} inside lora.disable_adapters ({inside[0]}): the adapters are switched off "
-                         "until the with-block ends, and its end restores the active adapter it saved; call it "
-                         "after the block")
-
-
-def mark_only_lora_as_trainable(model):
-    """Freeze every parameter except the active adapters' A and B (embeddings, layer norms, biases, W0 included)."""
-    layers = lora_layers(model)
-    refuse_while_disabled(layers, "mark_only_lora_as_trainable")
-    keep = set()
-    for layer in layers.values():
-        if layer.active is not None:
-            keep.update(id(p) for p in layer.adapter.parameters())
-    for p in model.parameters():
-        p.trainable = id(p) in keep
-    return model
-
-
-def replace_targets(model, targets, check, make, seed: int | None = None, rng=None):
-    """Swap each targeted ``Linear`` of a GPT for ``make(linear, rng)``, then freeze all but the adapters.
-
-    The shared part of ``apply_lora``, ``qlora.apply_qlora`` and ``qalora.apply_qalora``: targets
-    are resolved (``targets.resolve_targets``), every layer is checked with ``check(linear)``
-    *before* the model changes, and the new layers are made in model order from ``rng``, or a
-    generator seeded with ``seed``, or ``backend.global_rng()``.
-    """
-    refuse_while_disabled(lora_layers(model), "adding adapter layers")
-    found = []
-    for i, target in resolve_targets(len(model.blocks), targets):
-        path = target.path(i)
-        lin = model.get_submodule(path)
-        if is_adapter(lin):
-            raise ValueError(f"{path} already has an adapter ({type(lin).__name__}); use add_adapter for another task")
-        if type(lin) is not Linear:
-            raise ValueError(f"{path} is a {type(lin).__name__}, not a float Linear layer")
-        try:
-            check(lin)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        found.append((path, lin))
-    if rng is None:
-        rng = host_rng(seed) if seed is not None else global_rng()
-    for path, lin in found:
-        model.set_submodule(path, make(lin, rng))
-    return mark_only_lora_as_trainable(model)
-
-
-def apply_lora(model, r: int, alpha: float, targets, dropout: float = 0.0, init: str = "kaiming",
-               use_rslora: bool = False, seed: int | None = None, rng=None, adapter_name: str = DEFAULT_ADAPTER):
-    """Replace the targeted Linear layers of a GPT by LoRALinear, in place; freeze all the rest.
-
-    ``targets``: short names from ['q', 'k', 'v', 'o', 'fc', 'proj'] (that matrix in every
-    block: Wq, Wk, Wv, Wo, MLP up, MLP down) or 'blocks.{i}.{name}' (one block).
-    Adapters are initialized in model order from ``rng`` (a host NumPy generator),
-    or from a new generator seeded with ``seed``, or else ``backend.global_rng()``.
-    Everything is checked before the model changes. Returns the model.
-    """
-    return replace_targets(
-        model, targets,
-        check=lambda lin: check_lora_args(r, alpha, dropout, init, lin.in_features, lin.out_features),
-        make=lambda lin, g: LoRALinear(lin, r, alpha, dropout=dropout, init=init, use_rslora=use_rslora, rng=g,
-                                       adapter_name=adapter_name),
-        seed=seed, rng=rng)
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts. The total includes the frozen base weights, and a quantized
-    weight counts as the out * in weights it encodes (its codes are buffers, not parameters)."""
-    params = model.parameters()
-    quantized = sum(m.weight_count for _, m in model.named_modules() if isinstance(m, QuantizedLinear))
-    return sum(p.size for p in params if p.trainable), sum(p.size for p in params) + quantized
 
 
 # ---------------------------------------------------------------- named adapters

@@ -455,11 +455,9 @@ class Linear(Module):
 
     def backward(self, dy):
         cache, self._cache = _need_cache(self._cache, "Linear"), None
-        dx, dW, db = F.linear_backward(
-            dy, cache,
-            need_dW=self.weight.trainable,
-            need_db=self.bias is not None and self.bias.trainable,
-        )
+        # a frozen W0 (LoRA) skips its gradient: no dW = dy^T x is formed
+        need_db = self.bias is not None and self.bias.trainable
+        dx, dW, db = F.linear_backward(dy, cache, need_dW=self.weight.trainable, need_db=need_db)
         if dW is not None:
             self.weight.accumulate(dW)
         if db is not None:

@@ -31,10 +31,17 @@ base, ``NF4Linear``:
 
 from __future__ import annotations
 
-from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
-from .backend import get_xp, xp_of
+from .adapter import (
+    DEFAULT_ADAPTER,
+    RANDOM_INITS,
+    AdaptedLinear,
+    LowRankAdapter,
+    QuantizedLinear,
+    check_adapter_args,
+    replace_targets,
+)
+from .backend import get_xp, global_rng, xp_of
 from .checks import check_power_of_two
-from .lora import replace_targets
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE
@@ -66,6 +73,7 @@ class NF4Linear(QuantizedLinear):
         out_features, in_features = q.shape
         super().__init__(in_features, out_features, bias)
         self.blocksize, self.quant_type, self.weight_dtype = int(q.blocksize), q.quant_type, str(q.dtype)
+        self.double_quant = bool(q.double_quant)  # the block constants stored in 8 bits (c2) with c1 per 256
         # the storage: fixed-precision arrays of the format, never cast by Module.astype
         self.packed = Buffer(q.packed, castable=False)  # (out * in / 2,) uint8
         if q.double_quant:
@@ -78,11 +86,9 @@ class NF4Linear(QuantizedLinear):
     @classmethod
     def from_weight(cls, weight, bias=None, blocksize: int = 64, double_quant: bool = True,
                     quant_type: str = "nf4") -> NF4Linear:
-        """Quantize a float weight (out, in); the bias (out,) stays float."""
-        if weight.ndim != 2:
-            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
-        q = quantize_4bit(weight, blocksize=check_blocksize(blocksize), quant_type=quant_type,
-                          double_quant=double_quant)  # (out, in) -> packed codes and constants
+        """Quantize a float weight (out, in); the bias (out,) stays float. ``quantize_4bit`` checks the block size
+        and the quant type, the constructor the shape (a 2-D weight)."""
+        q = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)  # packed
         return cls(q, bias)
 
     @classmethod
@@ -93,10 +99,6 @@ class NF4Linear(QuantizedLinear):
             raise ValueError(f"NF4Linear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         bias = linear.bias.data if linear.bias is not None else None
         return cls.from_weight(linear.weight.data, bias, blocksize, double_quant, quant_type)
-
-    @property
-    def double_quant(self) -> bool:
-        return "qabsmax" in vars(self)
 
     @property
     def quantized(self) -> Quantized4bit:
@@ -172,8 +174,6 @@ class QLoRALinear(AdaptedLinear):
     def __init__(self, base, r: int, alpha: float, blocksize: int = 64, double_quant: bool = True,
                  dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, *, quant_type: str = "nf4",
                  rng=None, adapter_name: str = DEFAULT_ADAPTER):
-        from .backend import global_rng
-
         if isinstance(base, Linear):
             check_qlora_args(r, alpha, dropout, init, blocksize, base.in_features, base.out_features)
             ref = base.weight.data  # (out, in), the float weight: its dtype and backend go to A and B
@@ -199,10 +199,10 @@ class QLoRALinear(AdaptedLinear):
 
 
 def check_qlora_args(r, alpha, dropout, init, blocksize, in_features: int, out_features: int) -> None:
-    """LoRA's checks (rank, alpha, dropout, init) plus the block size; raises ValueError naming the problem."""
-    if init == "pissa":
-        raise ValueError("init 'pissa' is not supported by QLoRA (its residual W0 - s B A would be the "
-                         f"matrix to quantize); valid inits: {list(QLORA_INITS)}")
+    """LoRA's checks (rank, alpha, dropout, init) plus the block size; raises ValueError naming the problem.
+
+    PiSSA is refused with the other unknown inits (its residual W0 - s B A would be the matrix to quantize).
+    """
     check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
                        shape=(out_features, in_features), inits=QLORA_INITS)
     check_blocksize(blocksize)

@@ -1,4 +1,4 @@
-"""The training loop: batches from ``data``, AdamW, clipping, warm-up + cosine, evaluation.
+"""The training loop: batches from ``data``, the step of ``methods.py`` (AdamW, clipping), warm-up + cosine, evaluation.
 
 One loop serves every stage of the tutorial: pre-training the base model
 (all parameters trainable), LoRA / QLoRA / QA-LoRA fine-tuning (only the
@@ -14,7 +14,7 @@ Host synchronization: one per step. Each batch is made and checked on the
 host (ids in range, targets valid: ``functional.check_ids`` and
 ``check_targets`` on NumPy arrays, before they are moved), so the forward,
 the loss, the backward, clipping and the AdamW step run with no host sync
-(``train_step``); the loss and the gradient norm are then read in a single
+(``methods.train_step``); the loss and the gradient norm are then read in a single
 transfer, and a NaN or inf in either stops training (``TrainingDiverged``)
 before the optimizer step could spread it into the weights.
 """
@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import data
-from .backend import like, xp_of
+from .backend import like
 from .checks import check_choice, check_int, check_number
 from .functional import check_ids, check_targets, cross_entropy
-from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .methods import make_optimizer, train_step  # one step of any method (methods.py); the loop is here
+from .optim import warmup_cosine
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,51 +98,6 @@ def held_out_loss(model, eval_sets: dict) -> float:
         return sum(losses) / len(losses)
     finally:
         model.train(was_training)
-
-
-def make_optimizer(model, cfg: TrainConfig) -> AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (not biases, gains or 1-D vectors)."""
-    params = model.trainable_parameters()
-    decay = [p for p in params if len(p.shape) >= 2]
-    no_decay = [p for p in params if len(p.shape) < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
-    """One training step on a batch whose ids and targets were already checked; returns (loss, grad norm).
-
-    Forward, cross-entropy, backward, clipping (if ``grad_clip``) and the
-    optimizer step, with exactly one host synchronization: the loss and the
-    gradient norm before clipping come back together as two Python floats.
-    Without clipping (``grad_clip=0``) no norm is computed (None), but a NaN or
-    inf gradient under a finite loss must still be caught: the sum of every
-    gradient, in its own dtype (one read of each, no temporary), is NaN or inf
-    exactly when one is, and is then returned in the norm's place. When the
-    loss or that value is NaN or inf the optimizer step is skipped, so the
-    weights stay as they were; the caller decides what to do (``train``
-    raises ``TrainingDiverged``).
-    """
-    logits = model(idx, check=False)  # (B, T) -> (B, T, V); ids checked by the caller
-    loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
-    model.zero_grad()
-    model.backward(dlogits)
-    if grad_clip:
-        norm = clip_grad_norm(opt.params, grad_clip)  # (), on the device
-    else:  # no clipping, but a NaN or inf gradient must still hold the step back: their sum shows it
-        norm = xp_of(loss).zeros((), dtype="float64")  # ()
-        for p in opt.params:
-            if p.grad is not None:
-                norm = norm + p.grad.sum()  # (shape of p) -> (), NaN or inf if any entry is
-    xp = xp_of(loss, norm)
-    loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer
-    if not grad_clip and math.isfinite(norm_value):
-        norm_value = None  # a sum, not a norm: reported only when it shows a NaN or inf gradient
-    if math.isfinite(loss_value) and (norm_value is None or math.isfinite(norm_value)):
-        opt.step()
-    return loss_value, norm_value
 
 
 def _batch(rng, cfg: TrainConfig, block: int, vocab: int, reference):

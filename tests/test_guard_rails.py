@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from lora_from_scratch import __main__ as cli
-from lora_from_scratch import backend, data, demo, lora, outputs, train
+from lora_from_scratch import backend, data, demo, lora, optim, outputs, train
 from lora_from_scratch.io import BASE_CHECKPOINT
 from lora_from_scratch.model import GPT, GPTConfig
 
@@ -284,7 +284,7 @@ def test_a_nan_gradient_without_clipping_never_reaches_the_adapter():
             model.blocks[0].attn.q.adapter.B.grad[0, 0] = np.nan
 
     model.backward = nan_at_the_second_step
-    opt_step = train.AdamW.step
+    opt_step = optim.AdamW.step
 
     def recording_step(self):
         opt_step(self)
@@ -293,7 +293,7 @@ def test_a_nan_gradient_without_clipping_never_reaches_the_adapter():
     cfg = train.TrainConfig(steps=4, batch_size=4, lr=1e3, grad_clip=0.0, warmup_steps=1, eval_every=0,
                             eval_per_task=2, seed=0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.AdamW, "step", recording_step)
+        mp.setattr(optim.AdamW, "step", recording_step)
         with pytest.raises(train.TrainingDiverged, match=r"sum of the gradients became nan \(loss .*\) at step 1 "):
             train.train(model, cfg, progress=False)
     assert len(calls) == 2 and after  # the first step was taken, the second was not

@@ -104,7 +104,7 @@ def test_reading_path_is_sane(measured):
         path = measured[method]
         assert path["lines"] == sum(path["by_file"].values()) > 0
         assert path["files"] == len(path["by_file"])
-        for name in ("functional.py", "nn.py", "adapter.py", "model.py", "train.py", "optim.py", "methods.py"):
+        for name in ("functional.py", "nn.py", "adapter.py", "model.py", "optim.py", "methods.py"):
             assert path["by_file"].get(name, 0) > 0, f"{method}: {name} is not on the path"
         assert not any(name.startswith(("plots/", "experiments/", "verify/")) for name in path["by_file"])
     assert measured["qlora"]["by_file"]["quant/blockwise.py"] > 0
