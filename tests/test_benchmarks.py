@@ -19,6 +19,7 @@ REPORTS = {
     "lora_step.py": "ours LoRA / PyTorch + PEFT",
     "nf4.py": "ratio ours/bitsandbytes",
     "qalora.py": "ratio QA-LoRA / LoRA",
+    "gpt2_scale.py": "QLoRA NF4+DQ, ours / PEFT over bitsandbytes",
 }
 
 
