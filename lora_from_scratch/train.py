@@ -112,10 +112,9 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
     optimizer step is skipped, so the weights stay as they were; the caller
     decides what to do (``train`` raises ``TrainingDiverged``).
     """
-    logits = model(idx, check=False)  # (B, T) -> (B, T, V); ids checked by the caller
-    loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
+    loss = model.loss(idx, targets, check=False)  # (); the LM head and the loss in chunks, checked by the caller
     model.zero_grad()
-    model.backward(dlogits)
+    model.backward()
     if grad_clip:
         norm = clip_grad_norm(opt.params, grad_clip)  # (), on the device
         xp = xp_of(loss, norm)
