@@ -45,6 +45,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
+from lora_step import peft_step as torch_step  # noqa: E402  (a torch training step, any model)
 
 from lora_from_scratch.hf_io import load_hf_gpt2  # noqa: E402
 from lora_from_scratch.lora import apply_lora  # noqa: E402
@@ -128,15 +129,11 @@ def ours_step(model, opt, idx, tgt):
     return train_step(model, opt, idx, tgt)[0]
 
 
-def torch_step(model, opt, idx, tgt):
+def no_grad_logits(model, idx):
     import torch
 
-    logits = model(input_ids=idx).logits  # (B, T, V)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
+    with torch.no_grad():
+        return model(input_ids=idx).logits  # (B, T, V)
 
 
 # ---------------------------------------------------------------- timing
@@ -161,11 +158,7 @@ def time_full(folder: str, idx, tgt, reps: int) -> dict:
     full, full_opt = ours("full", folder)
     tm, topt = reference("torch", folder)
 
-    def torch_forward():
-        with torch.no_grad():
-            return tm(input_ids=t_idx).logits
-
-    med = alternate({"ours": lambda: full(idx, check=False), "torch": torch_forward}, reps)
+    med = alternate({"ours": lambda: full(idx, check=False), "torch": lambda: no_grad_logits(tm, t_idx)}, reps)
     full._drop_caches()
     ratios = {"forward, ours / torch no_grad": med["ours"] / med["torch"]}
     first = (ours_step(full, full_opt, idx, tgt), torch_step(tm, topt, t_idx, t_tgt))
@@ -203,11 +196,7 @@ def time_long_forward(folder: str, vocab: int, t: int, reps: int) -> float:
     model, _ = ours("full", folder)
     tm, _ = reference("torch", folder)
 
-    def torch_forward():
-        with torch.no_grad():
-            return tm(input_ids=t_idx).logits
-
-    med = alternate({"ours": lambda: model(idx, check=False), "torch": torch_forward}, reps)
+    med = alternate({"ours": lambda: model(idx, check=False), "torch": lambda: no_grad_logits(tm, t_idx)}, reps)
     return med["ours"] / med["torch"]
 
 
