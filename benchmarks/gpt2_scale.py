@@ -291,7 +291,7 @@ def memory_account(folder: str, b: int, t: int) -> dict:
 
 
 def calculated(model, kind: str, b: int, t: int) -> dict:
-    """What ``memory.paper`` says a step of ``kind`` holds (and, where it can, its peak)."""
+    """What ``memory.paper`` says a step of ``kind`` holds, and its peak (held + activations + temporaries)."""
     from lora_from_scratch.memory import paper
 
     size = paper.TransformerSize.from_config(model.config)
@@ -301,7 +301,9 @@ def calculated(model, kind: str, b: int, t: int) -> dict:
     if kind == "qalora":  # the calculator has no QA-LoRA method: swap the base's bytes for the group-wise ones
         n_lin = paper.linear_parameters(size)
         held += n_lin * (paper.groupwise_bits_per_parameter(BITS, GROUP) / 8 - 4)
-    return {"held": held, "peak": None}
+    moments_and_weights = held - est.gradients  # what is held when a step begins (no gradients yet)
+    act = paper.activation_bytes(size, b, t, embedding_trains=kind == "full")
+    return {"held": held, "peak": moments_and_weights + act + paper.step_transient_bytes(size, b, t)}
 
 
 # ---------------------------------------------------------------- report
@@ -309,6 +311,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a reduced size, 1 repetition")
+    ap.add_argument("--memory", action="store_true", help="only the memory account (measured against calculated)")
     ap.add_argument("--child", choices=OURS_KINDS + REF_KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -321,6 +324,9 @@ def main() -> None:
     reps = 1 if args.quick else args.reps
     with tempfile.TemporaryDirectory() as folder:
         save_random_gpt2(plan["sizes"], folder)
+        if args.memory:
+            print_memory_account(folder, *plan["shapes"][0])
+            return
         vocab = ours("full", folder)[0].config.vocab_size
         cfg = ours("full", folder)[0].config
         print(f"GPT-2 shape: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {vocab}; "
@@ -354,16 +360,18 @@ def main() -> None:
             ref = f"; reference ({label}) {format_bytes(peaks[label])}" if label else ""
             print(f"  ours {kind:<7} {format_bytes(peaks[kind]):>10}{ref}")
 
-        acct = memory_account(folder, b, t)
-        print(f"\nmemory of our methods at {b} x {t}: held (weights + gradients + AdamW moments) and a step's "
-              "traced peak, measured against calculated")
-        for kind, m in acct.items():
-            held_err = m["held"] / m["held_calc"] - 1 if m["held_calc"] else float("nan")
-            line = (f"  {kind:<7} held {format_bytes(m['held']):>10} calculated {format_bytes(m['held_calc']):>10} "
-                    f"({held_err:+.2%}); traced step peak {format_bytes(m['peak']):>10}")
-            if m["peak_calc"]:
-                line += f" calculated {format_bytes(m['peak_calc']):>10} ({m['peak'] / m['peak_calc'] - 1:+.1%})"
-            print(line)
+        print_memory_account(folder, b, t)
+
+
+def print_memory_account(folder: str, b: int, t: int) -> None:
+    acct = memory_account(folder, b, t)
+    print(f"\nmemory of our methods at {b} x {t}: held (weights + gradients + AdamW moments) and a step's "
+          "traced peak, measured against calculated")
+    for kind, m in acct.items():
+        held_err = m["held"] / m["held_calc"] - 1
+        print(f"  {kind:<7} held {format_bytes(m['held']):>10} calculated {format_bytes(m['held_calc']):>10} "
+              f"({held_err:+.2%}); traced step peak {format_bytes(m['peak']):>10} calculated "
+              f"{format_bytes(m['peak_calc']):>10} ({m['peak'] / m['peak_calc'] - 1:+.1%})")
 
 
 if __name__ == "__main__":
