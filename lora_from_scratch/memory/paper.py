@@ -26,6 +26,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
+from ..functional import lm_head_chunk_rows
 from ..targets import TARGET_TABLE, TARGETS
 
 # ----------------------------------------------------------------------------------------------
@@ -401,9 +402,9 @@ def activation_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: fl
 def step_transient_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: float = 4) -> float:
     """The largest temporaries of a step on top of the activations: in the backward one (B, n_head, T, T)
     attention array and two (tokens, 4 d) MLP arrays, or in the loss one chunk of logits
-    (``functional.lm_head_cross_entropy``: about 2**22 values, at most tokens x vocab)."""
+    (``functional.lm_head_cross_entropy``: ``lm_head_chunk_rows`` x vocab, at most tokens x vocab)."""
     tokens = batch * seq
     backward = batch * cfg.n_head * seq * seq + 2 * tokens * cfg.d_ff
-    rows = max(16, (1 << 22) // cfg.vocab_size)
+    rows = lm_head_chunk_rows(cfg.vocab_size)
     loss = min(rows, tokens) * cfg.vocab_size
     return value_bytes * max(backward, loss)
