@@ -334,6 +334,7 @@ def main() -> None:
         table, secs = {}, {}
         for b, t in plan["shapes"]:
             table[(b, t)], secs[(b, t)] = time_shape(folder, vocab, b, t, reps)
+            print(f"at {b} x {t}: " + "; ".join(f"{k} {v:.2f}" for k, v in table[(b, t)].items()), flush=True)
         (b0, t0), (b1, t1) = plan["shapes"]
         print(f"\n| step | ours / reference, batch {b0} x {t0} | batch {b1} x {t1} |")
         print("| --- | --- | --- |")
