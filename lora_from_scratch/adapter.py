@@ -17,7 +17,7 @@ and this file is that sentence as code:
   (QLoRA) or ``qalora.GroupwiseLinear`` (QA-LoRA). The two quantized ones derive from
   ``QuantizedLinear`` below: their arrays are ``Buffer``s, and they dequantize W0 on the fly in
   the forward *and again* in the backward, so no float W0 is ever kept between the two. Each
-  base takes an update its own way (``with_update``): a float weight adds it; an NF4 weight is
+  base takes an update its own way (``merged_copy``): a float weight adds it; an NF4 weight is
   dequantized, added to and (on request) re-quantized; a group-wise weight folds an update that
   is constant within each group into its zero points and refuses any other.
 - ``LowRankAdapter``: A (r, k'), B (d, r), the scaling s = alpha / r (rsLoRA, Kalajdzievski 2023:
@@ -394,7 +394,7 @@ class AdaptedLinear(Module):
         """
         if self.merged:
             raise ValueError("the layer is already merged: its base is the merged layer")
-        return self.base.with_update(self.delta_weight(), requantize=requantize)  # delta (out, in)
+        return self.base.merged_copy(self.delta_weight(), requantize=requantize)  # delta (out, in)
 
     @property
     def merges_in_place(self) -> bool:
@@ -427,7 +427,7 @@ class AdaptedLinear(Module):
         if not self.merged:
             return self
         delta = self.adapter.delta_weight()  # (out, in), the same A, B and s as the merge (they cannot change)
-        self.base = self.base.with_update(-delta)  # (out, in) update taken out again
+        self.base = self.base.merged_copy(-delta)  # (out, in) update taken out again
         self.merged, self._cache = False, None
         return self
 

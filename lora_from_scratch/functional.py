@@ -370,6 +370,69 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     return loss, dl.reshape(logits.shape)
 
 
+def lm_head_chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk of ``lm_head_cross_entropy``: 512, or more while a chunk stays under 2**22 logits."""
+    return max(512, (1 << 22) // vocab_size)
+
+
+def lm_head_cross_entropy(x, W, targets, ignore_index=IGNORE_INDEX, need_dW=True, rows=None):
+    """The LM head and the mean cross-entropy together, in chunks of rows: ``(loss, dx, dW)``.
+
+    The same numbers as ``logits, cache = linear_forward(x, W)``, ``loss, dlogits =
+    cross_entropy(logits, targets, check=False)`` and ``dx, dW, _ = linear_backward(dlogits,
+    cache)``, but the (N, V) logits and their gradient never exist whole: each chunk of ``rows``
+    positions makes its logits (rows, V), turns them in place into their gradient
+    (softmax - onehot) / n_valid, adds its share to dx (rows, C) and dW (V, C), and is dropped.
+    The gradient overwrites the logits in place, so a chunk holds one (rows, V) array where the plain
+    form holds the logits, their exponentials and their gradient. Chunks are 512 positions at
+    GPT-2's vocabulary (``lm_head_chunk_rows``): smaller ones measured slower on two cores (the
+    head's dW is accumulated once per chunk and narrower products use BLAS less well).
+
+    x (..., C), W (V, C), targets (...) integers. ``need_dW=False`` skips dW (a frozen embedding).
+    Targets are not checked (``check_targets`` does that once per batch); as in ``cross_entropy``
+    an out-of-range target makes the loss and the gradients NaN, and an all-ignored batch gives 0.
+    """
+    xp = xp_of(x, W)
+    V, C = W.shape
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
+    x2 = x.reshape(-1, C)  # (..., C) -> (N, C)
+    tg = targets.reshape(-1)  # (...) -> (N,)
+    N = x2.shape[0]
+    rows = rows or lm_head_chunk_rows(V)  # (rows, V) logits per chunk
+    valid = tg != ignore_index  # (N,)
+    in_range = (tg >= 0) & (tg < V)  # (N,)
+    bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
+    valid &= in_range  # (N,)
+    n_valid = xp.maximum(valid.sum(), 1).astype(x2.dtype)  # (): >= 1, so never 0 / 0
+    poison = xp.where(bad, math.nan, 0.0).astype(x2.dtype)  # (): NaN when a target is out of range
+    weight = valid.astype(x2.dtype) / n_valid + poison  # (N,) each position's share of the mean
+    safe_t = xp.where(valid, tg, 0)  # (N,)
+    dx = xp.empty_like(x2)  # (N, C)
+    dW = xp.zeros_like(W) if need_dW else None  # (V, C)
+    buf = xp.empty((min(rows, N), V), dtype=xp.result_type(x2, W))  # (rows, V), reused by every chunk
+    total = xp.zeros((), dtype=x2.dtype)  # ()
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        xc, n = x2[start:stop], stop - start  # (n, C)
+        lg = buf[:n]  # (n, V)
+        xp.matmul(xc, W.T, out=lg)  # (n, C) @ (C, V) -> (n, V) logits
+        lg -= lg.max(axis=1, keepdims=True)  # (n, V) shifted: each row's max is 0
+        r = xp.arange(n)  # (n,)
+        logit_t = lg[r, safe_t[start:stop]]  # (n,) the target's shifted logit (a copy)
+        xp.exp(lg, out=lg)  # (n, V)
+        sums = lg.sum(axis=1)  # (n,)
+        total = total - ((logit_t - xp.log(sums)) * valid[start:stop]).sum()  # () sum of -log p(target)
+        lg /= sums[:, None]  # (n, V) softmax
+        lg[r, safe_t[start:stop]] -= 1.0  # (n, V) minus one-hot
+        lg *= weight[start:stop, None]  # (n, V) d(mean loss) / d(logits); zero rows where ignored
+        dx[start:stop] = lg @ W  # (n, V) @ (V, C) -> (n, C)
+        if need_dW:
+            dW += lg.T @ xc  # (V, n) @ (n, C) -> (V, C)
+    loss = total / n_valid + poison  # ()
+    return loss, dx.reshape(x.shape), dW
+
+
 # ------------------------------------------------------------ the low-rank adapter
 def lowrank_forward(xa, A, B, scaling: float):
     """The adapter's path of LoRA (Hu et al., 2021, eq. 3): y = s * (xa A^T) B^T, narrow first.

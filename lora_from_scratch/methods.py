@@ -25,7 +25,6 @@ import math
 
 from .adapter import TARGETS, apply_lora
 from .backend import xp_of
-from .functional import cross_entropy
 from .optim import AdamW, clip_grad_norm
 from .qalora import apply_qalora
 from .qlora import apply_qlora
@@ -85,10 +84,9 @@ def train_step(model, opt, idx, targets, grad_clip: float = 0.0):
     weights stay as they were; the caller decides what to do (``train``
     raises ``TrainingDiverged``).
     """
-    logits = model(idx, check=False)  # (B, T) -> (B, T, V); ids checked by the caller
-    loss, dlogits = cross_entropy(logits, targets, check=False)  # (), (B, T, V); targets checked by the caller
+    loss = model.loss(idx, targets, check=False)  # (); the LM head and the loss in chunks, checked by the caller
     model.zero_grad()
-    model.backward(dlogits)
+    model.backward()
     norm = clip_grad_norm(opt.params, grad_clip) if grad_clip else _gradient_sum(opt.params, loss)  # (), on device
     xp = xp_of(loss, norm)
     loss_value, norm_value = xp.stack((loss.astype("float64"), norm)).tolist()  # (2,): the one transfer

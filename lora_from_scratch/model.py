@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from . import functional as F
 from . import generation
@@ -153,6 +154,13 @@ class Block(Module):
         return dx + self.ln_1.backward(self.attn.backward(dx))  # (B, T, C)
 
 
+class _HeadGradients(NamedTuple):
+    """What ``GPT.loss`` leaves for ``GPT.backward``: dx (B, T, C) below the LM head and the head's dW (V, C)."""
+
+    dx: object
+    dW: object
+
+
 class GPT(Module):
     """The language model: ``logits = model(idx)`` then ``model.backward(dlogits)``.
 
@@ -175,7 +183,31 @@ class GPT(Module):
         self._cache = None
 
     def forward(self, idx, check: bool = True):
-        """Logits (B, T, V) for token ids ``idx`` (B, T).
+        """Logits (B, T, V) for token ids ``idx`` (B, T); ``backward(dlogits)`` then fills the gradients."""
+        x = self.hidden(idx, check)  # (B, T) -> (B, T, C)
+        logits, head_cache = F.linear_forward(x, self.wte.weight.data)  # (B, T, C) @ (C, V) -> (B, T, V)
+        self._cache = head_cache
+        return logits
+
+    def loss(self, idx, targets, check: bool = True):
+        """The mean next-token cross-entropy for ids ``idx`` (B, T) and ``targets`` (B, T): a 0-d array.
+
+        The training step's form of ``cross_entropy(self(idx), targets)``: the LM head and the loss
+        run together in chunks of positions (``functional.lm_head_cross_entropy``), so the (B, T, V)
+        logits and their gradient never exist whole; the head's gradients are computed here and
+        kept for ``backward()`` (called without an argument). ``check=False`` skips the checks of
+        the ids and the targets (the training loop checks each batch once on the host).
+        """
+        if check:
+            F.check_targets(targets, self.config.vocab_size)
+        x = self.hidden(idx, check)  # (B, T) -> (B, T, C)
+        wte = self.wte.weight
+        loss, dx, dW = F.lm_head_cross_entropy(x, wte.data, targets, need_dW=wte.trainable)  # (), (B, T, C), (V, C)
+        self._cache = _HeadGradients(dx, dW)
+        return loss
+
+    def hidden(self, idx, check: bool = True):
+        """The last hidden states ln_f(x) (B, T, C) for token ids ``idx`` (B, T), before the LM head.
 
         The ids are range-checked once per batch (``functional.check_ids``: one host
         transfer, a ValueError naming a bad id); ``check=False`` skips that for ids
@@ -198,18 +230,23 @@ class GPT(Module):
         x = self.drop(tok + pos)  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C) -> (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
-        logits, head_cache = F.linear_forward(x, self.wte.weight.data)  # (B, T, C) @ (C, V) -> (B, T, V)
-        self._cache = head_cache
-        return logits
+        return self.ln_f(x)  # (B, T, C)
 
-    def backward(self, dlogits):
-        """Fills ``.grad`` of every trainable parameter from d(loss)/d(logits)."""
+    def backward(self, dlogits=None):
+        """Fills ``.grad`` of every trainable parameter: from d(loss)/d(logits) after ``forward``, or
+        with no argument after ``loss`` (whose head gradients are already computed)."""
         if self._cache is None:
             raise RuntimeError("GPT.backward called without a forward (or twice for one forward, or after a forward "
                                "inside no_grad(), which keeps no cache)")
         wte = self.wte.weight
-        dx, dW_head, _ = F.linear_backward(dlogits, self._cache, need_dW=wte.trainable, need_db=False)
+        if isinstance(self._cache, _HeadGradients):
+            if dlogits is not None:
+                raise ValueError("after GPT.loss call backward() without dlogits: the loss's gradient is already in")
+            dx, dW_head = self._cache
+        else:
+            if dlogits is None:
+                raise ValueError("GPT.backward needs dlogits (B, T, V) after a forward; only GPT.loss needs none")
+            dx, dW_head, _ = F.linear_backward(dlogits, self._cache, need_dW=wte.trainable, need_db=False)
         self._cache = None  # (B, T, V) -> (B, T, C); dW_head (V, C) when the embedding trains
         if dW_head is not None:
             wte.accumulate(dW_head)

@@ -427,7 +427,7 @@ def _need_cache(cache, name):
 class Linear(Module):
     """y = x W^T + b with W of shape (out_features, in_features), as in the LoRA paper's W0 (d x k)."""
 
-    # a float weight holds an update exactly and gives it back (``with_update(delta)``, then ``-delta``),
+    # a float weight holds an update exactly and gives it back (``merged_copy(delta)``, then ``-delta``),
     # so an adapter merges into it in place (``adapter.QuantizedLinear.merges_in_place``)
     merges_in_place = True
 
@@ -479,12 +479,12 @@ class Linear(Module):
         lin._cache = None
         return lin
 
-    def with_update(self, delta, requantize: bool = False) -> Linear:
+    def merged_copy(self, delta, requantize: bool = False) -> Linear:
         """A new frozen Linear computing x (W + delta)^T + b: how an update merges into a float weight.
 
         The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes).
         (``requantize`` has no meaning here: a float weight is not quantized. It is accepted, and
-        ignored, so that every base takes ``with_update(delta, requantize=...)``.)
+        ignored, so that every base takes ``merged_copy(delta, requantize=...)``.)
         """
         W = self.weight.data  # (out, in)
         if tuple(delta.shape) != tuple(W.shape):
@@ -493,6 +493,8 @@ class Linear(Module):
         if not bool(xp_of(merged).isfinite(merged).all()):
             raise ValueError("merge refused: W + update has NaN or inf entries; the weight is left unchanged")
         return Linear.from_weight(merged, self.bias.data if self.bias is not None else None, trainable=False)
+
+    with_update = merged_copy  # the name notebooks 03 and 09 call
 
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this layer's structure (the arrays are stored apart)."""

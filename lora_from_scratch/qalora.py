@@ -133,11 +133,23 @@ class GroupwiseLinear(QuantizedLinear):
         """W~ = scale * (codes - zero) per group: (out, in) in the scales' dtype."""
         return dequantize_groupwise(self.codes.data, self.scales.data, self.zeros.data, self.group_size)
 
-    def with_update(self, delta, requantize: bool = False) -> GroupwiseLinear:
-        """Fold an update that is constant within each group into the zero points (same codes and scales).
+    def with_zeros(self, zeros) -> GroupwiseLinear:
+        """A new GroupwiseLinear with the same codes, scales and bias and these zero points (out, L)."""
+        if tuple(zeros.shape) != tuple(self.zeros.shape):
+            raise ValueError(f"zero points of shape {tuple(zeros.shape)} do not fit {tuple(self.zeros.shape)}")
+        zeros = zeros.astype(self.zeros.dtype, copy=False)  # (out, L)
+        if not bool(xp_of(zeros).isfinite(zeros).all()):
+            raise ValueError("merge refused: the merged zero points contain NaN or inf")
+        q = GroupwiseQuantized(self.codes.data, self.scales.data, zeros, self.bits, self.group_size)
+        return GroupwiseLinear(q, self.bias.data if self.bias is not None else None)
+
+    def merged_copy(self, delta, requantize: bool = False) -> GroupwiseLinear:
+        """A copy holding a full (out, in) update that is constant within each group, in its zero points.
 
         zero'[o, g] = zero[o, g] - delta[o, g] / scale[o, g]. Any other update cannot be held by this
         format without re-quantizing: ValueError. (``requantize`` has no meaning here: the fold is exact.)
+        A QA-LoRA layer does not come this way: it folds its (out, L) update directly
+        (``QALoRALinear.merged_zeros``).
         """
         out_features, L, gs = self.out_features, self.n_groups, self.group_size
         if tuple(delta.shape) != (out_features, self.in_features):
@@ -148,12 +160,9 @@ class GroupwiseLinear(QuantizedLinear):
             raise ValueError("a group-wise weight can only absorb an update that is constant within each group "
                              f"of {gs} input channels (a QA-LoRA update); this one is not: merge in float and "
                              "re-quantize instead (qalora.quantize_model_groupwise)")
-        shift = grouped[:, :, 0] / self.scales.data  # (out, L), in units of each group's step
-        zeros = (self.zeros.data - shift).astype(self.zeros.dtype)  # (out, L)
-        if not bool(xp_of(zeros).isfinite(zeros).all()):
-            raise ValueError("merge refused: the merged zero points contain NaN or inf")
-        q = GroupwiseQuantized(self.codes.data, self.scales.data, zeros, self.bits, self.group_size)
-        return GroupwiseLinear(q, self.bias.data if self.bias is not None else None)
+        return self.with_zeros(self.zeros.data - grouped[:, :, 0] / self.scales.data)  # (out, L)
+
+    with_update = merged_copy  # the name notebooks 03 and 09 call
 
     def spec(self) -> dict:
         return {"kind": "GroupwiseLinear", "in": self.in_features, "out": self.out_features,
@@ -235,10 +244,26 @@ class QALoRALinear(AdaptedLinear):
 
     def merged_zeros(self):
         """zero' = zero - s (B A) / (group_size * scale), per (row, group): (out, L). The base is not changed."""
+        return (self.zeros - self._zero_shift()).astype(self.zeros.dtype)  # (out, L)
+
+    def _zero_shift(self):
+        """s (B A) / (group_size * scale): the active adapter's update in units of each group's step, (out, L)."""
         a = self.adapter
         BA = a.B.data @ a.A.data  # (out, r) @ (r, L) -> (out, L)
-        shift = BA * (a.scaling / self.group_size) / self.scales  # (out, L), in units of each group's step
-        return (self.zeros - shift).astype(self.zeros.dtype)  # (out, L)
+        return BA * (a.scaling / self.group_size) / self.scales  # (out, L)
+
+    def merged_base(self, requantize: bool = False) -> GroupwiseLinear:
+        """The base with the merged zero points (the paper's one line, ``merged_zeros``); self is not changed."""
+        if self.merged:
+            raise ValueError("the layer is already merged: its base is the merged layer")
+        return self.base.with_zeros(self.merged_zeros())  # (out, L)
+
+    def unmerge(self):
+        """Take the merged adapter out of the zero points again: zero = zero' + shift, up to float rounding."""
+        if self.merged:
+            self.base = self.base.with_zeros(self.zeros + self._zero_shift())  # (out, L)
+            self.merged, self._cache = False, None
+        return self
 
 
 def check_qalora_args(r, alpha, dropout=0.0, init="kaiming") -> None:

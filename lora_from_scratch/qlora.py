@@ -114,7 +114,7 @@ class NF4Linear(QuantizedLinear):
         """dequant(W0_NF4) as float32 (out, in): a new array each call (QLoRA Eq. 6)."""
         return dequantize_4bit(self.quantized)  # packed -> (out, in) float32
 
-    def with_update(self, delta, requantize: bool = False):
+    def merged_copy(self, delta, requantize: bool = False):
         """dequant(W0) + delta as a frozen float ``Linear``, or re-quantized (``requantize=True``) as an NF4Linear.
 
         The sum is formed in delta's dtype. ValueError if it is not finite.
@@ -129,6 +129,8 @@ class NF4Linear(QuantizedLinear):
         if requantize:
             return NF4Linear.from_weight(W, bias, self.blocksize, self.double_quant, self.quant_type)
         return Linear.from_weight(W, bias, trainable=False)
+
+    with_update = merged_copy  # the name notebooks 03 and 09 call
 
     def spec(self) -> dict:
         return {"kind": "NF4Linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None,

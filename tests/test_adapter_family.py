@@ -253,7 +253,7 @@ def test_group_wise_base_refuses_an_update_that_varies_within_a_group():
     delta = asarray(np.random.default_rng(0).standard_normal((layer.out_features, layer.in_features)),
                     dtype="float32")
     with pytest.raises(ValueError, match="constant within each group"):
-        layer.base.with_update(delta)
+        layer.base.merged_copy(delta)
 
 
 # ----------------------------------------------------------------- disabling and named adapters

@@ -24,6 +24,7 @@ REPORTS = {
     "hf_load.py": "loader peak / model bytes",
     "tokenizer.py": "ratio ours/transformers (tokenizer)",
     "generate.py": "ratio ours/transformers tokens/s (base)",
+    "gpt2_scale.py": "QLoRA NF4+DQ, ours / PEFT over bitsandbytes",
 }
 
 

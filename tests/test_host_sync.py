@@ -228,7 +228,7 @@ def test_train_step_skips_the_optimizer_step_on_a_non_finite_value(where):
     else:  # a finite loss whose backward overflows somewhere
         backward = model.backward
 
-        def overflowing_backward(dlogits):
+        def overflowing_backward(dlogits=None):
             backward(dlogits)
             model.blocks[1].mlp.proj.weight.grad[0, 0] = np.inf
 
@@ -250,7 +250,7 @@ def test_train_stops_on_a_non_finite_gradient_norm_before_the_weights_change(mon
     model = GPT(GPTConfig(vocab_size=data.VOCAB_SIZE, block_size=32, n_layer=1, n_head=2, n_embd=16), seed=0)
     backward, calls, after_last_step = model.backward, [], {}
 
-    def backward_overflowing_at_the_third_step(dlogits):
+    def backward_overflowing_at_the_third_step(dlogits=None):
         backward(dlogits)
         calls.append(1)
         if len(calls) == 3:

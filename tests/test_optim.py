@@ -337,3 +337,29 @@ def test_no_trainable_parameters_raises(cls):
         cls(frozen, lr=0.1)
     with pytest.raises(ValueError, match="trainable"):
         cls([], lr=0.1)
+
+
+def test_adamw_threaded_chunks_equal_the_plain_update():
+    # over 2**20 values in all the CPU path cuts parameters into chunks on two threads; it must
+    # compute what the plain per-parameter update computes (to float32 rounding), weight decay,
+    # bias correction and two parameter groups included
+    from lora_from_scratch import optim
+    from lora_from_scratch.nn import Parameter
+
+    rng = np.random.default_rng(0)
+    shapes = [(700, 1000), (1000, 401), (77,), (5, 3)]  # 1.1M values, chunk edges inside parameters
+    params = [Parameter(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    plain = [p.data.copy() for p in params]
+    moments = [[np.zeros_like(p.data), np.zeros_like(p.data)] for p in params]
+    groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+    opt = optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
+    assert sum(p.data.size for p in params) >= optim._THREADED_ELEMENTS
+    for t in range(1, 4):
+        for i, p in enumerate(params):
+            p.grad = rng.standard_normal(p.shape).astype(np.float32)
+            g = opt.param_groups[0 if i < 2 else 1]
+            optim._adamw_update(plain[i], p.grad, *moments[i], t, g)
+        opt.step()
+    for p, ref in zip(params, plain):
+        np.testing.assert_allclose(p.data, ref, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(params[0].data, plain[0] * 0)  # the update ran

@@ -269,3 +269,24 @@ def test_quantize_model_groupwise_merges_lora_first():
     assert np.isfinite(to_numpy(model(idx))).all()
     with pytest.raises(ValueError, match="already group-wise quantized"):
         quantize_model_groupwise(model, 2, 8, ["q"])
+
+
+def test_the_merge_that_runs_folds_the_out_by_L_update_without_an_out_by_in_matrix(monkeypatch):
+    # QA-LoRA's merge is the paper's one line on (out, L): neither the (out, in) update nor the
+    # generic fold of a full update into the zero points is used
+    layer, _ = make_layer(dtype="float64", bits=4, seed=7, in_features=64, out_features=24, r=4, group_size=16,
+                          alpha=8.0)
+    rng = np.random.default_rng(7)
+    layer.lora_B.data = asarray(rng.standard_normal((24, 4)), dtype="float64")  # (out, r): a nonzero update
+    expected = to_numpy(layer.merged_zeros())  # (out, L)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the QA-LoRA merge went through an (out, in) update")
+
+    monkeypatch.setattr(GroupwiseLinear, "merged_copy", refuse)
+    monkeypatch.setattr(type(layer.adapter), "delta_weight", refuse)
+    zeros = to_numpy(layer.zeros).copy()
+    layer.merge()
+    assert np.array_equal(to_numpy(layer.zeros), expected) and not np.array_equal(expected, zeros)
+    layer.unmerge()
+    np.testing.assert_allclose(to_numpy(layer.zeros), zeros, rtol=0, atol=1e-12)

@@ -34,6 +34,7 @@ from .paper import (
     QLORA_BITS_PER_PARAMETER,
     MemoryEstimate,
     TransformerSize,
+    activation_bytes,
     checkpoint_bytes,
     full_parameters,
     gpt3_comparison,
@@ -42,6 +43,7 @@ from .paper import (
     lora_trainable_parameters,
     nf4_bits_per_parameter,
     preset,
+    step_transient_bytes,
     target_shapes,
     training_memory,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "QLORA_BITS_PER_PARAMETER",
     "MemoryEstimate",
     "TransformerSize",
+    "activation_bytes",
     "checkpoint_bytes",
     "full_parameters",
     "gpt3_comparison",
@@ -74,6 +77,7 @@ __all__ = [
     "lora_trainable_parameters",
     "nf4_bits_per_parameter",
     "preset",
+    "step_transient_bytes",
     "target_shapes",
     "training_memory",
 ]

@@ -27,7 +27,6 @@ import numbers
 import tracemalloc
 
 from ..adapter import QuantizedLinear
-from ..functional import cross_entropy
 
 # ----------------------------------------------------------------------------------------------
 # formatting
@@ -268,7 +267,7 @@ def step_memory(model, optimizer, batch) -> dict:
 
     ``batch`` is ``(idx, targets)``, token ids (B, T) and next-token targets (B, T). The step is
     ``train.train_step``'s without clipping: ``model.zero_grad()`` (the previous step's gradients
-    go), then under ``traced_peak``: forward, ``functional.cross_entropy``, ``model.backward``,
+    go), then under ``traced_peak``: ``model.loss`` (forward, LM head and cross-entropy), ``model.backward``,
     ``optimizer.step()``. Returns bytes (and the loss), on the NumPy backend:
 
     - ``held_before``: what the model and optimizer hold when the step begins (weights, buffers
@@ -294,12 +293,11 @@ def step_memory(model, optimizer, batch) -> dict:
     held_before = resident_bytes(model) + optimizer_state_bytes(optimizer)
 
     def forward():
-        logits = model(idx)  # (B, T) -> (B, T, V)
-        return cross_entropy(logits, targets)  # (), (B, T, V)
+        return model.loss(idx, targets)  # (): the LM head and the loss in chunks (as train.train_step)
 
     def step():
-        (loss, dlogits), _, activations = traced_peak(forward)
-        model.backward(dlogits)
+        loss, _, activations = traced_peak(forward)
+        model.backward()
         optimizer.step()
         return float(loss), activations
 

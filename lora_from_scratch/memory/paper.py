@@ -26,6 +26,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
+from ..functional import lm_head_chunk_rows
 from ..targets import TARGET_TABLE, TARGETS
 
 # ----------------------------------------------------------------------------------------------
@@ -362,3 +363,48 @@ def gpt3_comparison(r: int = 4, targets=("q", "v"), **memory_kwargs) -> dict:
         "checkpoint_full": (checkpoint_bytes(cfg, "full", r, targets), p["checkpoint_full"]),
         "checkpoint_lora": (checkpoint_bytes(cfg, "lora", r, targets), p["checkpoint_lora"]),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# activations: what a training step keeps from its forward for its backward
+# ----------------------------------------------------------------------------------------------
+
+# Values each block keeps per token for its backward, in units of the width d (our caches, read
+# off the code): ln_1's input and normalized output (2), q, k, v per head (3), the attention output
+# (1), the residual sum and ln_2's output (2), the MLP's 4d-wide input to GELU, its tanh and its
+# output (12), and the block output (1): 21 d - 4 d shared between caches = 17 d; plus the attention
+# probabilities, n_head values per earlier position (n_head * T per token).
+BLOCK_VALUES_PER_TOKEN = 17
+
+
+def activation_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: float = 4,
+                     logits: bool = False, embedding_trains: bool = False) -> float:
+    """Bytes a training step keeps from its forward for its backward (the activations), for any method.
+
+    Per block and token ``17 d + n_head * seq`` values (``BLOCK_VALUES_PER_TOKEN``; LoRA's rank-r
+    caches add r values per adapted matrix, negligible), outside the blocks 3 d per token (the
+    embedding sum, ln_f's output, the gradient below the LM head). ``logits=True`` adds the
+    (tokens, vocab) logits and their gradient, which an unchunked cross-entropy holds at once
+    (ours runs the head in chunks, ``functional.lm_head_cross_entropy``, so by default they are
+    not counted); ``embedding_trains`` adds the LM head's (vocab, d) gradient, formed with the
+    loss (full fine-tuning).
+    """
+    tokens = batch * seq
+    d = cfg.d_model
+    values = tokens * cfg.n_layer * (BLOCK_VALUES_PER_TOKEN * d + cfg.n_head * seq) + 3 * tokens * d
+    if logits:
+        values += 2 * tokens * cfg.vocab_size
+    if embedding_trains:
+        values += cfg.vocab_size * d
+    return values * value_bytes
+
+
+def step_transient_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: float = 4) -> float:
+    """The largest temporaries of a step on top of the activations: in the backward one (B, n_head, T, T)
+    attention array and two (tokens, 4 d) MLP arrays, or in the loss one chunk of logits
+    (``functional.lm_head_cross_entropy``: ``lm_head_chunk_rows`` x vocab, at most tokens x vocab)."""
+    tokens = batch * seq
+    backward = batch * cfg.n_head * seq * seq + 2 * tokens * cfg.d_ff
+    rows = lm_head_chunk_rows(cfg.vocab_size)
+    loss = min(rows, tokens) * cfg.vocab_size
+    return value_bytes * max(backward, loss)

@@ -43,14 +43,15 @@ Agreement with bitsandbytes (checked in the tests, bitsandbytes 0.50.2, CPU):
   disagree among themselves on the sign of that zero.) One deliberate difference: for an
   all-zero short last block bitsandbytes stores absmax 1e-38, this code stores 0 (both
   dequantize to zeros).
-- with double quantization the 8-bit codes here use exact nearest rounding. bitsandbytes' CPU
-  ``quantize_blockwise`` finds a candidate level with an approximate bucketed search and then
-  only compares it with its right-hand neighbour. Values that lie within about 1e-5 (in units
-  of the block's absmax) of the midpoint between two levels can end on the farther of the two:
-  about 0.1-0.2 % of the values on Gaussian-like data; near zero, where the dynamic map's levels
-  are closer together than 1e-5, the level kept can be many times farther than the nearest.
-  The codes then differ by one 8-bit step, and so do the block constants and, times the
-  level, the dequantized weights of those blocks.
+- with double quantization too, every stored array is bitsandbytes', bit for bit (checked on all
+  72 block matrices of GPT-2 small): the 8-bit codes round the way its CPU kernel does, through
+  a grid of 65,536 points on [-1, 1] (``quantize_blockwise_8bit``), which is the nearest level
+  except within half a grid step (1.5e-5 of the block's absmax) of a midpoint, and near zero,
+  where the dynamic map's levels are closer together than the grid; the offset is torch's
+  float32 mean, summed in torch's order (``offset_mean``). What that order depends on: torch
+  sums more than 32,768 block constants (a matrix of more than 2M weights) in two halves when it
+  has two or more threads, and here that is assumed; with ``torch.set_num_threads(1)`` such a
+  matrix's offset can differ in the last bit (and then its nested absmax and a few 8-bit codes).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lora_from_scratch.backend import xp_of
+from lora_from_scratch.backend import to_numpy, xp_of
 from lora_from_scratch.checks import check_int, check_power_of_two
 from lora_from_scratch.quant import tables
 
@@ -68,6 +69,7 @@ __all__ = [
     "bits_per_parameter",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
+    "offset_mean",
     "pack_nibbles",
     "quantize_4bit",
     "quantize_blockwise_8bit",
@@ -118,14 +120,30 @@ def _table4(xp, quant_type: str) -> _Table4:
     return _CACHE[key]
 
 
-def _dynamic_tables(xp):
-    """(levels float32 (256,), exact midpoints float64 (255,)) of the dynamic map on ``xp``."""
+def _dynamic_levels(xp):
+    """The 256 levels of the dynamic map, float32 ascending, on ``xp``."""
     key = (xp.__name__, "dynamic")
     if key not in _CACHE:
-        levels = xp.asarray(tables.DYNAMIC_MAP)  # (256,) float32, ascending
-        wide = levels.astype(xp.float64)  # (256,) float64
-        midpoints = (wide[:-1] + wide[1:]) * 0.5  # (255,) exact: float32 sums fit in float64
-        _CACHE[key] = (levels, midpoints)
+        _CACHE[key] = xp.asarray(tables.DYNAMIC_MAP)  # (256,) float32
+    return _CACHE[key]
+
+
+_GRID = 65536  # points of the grid on [-1, 1] through which bitsandbytes' CPU kernel rounds to 8 bits
+
+
+def _grid_levels(xp):
+    """(65536,) uint8: the code of the dynamic-map level nearest to each grid point -1 + 2 i / 65535.
+
+    Nearest by float32 midpoints, a point on a midpoint going to the lower level (bitsandbytes'
+    ``build_quantize_lut``).
+    """
+    key = (xp.__name__, "grid")
+    if key not in _CACHE:
+        levels = _dynamic_levels(xp)  # (256,) float32, ascending
+        midpoints = xp.float32(0.5) * (levels[:-1] + levels[1:])  # (255,) float32
+        i = xp.arange(_GRID, dtype=xp.float32)  # (65536,)
+        point = xp.float32(-1.0) + (xp.float32(2.0) * i) / xp.float32(_GRID - 1)  # (65536,) float32
+        _CACHE[key] = xp.searchsorted(midpoints, point, side="left").astype(xp.uint8)  # midpoints strictly below
     return _CACHE[key]
 
 
@@ -393,7 +411,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     )
     if double_quant:
         # QLoRA "Double Quantization": centre the constants, then 8-bit blocks of 256.
-        offset = xp.asarray(xp.mean(absmax, dtype=xp.float64), dtype=xp.float32).reshape(1)  # (1,)
+        offset = xp.asarray(offset_mean(to_numpy(absmax))).reshape(1)  # (1,) float32 mean of the constants
         q.qabsmax, q.absmax2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)
         q.offset = offset
         q.absmax = None
@@ -441,6 +459,83 @@ def dequantize_4bit(q: Quantized4bit):
 
 
 # --------------------------------------------------------------------------------------------
+# The offset of double quantization, summed in bitsandbytes' order (a reader may skip this)
+# --------------------------------------------------------------------------------------------
+
+_TORCH_LANES = 8  # float32 lanes of torch's AVX2 sum kernel
+_TORCH_GRAIN = 32768  # below this many values torch sums on one thread
+_TORCH_THREADS = 2  # torch's threads on the CPU (at least two: its default on a multi-core machine)
+
+
+def offset_mean(values):
+    """The float32 mean of a 1-D float32 host array, rounded exactly as bitsandbytes' offset is.
+
+    bitsandbytes takes the offset as ``absmax.mean()`` in torch, float32: torch's CPU sum kernel
+    (``SumKernel.cpp``, ``cascade_sum``) adds 8 lanes side by side, four vectors interleaved, in
+    cascaded partial sums of 16, then the leftover values and the 8 lanes in order; above 32,768
+    values each of two threads sums one half and the halves are added. Then the sum is divided
+    by the count in float32. Any other order differs in the last bit for about a third of
+    GPT-2's matrices. (With ``torch.set_num_threads(1)`` or another vector width the reference
+    itself rounds differently, for more than 32,768 values.)
+    """
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float32).reshape(-1)  # (m,)
+    n = x.size
+    parts = 1 if n < _TORCH_GRAIN else min(_TORCH_THREADS, -(-n // _TORCH_GRAIN))
+    chunk = -(-n // parts)
+    total = np.float32(0.0)
+    for start in range(0, n, chunk):
+        total = np.float32(total + _torch_inner_sum(x[start : start + chunk]))
+    return np.float32(total / np.float32(n))
+
+
+def _torch_inner_sum(x):
+    """torch's float32 sum of a contiguous ``(m,)`` array on one thread (vectorized when m >= 8)."""
+    import numpy as np
+
+    lanes = _TORCH_LANES if x.size >= _TORCH_LANES else 1
+    nvec = x.size // lanes
+    partial = _torch_row_sum(x[: nvec * lanes].reshape(nvec, lanes))  # (lanes,)
+    total = np.float32(0.0)
+    for v in x[nvec * lanes :]:  # the values after the last full vector, in order
+        total = np.float32(total + v)
+    for v in partial:  # then the lanes, in order
+        total = np.float32(total + v)
+    return total
+
+
+def _torch_row_sum(vecs):
+    """torch's ``row_sum``: ``(m, lanes)`` -> ``(lanes,)``, four vectors interleaved, cascaded in steps of 16."""
+    import numpy as np
+
+    m, lanes = vecs.shape
+    rows = m // 4
+    quads = vecs[: rows * 4].reshape(rows, 4, lanes)  # (rows, 4, lanes)
+    acc = np.zeros((4, 4, lanes), dtype=np.float32)  # (level, 4, lanes)
+    i = 0
+    while i + 16 <= rows:
+        for _ in range(16):
+            acc[0] += quads[i]  # (4, lanes)
+            i += 1
+        for level in range(1, 4):  # carry up while the count is a multiple of 16 ** level
+            acc[level] += acc[level - 1]
+            acc[level - 1] = 0
+            if i & (15 << (4 * level)):
+                break
+    for r in range(i, rows):
+        acc[0] += quads[r]  # (4, lanes)
+    for level in range(1, 4):
+        acc[0] += acc[level]
+    out = acc[0]  # (4, lanes)
+    for r in range(rows * 4, m):
+        out[0] += vecs[r]  # the vectors left over after the last group of four
+    for k in range(1, 4):
+        out[0] += out[k]
+    return out[0]  # (lanes,)
+
+
+# --------------------------------------------------------------------------------------------
 # 8-bit blockwise quantization with the dynamic map (for the block constants)
 # --------------------------------------------------------------------------------------------
 
@@ -449,14 +544,16 @@ def quantize_blockwise_8bit(values, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     """8-bit absmax quantization with the dynamic map: ``(m,)`` float32 -> ``(codes, absmax2)``.
 
     ``codes`` (m,) uint8 index the dynamic map (``tables.DYNAMIC_MAP``); ``absmax2``
-    (ceil(m/blocksize),) float32 is the absmax of each block of ``blocksize`` values. Each
-    value is divided by its block's absmax and rounded to the exactly nearest level: the code
-    is the number of exact (float64) level midpoints strictly below it, so a tie goes to the
-    lower level. A block of zeros keeps absmax 0 and maps to the level 0.
+    (ceil(m/blocksize),) float32 is the absmax of each block of ``blocksize`` values. Each value
+    is scaled into [-1, 1] by the float32 reciprocal of its block's absmax, and its level is
+    found the way bitsandbytes' CPU kernel finds it (bit for bit): [-1, 1] is cut into a grid of
+    65,536 points, each point is mapped once to its nearest level (a table, ``_grid_levels``),
+    and the value takes the level of its nearest grid point. That is the nearest level except
+    within about 1.5e-5 (half a grid step) of a midpoint between two levels. A block of zeros
+    keeps absmax 0 and code 0.
     """
     xp = xp_of(values)
     blocksize = _check_blocksize(blocksize)
-    levels, midpoints = _dynamic_tables(xp)
     flat = values.reshape(-1).astype(xp.float32, copy=False)  # (m,)
     m = flat.size
     nblocks = -(-m // blocksize)
@@ -464,16 +561,19 @@ def quantize_blockwise_8bit(values, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     padded[:m] = flat  # (m,) into (nblocks * blocksize,), zeros after
     blocks = padded.reshape(nblocks, blocksize)  # (nblocks, blocksize)
     absmax2 = xp.abs(blocks).max(axis=1)  # (nblocks,)
-    divisor = xp.where(absmax2 > 0, absmax2, xp.ones_like(absmax2))  # (nblocks,) no 0/0
-    normed = (blocks / divisor[:, None]).reshape(-1)[:m]  # (m,) float32 in [-1, 1]
-    codes = xp.searchsorted(midpoints, normed.astype(xp.float64), side="left")  # (m,) count below
-    return codes.astype(xp.uint8), absmax2  # (m,) uint8, (nblocks,) float32
+    inv = xp.float32(1.0) / xp.where(absmax2 > 0, absmax2, xp.ones_like(absmax2))  # (nblocks,) float32 1 / c
+    normed = xp.clip(blocks * inv[:, None], -1.0, 1.0).reshape(-1)[:m]  # (m,) float32 in [-1, 1]
+    point = ((normed + xp.float32(1.0)) * xp.float32(0.5) * xp.float32(_GRID - 1) + xp.float32(0.5))  # (m,) float32
+    codes = xp.take(_grid_levels(xp), point.astype(xp.uint16))  # (m,) nearest grid point -> its level's code
+    zero_block = xp.repeat(absmax2 == 0, blocksize)[:m]  # (m,) values of all-zero blocks
+    codes[zero_block] = 0  # (m,) bitsandbytes writes code 0 there
+    return codes, absmax2  # (m,) uint8, (nblocks,) float32
 
 
 def dequantize_blockwise_8bit(codes, absmax2, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     """Inverse of ``quantize_blockwise_8bit``: ``level[code] * absmax2`` per block, ``(m,)`` float32."""
     xp = xp_of(codes, absmax2)
-    levels, _ = _dynamic_tables(xp)
+    levels = _dynamic_levels(xp)
     m = codes.size
     per_value = xp.repeat(absmax2, blocksize)[:m]  # (nblocks,) -> (m,)
     return xp.take(levels, codes.reshape(-1)) * per_value  # (m,) float32

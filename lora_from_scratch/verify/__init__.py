@@ -224,7 +224,7 @@ def checks() -> list:
              Check(f"FP4 quantize + dequantize ({len(PARITY_SHAPES)} shapes)", "bitsandbytes",
                    lambda: bnb_parity("fp4"), bnb),
              Check("NF4 at block sizes 32 to 4096", "bitsandbytes", bnb_blocksizes, bnb),
-             Check("NF4 double quantization: 4-bit codes", "bitsandbytes", bnb_double_quant_codes, bnb)]
+             Check("NF4 double quantization: every stored array", "bitsandbytes", bnb_double_quant_codes, bnb)]
     return rows
 
 

@@ -93,10 +93,19 @@ def bnb_blocksizes() -> list:
 
 
 def bnb_double_quant_codes(quant_type: str = "nf4") -> list:
-    """With double quantization the 4-bit codes still come from the float32 block constants: bit for bit."""
+    """Double quantization bit for bit: packed codes, 8-bit block constants, nested absmax and offset.
+
+    bitsandbytes' offset is torch's float32 mean, whose rounding depends on torch's thread count
+    above 32,768 block constants (``quant.offset_mean`` follows two or more threads); this
+    512 x 512 matrix has 4,096.
+    """
     from ..quant import quantize_4bit
 
     x = rng(11).standard_normal((512, 512)).astype("float32")  # (512, 512)
     q = quantize_4bit(asarray(x), quant_type=quant_type, double_quant=True)  # (512, 512) -> packed (131072,)
-    packed_ref, _, _ = bnb_quantize(x, quant_type, double_quant=True)
-    return [Measurement("packed bytes mismatching", int((to_numpy(q.packed) != packed_ref).sum()), 0)]
+    packed_ref, state, _ = bnb_quantize(x, quant_type, double_quant=True)
+    pairs = (("packed bytes", q.packed, packed_ref), ("8-bit block constants", q.qabsmax, state.absmax.numpy()),
+             ("nested absmax", float_bits(q.absmax2), float_bits(state.state2.absmax.numpy())),
+             ("offset", float_bits(q.offset), float_bits(state.offset.numpy().reshape(1))))
+    return [Measurement(f"{what} mismatching", int((to_numpy(ours).reshape(-1) != ref.reshape(-1)).sum()), 0)
+            for what, ours, ref in pairs]
