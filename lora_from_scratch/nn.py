@@ -494,7 +494,6 @@ class Linear(Module):
             raise ValueError("merge refused: W + update has NaN or inf entries; the weight is left unchanged")
         return Linear.from_weight(merged, self.bias.data if self.bias is not None else None, trainable=False)
 
-    with_update = merged_copy  # the name notebooks 03 and 09 call
 
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this layer's structure (the arrays are stored apart)."""

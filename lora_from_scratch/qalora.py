@@ -162,7 +162,6 @@ class GroupwiseLinear(QuantizedLinear):
                              "re-quantize instead (qalora.quantize_model_groupwise)")
         return self.with_zeros(self.zeros.data - grouped[:, :, 0] / self.scales.data)  # (out, L)
 
-    with_update = merged_copy  # the name notebooks 03 and 09 call
 
     def spec(self) -> dict:
         return {"kind": "GroupwiseLinear", "in": self.in_features, "out": self.out_features,

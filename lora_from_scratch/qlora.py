@@ -130,7 +130,6 @@ class NF4Linear(QuantizedLinear):
             return NF4Linear.from_weight(W, bias, self.blocksize, self.double_quant, self.quant_type)
         return Linear.from_weight(W, bias, trainable=False)
 
-    with_update = merged_copy  # the name notebooks 03 and 09 call
 
     def spec(self) -> dict:
         return {"kind": "NF4Linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
