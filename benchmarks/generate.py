@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -48,6 +46,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(_threads_from_argv())
 
 import numpy as np  # noqa: E402
+from timing import alternate  # noqa: E402
 
 from lora_from_scratch import no_grad  # noqa: E402
 from lora_from_scratch.backend import asarray, get_xp, to_numpy  # noqa: E402
@@ -92,19 +91,6 @@ def randomize_adapters(model, seed=1, scale=0.05):
         layer.lora_B.data = asarray(g.standard_normal(layer.lora_B.shape) * scale, dtype=layer.lora_B.dtype)
 
 
-def timed(fns: dict, reps: int) -> dict:
-    """Median seconds of each function, called alternately ``reps`` times after one warm-up round."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def tokens_per_second(setup: dict, reps: int, threads: int):
     import torch
     from peft import PeftModel
@@ -139,7 +125,7 @@ def tokens_per_second(setup: dict, reps: int, threads: int):
     assert (tokens["ours LoRA unmerged"] == tokens["transformers + PEFT LoRA unmerged"]).all(), "ours and PEFT differ"
     assert (tokens["ours LoRA merged"] == tokens["ours LoRA unmerged"]).all(), "merged and unmerged differ"
     assert (tokens["ours LoRA unmerged"] != tokens["ours base"]).any(), "the adapters change no token: vacuous"
-    med = timed(runs, reps)
+    med = alternate(runs, reps)
     return {name: n / s for name, s in med.items()}, hf.config
 
 

@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
 from lora_step import peft_step as torch_step  # noqa: E402  (a torch training step, any model)
+from timing import alternate  # noqa: E402
 
 from lora_from_scratch.hf_io import load_hf_gpt2  # noqa: E402
 from lora_from_scratch.lora import apply_lora  # noqa: E402
@@ -137,19 +136,6 @@ def no_grad_logits(model, idx):
 
 
 # ---------------------------------------------------------------- timing
-def alternate(fns: dict, reps: int) -> dict:
-    """Median seconds of each function, all timed in turn ``reps`` times after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def time_full(folder: str, idx, tgt, reps: int) -> dict:
     """Forward (ours / torch no_grad) and a full fine-tuning step (ours / torch), alternating."""
     import torch

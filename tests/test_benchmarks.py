@@ -28,8 +28,11 @@ REPORTS = {
 }
 
 
+HELPERS = {"timing.py"}  # imported by the scripts, not run on its own
+
+
 def test_every_benchmark_is_listed():
-    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(REPORTS)
+    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")) == sorted(set(REPORTS) | HELPERS)
 
 
 @pytest.mark.slow
