@@ -143,10 +143,11 @@ def generate_main(args) -> int:
 # ---------------------------------------------------------------- finetune
 def _check_finetune(args):
     """Every argument checked, cheapest first; returns (cfg, tokenizer, train ids, held-out ids)."""
+    from .checks import check_choice
     from .finetune import split_tokens
-    from .methods import check_method
+    from .methods import METHODS
 
-    check_method(args.method)
+    check_choice("method", args.method, METHODS)
     for name in ("steps", "rank", "batch_size"):
         _count("--" + name.replace("_", "-"), getattr(args, name))
     _real("--alpha", args.alpha, positive=True)

@@ -192,18 +192,15 @@ _THREADS = 2
 
 
 def _threadable(work) -> bool:
-    """NumPy arrays, all C-contiguous (so flat views can be cut into chunks)."""
-    import numpy as np
-
+    """NumPy arrays (host memory, two cores), all C-contiguous (so flat views can be cut into chunks)."""
     arrays = [a for p, st, _ in work for a in (p.data, p.grad, st["exp_avg"], st["exp_avg_sq"])]
     dtype = arrays[0].dtype
-    return all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == dtype for a in arrays)
+    return all(not is_cupy_array(a) and a.flags.c_contiguous and a.dtype == dtype for a in arrays)
 
 
 def _adamw_chunks(items, scratch) -> None:
     """_adamw_update on chunks ``(p, gr, m, v, t, g)`` of flat views, every temporary in ``scratch``."""
-    import numpy as np
-
+    np = xp_of(scratch)  # NumPy: only host arrays are threaded
     for p, gr, m, v, t, g in items:
         lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
         tmp = scratch[: p.size]  # (chunk,)
@@ -227,8 +224,7 @@ def _adamw_chunks(items, scratch) -> None:
 def _adamw_threaded(work) -> None:
     import threading
 
-    import numpy as np
-
+    np = xp_of(work[0][0].data)  # NumPy: only host arrays are threaded
     items = []
     for p, st, g in work:
         flat = [a.reshape(-1) for a in (p.data, p.grad, st["exp_avg"], st["exp_avg_sq"])]  # 4 x (n,) views

@@ -478,9 +478,8 @@ def offset_mean(values):
     GPT-2's matrices. (With ``torch.set_num_threads(1)`` or another vector width the reference
     itself rounds differently, for more than 32,768 values.)
     """
-    import numpy as np
-
-    x = np.asarray(values, dtype=np.float32).reshape(-1)  # (m,)
+    x = to_numpy(values).astype("float32").reshape(-1)  # (m,) on the host, where torch's order is replayed
+    np = xp_of(x)  # NumPy
     n = x.size
     parts = 1 if n < _TORCH_GRAIN else min(_TORCH_THREADS, -(-n // _TORCH_GRAIN))
     chunk = -(-n // parts)
@@ -492,7 +491,7 @@ def offset_mean(values):
 
 def _torch_inner_sum(x):
     """torch's float32 sum of a contiguous ``(m,)`` array on one thread (vectorized when m >= 8)."""
-    import numpy as np
+    np = xp_of(x)  # NumPy (a host array)
 
     lanes = _TORCH_LANES if x.size >= _TORCH_LANES else 1
     nvec = x.size // lanes
@@ -507,8 +506,7 @@ def _torch_inner_sum(x):
 
 def _torch_row_sum(vecs):
     """torch's ``row_sum``: ``(m, lanes)`` -> ``(lanes,)``, four vectors interleaved, cascaded in steps of 16."""
-    import numpy as np
-
+    np = xp_of(vecs)  # NumPy (a host array)
     m, lanes = vecs.shape
     rows = m // 4
     quads = vecs[: rows * 4].reshape(rows, 4, lanes)  # (rows, 4, lanes)
