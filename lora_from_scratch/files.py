@@ -43,12 +43,13 @@ import os
 import re
 import shutil
 import tempfile
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 
 from .adapter import INITS
 from .backend import to_numpy
+from .checks import is_int
 from .model import GPTConfig
 from .nn import FLOAT_DTYPES, check_float_dtype
 from .qalora import check_bits, check_group_size
@@ -313,7 +314,7 @@ def json_field(meta: dict, key: str, path, default=None):
 
 # ---------------------------------------------------------------- field checks: each raises ValueError(problem)
 def _int(v, low: int = 1, high: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, Integral):
+    if not is_int(v):
         raise ValueError(f"expected an integer, got {v!r}")
     if v < low or (high is not None and v > high):
         raise ValueError(f"expected an integer from {low} to {high}, got {v}" if high is not None else
