@@ -363,17 +363,6 @@ def test_packing_order_is_high_nibble_first():
     np.testing.assert_array_equal(to_numpy(q.packed), [0xF0, 0x77])  # 0.0 is code 7, the pad too
 
 
-def test_pair_packing_takes_the_first_code_from_the_right_byte(monkeypatch):
-    # quantize_4bit packs code pairs through a uint16 view, with a formula for each byte order.
-    codes = asarray(np.array([1, 2, 3, 4, 15, 0], np.uint8))
-    xp = xp_of(codes)
-    np.testing.assert_array_equal(to_numpy(blockwise._pack_even(codes, xp)), [0x12, 0x34, 0xF0])
-    # The other byte order's formula, run on this machine's bytes, must swap the two codes.
-    other = not blockwise._little_endian(xp)
-    monkeypatch.setattr(blockwise, "_little_endian", lambda xp: other)
-    np.testing.assert_array_equal(to_numpy(blockwise._pack_even(codes, xp)), [0x21, 0x43, 0x0F])
-
-
 # ------------------------------------------------------------------ double quantization
 
 

@@ -19,12 +19,12 @@ Quantizing a weight tensor ``x`` to 4 bits:
 
 Dequantizing reverses it: ``x_i ~ level[index_i] * c`` (Eq. 2).
 
-How the work is done (the results do not depend on it): on NumPy the data goes through in
-cache-sized chunks. Quantizing runs the 15 midpoint comparisons into reused buffers and packs
-each pair of codes through a uint16 view of the pair; FP4 and INT4, whose tables are not in
-sorted order, then translate each packed byte with one 256-entry lookup. Dequantizing looks
-every packed byte up in a (256, 2) table of the levels of its two nibbles, so the nibbles are
-never unpacked, and multiplies by the block constants.
+How the work is done (the results do not depend on it): ``quantize_4bit`` runs the four steps
+as written (``_quantize_blocks``); from ``FAST_QUANTIZE_FROM`` values on (GPT-2's matrices) NumPy
+takes a faster route to the same bytes (``_quantize_4bit_fast``, which a reader may skip).
+Dequantizing goes through the data in cache-sized chunks on NumPy and looks every packed byte up
+in a (256, 2) table of the levels of its two nibbles, so the nibbles are never unpacked, and
+multiplies by the block constants.
 
 Double quantization stores the block constants themselves in 8 bits: subtract their mean (the
 *offset*), cut the centred values into blocks of 256, and quantize each block with its own
@@ -59,6 +59,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from lora_from_scratch.backend import to_numpy, xp_of
 from lora_from_scratch.checks import check_int, check_power_of_two
 from lora_from_scratch.quant import tables
@@ -80,6 +82,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4")
 DOUBLE_QUANT_BLOCKSIZE = 256
 _TINY = 1e-38  # the smallest absmax used as a divisor (bitsandbytes' clamp)
 _CHUNK_ELEMENTS = 1 << 17  # NumPy works through the data in chunks of this many values (cache)
+FAST_QUANTIZE_FROM = 1 << 18  # from this many values on, NumPy quantizes through ``_quantize_4bit_fast``
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,11 +92,9 @@ _CHUNK_ELEMENTS = 1 << 17  # NumPy works through the data in chunks of this many
 
 @dataclass(frozen=True)
 class _Table4:
-    """What the 4-bit search and lookup need, on one backend."""
+    """What the 4-bit lookup of dequantization needs, on one backend."""
 
-    midpoints: tuple  # 15 Python floats (float32 values), ascending
     byte_levels: object  # (256, 2) float32, packed byte -> (level of its high nibble, level of its low nibble)
-    translate: object  # (256,) uint8, byte of two sorted positions -> byte of two code indices; None: identity
 
 
 _CACHE: dict = {}
@@ -102,21 +103,11 @@ _CACHE: dict = {}
 def _table4(xp, quant_type: str) -> _Table4:
     key = (xp.__name__, quant_type)
     if key not in _CACHE:
-        order, _, midpoints = tables.search_table(tables.CODES[quant_type])
-        identity = [int(i) for i in order] == list(range(16))
         levels = xp.asarray(tables.CODES[quant_type])  # (16,) float32
         byte = xp.arange(256, dtype=xp.uint8)  # (256,) every possible packed byte
         high, low = byte >> 4, byte & 15  # (256,) its first and second 4-bit code
         byte_levels = xp.stack([xp.take(levels, high), xp.take(levels, low)], axis=1)  # 2 x (256,) -> (256, 2)
-        translate = None
-        if not identity:
-            code_of = xp.asarray(order.astype("uint8"))  # (16,) sorted position -> code index
-            translate = (xp.take(code_of, high) << 4) | xp.take(code_of, low)  # (256,) uint8
-        _CACHE[key] = _Table4(
-            midpoints=tuple(float(m) for m in midpoints),  # 15 floats, exact float32 values
-            byte_levels=byte_levels,
-            translate=translate,
-        )
+        _CACHE[key] = _Table4(byte_levels=byte_levels)
     return _CACHE[key]
 
 
@@ -128,54 +119,11 @@ def _dynamic_levels(xp):
     return _CACHE[key]
 
 
-_GRID = 65536  # points of the grid on [-1, 1] through which bitsandbytes' CPU kernel rounds to 8 bits
-
-
-def _grid_levels(xp):
-    """(65536,) uint8: the code of the dynamic-map level nearest to each grid point -1 + 2 i / 65535.
-
-    Nearest by float32 midpoints, a point on a midpoint going to the lower level (bitsandbytes'
-    ``build_quantize_lut``).
-    """
-    key = (xp.__name__, "grid")
-    if key not in _CACHE:
-        levels = _dynamic_levels(xp)  # (256,) float32, ascending
-        midpoints = xp.float32(0.5) * (levels[:-1] + levels[1:])  # (255,) float32
-        i = xp.arange(_GRID, dtype=xp.float32)  # (65536,)
-        point = xp.float32(-1.0) + (xp.float32(2.0) * i) / xp.float32(_GRID - 1)  # (65536,) float32
-        _CACHE[key] = xp.searchsorted(midpoints, point, side="left").astype(xp.uint8)  # midpoints strictly below
-    return _CACHE[key]
-
-
-def _little_endian(xp) -> bool:
-    """Whether ``xp`` keeps the first byte of a uint16 in its low byte (x86, ARM and GPUs do)."""
-    key = (xp.__name__, "little-endian")
-    if key not in _CACHE:
-        pair = xp.arange(2, dtype=xp.uint8).view(xp.uint16)  # bytes (0, 1) -> (1,) uint16
-        _CACHE[key] = int(pair[0]) == 256
-    return _CACHE[key]
-
-
 def _chunk_rows(xp, blocksize: int, nblocks: int) -> int:
     """How many blocks to process at once: cache-sized chunks on NumPy, everything on a GPU."""
     if xp.__name__ == "numpy":
         return max(1, _CHUNK_ELEMENTS // blocksize)
     return max(1, nblocks)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def _check_blocksize(blocksize) -> int:
-    return check_power_of_two("blocksize", blocksize, 16, 4096)
-
-
-def _check_quant_type(quant_type) -> str:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quant_type {quant_type!r}; valid quant types: {list(QUANT_TYPES)}")
-    return quant_type
 
 
 def _raise_not_finite(flat, xp) -> None:
@@ -285,59 +233,6 @@ def bits_per_parameter(q: Quantized4bit) -> float:
     return 8.0 * q.nbytes / q.numel
 
 
-def _absmax_rows(rows, xp):
-    """Exact ``max |x|`` of each row: ``(r, k)`` float32 -> ``(r,)`` float32.
-
-    The maximum is taken over the float bits read as int32: for non-negative floats the integer
-    order is the float order, so the result is the same float, and NumPy's integer maximum is
-    faster than its float maximum (which has to look out for NaN). A NaN still comes out on top
-    (its bits exceed those of inf) and is caught as not finite.
-    """
-    magnitude = xp.abs(rows).view(xp.int32)  # (r, k) float32 bits of |x|, as int32 >= 0
-    return magnitude.max(axis=1).view(xp.float32)  # (r,) int32 -> (r,) float32
-
-
-def _positions_4bit(scaled, table: _Table4, xp, position, hit):
-    """Sorted position of the nearest level of each scaled value: ``(m,)`` float32 -> ``(m,)`` uint8.
-
-    The position is the number of midpoints strictly below the value (15 comparisons, each one
-    pass of vectorized work); a value on a midpoint is not counted, so it goes to the lower
-    level. Values slightly outside [-1, 1] (rounding) need no clipping: every midpoint lies
-    inside. ``position`` and ``hit`` are (m,) uint8 buffers; the result is written to ``position``.
-    """
-    flag = hit.view(xp.bool_)  # (m,) uint8 buffer seen as bool: comparisons land here
-    position[...] = 0  # (m,)
-    for midpoint in table.midpoints:
-        xp.greater(scaled, midpoint, out=flag)  # (m,) 1 where the value is above the midpoint
-        position += hit  # (m,) uint8 + uint8, no conversion from bool
-    return position
-
-
-def _pack_even(codes, xp):
-    """``pack_nibbles`` for a contiguous even-length ``(m,)`` uint8 array, working on byte pairs.
-
-    Each pair of codes is read as one uint16 ``w`` (no copy); the packed byte is the low byte of
-    ``w << 4 | w >> 8`` if the first code is the low byte of ``w`` (little-endian), else of
-    ``w >> 4 | w``. Casting to uint8 keeps the low byte.
-    """
-    pairs = codes.view(xp.uint16)  # (m,) uint8 -> (m/2,) uint16
-    if _little_endian(xp):
-        both = (pairs << 4) | (pairs >> 8)  # (m/2,) low byte: first << 4 | second
-    else:
-        both = (pairs >> 4) | pairs  # (m/2,) low byte: first << 4 | second
-    return both.astype(xp.uint8)  # (m/2,) uint16 -> uint8
-
-
-def _encode_4bit(scaled, table: _Table4, xp, position, hit):
-    """Packed code bytes of an even number of scaled values: ``(m,)`` float32 -> ``(m/2,)`` uint8."""
-    packed = _pack_even(_positions_4bit(scaled, table, xp, position, hit), xp)  # (m,) -> (m/2,)
-    if table.translate is None:
-        return packed
-    # FP4 and INT4 tables are not in sorted order: translate both sorted positions of each byte
-    # to code indices with one 256-entry lookup.
-    return xp.take(table.translate, packed)  # (m/2,) uint8
-
-
 def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False) -> Quantized4bit:
     """Blockwise absmax 4-bit quantization of a float array (QLoRA Eq. 1 with NF4, FP4 or INT4).
 
@@ -360,62 +255,98 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
         raise ValueError(f"quantize_4bit needs a floating-point array, got dtype {x.dtype}")
     if x.size == 0:
         raise ValueError(f"quantize_4bit needs a non-empty array, got shape {tuple(x.shape)}")
-    blocksize = _check_blocksize(blocksize)
-    quant_type = _check_quant_type(quant_type)
-    table = _table4(xp, quant_type)
-
+    blocksize = check_power_of_two("blocksize", blocksize, 16, 4096)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; valid quant types: {list(QUANT_TYPES)}")
     flat = x.reshape(-1).astype(xp.float32, copy=False)  # (...) -> (n,) row-major
-    n = flat.size
-    nfull = n // blocksize  # complete blocks
-    rem = n - nfull * blocksize  # values in the short last block (0 if none)
-    nblocks = nfull + (1 if rem else 0)
-    half = blocksize // 2  # bytes per complete block
-    absmax = xp.empty(nblocks, dtype=xp.float32)  # (nblocks,)
-    packed = xp.empty((n + 1) // 2, dtype=xp.uint8)  # (ceil(n/2),)
+    if xp is np and flat.size >= FAST_QUANTIZE_FROM:
+        packed, absmax = _quantize_4bit_fast(flat, blocksize, quant_type)  # the same bytes, faster
+    else:
+        packed, absmax = _quantize_blocks(flat, blocksize, quant_type)  # (ceil(n/2),) uint8, (nblocks,) float32
+    shape = tuple(int(s) for s in x.shape)
+    if not double_quant:
+        return Quantized4bit(packed, absmax, shape, x.dtype, blocksize, quant_type)
+    # QLoRA "Double Quantization": centre the block constants on their mean, then 8 bits in blocks of 256.
+    offset = xp.asarray(offset_mean(to_numpy(absmax))).reshape(1)  # (1,) float32 mean of the constants
+    qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)  # (nblocks,), (nblocks/256,)
+    return Quantized4bit(packed, None, shape, x.dtype, blocksize, quant_type, qabsmax, offset, absmax2)
 
-    full = flat[: nfull * blocksize].reshape(nfull, blocksize)  # (n,) -> (nfull, blocksize)
-    rows = _chunk_rows(xp, blocksize, nfull)
-    position = xp.empty(min(rows, max(nfull, 1)) * blocksize, dtype=xp.uint8)  # (chunk,) >= rem + 1
-    hit = xp.empty_like(position)  # (chunk,) scratch for the comparisons
+
+def _quantize_blocks(flat, blocksize: int, quant_type: str):
+    """Steps 1-4 of the module docstring: ``(n,)`` float32 -> ``(packed, absmax)``.
+
+    ``packed`` (ceil(n/2),) uint8 holds two codes per byte, ``absmax`` (nblocks,) float32 the block
+    constants. Complete blocks are scaled by the float32 reciprocal of their constant, the short
+    last block by a division: bitsandbytes' arithmetic, so that the codes are its codes.
+    """
+    xp = xp_of(flat)
+    nfull = flat.size // blocksize
+    blocks = flat[: nfull * blocksize].reshape(nfull, blocksize)  # (n,) -> (nfull, blocksize) complete blocks
+    tail = flat[nfull * blocksize :]  # (rem,) the short last block, empty if there is none
+    absmax = xp.abs(blocks).max(axis=1)  # (nfull,) Eq. 1: c = max |x| of each block
+    if tail.size:
+        absmax = xp.concatenate([absmax, xp.abs(tail).max(keepdims=True)])  # (nfull,) -> (nblocks,)
+    if not bool(xp.isfinite(absmax).all()):
+        _raise_not_finite(flat, xp)
+    c = xp.maximum(absmax, _TINY)  # (nblocks,) an all-zero block is divided by 1e-38, not by 0
+    scaled = xp.concatenate([(blocks * (1 / c[:nfull, None])).reshape(-1), tail / c[nfull:]])  # (n,) in [-1, 1]
+    if scaled.size % 2:
+        scaled = xp.concatenate([scaled, xp.zeros(1, dtype=xp.float32)])  # (n,) -> (n + 1,) padded with 0.0
+    order, _, midpoints = tables.search_table(tables.CODES[quant_type])  # (16,) code indices by level, (15,)
+    position = sum((scaled > m).astype(xp.uint8) for m in midpoints)  # (n,) midpoints below: the nearest level
+    codes = xp.take(xp.asarray(order.astype(np.uint8)), position)  # (n,) sorted position -> code index
+    return (codes[0::2] << 4) | codes[1::2], absmax  # (n/2,) first code in the high nibble; (nblocks,)
+
+
+def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
+    """``_quantize_blocks``, bit for bit, several times faster on a large NumPy array. A reader may skip it.
+
+    ``quantize_4bit`` takes this route from ``FAST_QUANTIZE_FROM`` values on (GPT-2's matrices
+    hold 590K and 2.4M weights); the tests check that both routes give the same bytes. The same
+    arithmetic, arranged for the CPU's caches and NumPy's fastest loops:
+
+    - the complete blocks go through in chunks of ``_CHUNK_ELEMENTS`` values, and each chunk's
+      15 midpoint comparisons land in two reused uint8 buffers instead of new temporaries;
+    - the absmax is the maximum of ``|x|``'s float bits read as int32: for non-negative floats
+      the integer order is the float order, so it is the same float, and NumPy's integer maximum
+      is faster than its float maximum (a NaN's bits exceed inf's, so a NaN is still caught);
+    - each pair of codes is read as one little-endian uint16 ``w`` (a view, no copy): the packed
+      byte is the low byte of ``w << 4 | w >> 8``;
+    - FP4 and INT4, whose code tables are not in ascending order, pack the two sorted positions
+      and then translate each byte with one 256-entry table.
+    """
+    order, _, midpoints = tables.search_table(tables.CODES[quant_type])  # (16,) code indices by level, (15,)
+    code = order.astype(np.uint8)  # (16,) sorted position -> code index
+    byte = np.arange(256, dtype=np.uint8)  # (256,) every byte of two sorted positions
+    translate = (code[byte >> 4] << 4) | code[byte & 15]  # (256,) -> the byte of their two code indices
+    identity = bool((code == np.arange(16)).all())  # NF4: the levels are in code order
+    nfull = flat.size // blocksize
+    rows = max(1, _CHUNK_ELEMENTS // blocksize)  # blocks per chunk
+    absmax = np.empty(nfull, dtype=np.float32)  # (nfull,)
+    packed = np.empty(nfull * blocksize // 2, dtype=np.uint8)  # (nfull * blocksize / 2,)
+    position = np.empty(min(rows, nfull) * blocksize, dtype=np.uint8)  # (chunk,) reused for every chunk
+    hit = np.empty_like(position)  # (chunk,) the comparisons land here
     for start in range(0, nfull, rows):
         stop = min(nfull, start + rows)
-        block = full[start:stop]  # (r, blocksize)
-        amax = _absmax_rows(block, xp)  # (r,) Eq. 1: c = absmax of the block
-        if not bool(xp.isfinite(amax).all()):
-            _raise_not_finite(flat, xp)
+        block = flat[start * blocksize : stop * blocksize].reshape(-1, blocksize)  # (r, blocksize)
+        amax = np.abs(block).view(np.int32).max(axis=1).view(np.float32)  # (r,) max |x| through the bits
+        if not bool(np.isfinite(amax).all()):
+            _raise_not_finite(flat, np)
         absmax[start:stop] = amax  # (r,)
-        inv = xp.reciprocal(xp.maximum(amax, _TINY))  # (r,) float32 1 / c
-        scaled = (block * inv[:, None]).reshape(-1)  # (r, blocksize) -> (r * blocksize,) in [-1, 1]
-        m = scaled.size
-        packed[start * half : stop * half] = _encode_4bit(scaled, table, xp, position[:m], hit[:m])  # (r * half,)
-
-    if rem:
-        tail = flat[nfull * blocksize :]  # (rem,)
-        amax = _absmax_rows(tail.reshape(1, rem), xp)  # (1, rem) -> (1,) absmax of the short block
-        if not bool(xp.isfinite(amax).all()):
-            _raise_not_finite(flat, xp)
-        absmax[nfull:] = amax  # (1,) the last entry of (nblocks,)
-        scaled = tail / xp.maximum(amax, _TINY)  # (rem,) / (1,) float32 division
-        if rem % 2:
-            scaled = xp.concatenate([scaled, xp.zeros(1, dtype=xp.float32)])  # (rem,) -> (rem + 1,)
-        m = scaled.size
-        packed[nfull * half :] = _encode_4bit(scaled, table, xp, position[:m], hit[:m])  # (ceil(rem/2),)
-
-    q = Quantized4bit(
-        packed=packed,
-        absmax=absmax,
-        shape=tuple(int(s) for s in x.shape),
-        dtype=x.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-    )
-    if double_quant:
-        # QLoRA "Double Quantization": centre the constants, then 8-bit blocks of 256.
-        offset = xp.asarray(offset_mean(to_numpy(absmax))).reshape(1)  # (1,) float32 mean of the constants
-        q.qabsmax, q.absmax2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)
-        q.offset = offset
-        q.absmax = None
-    return q
+        scaled = (block * np.reciprocal(np.maximum(amax, _TINY))[:, None]).reshape(-1)  # (m,) = (r * blocksize,)
+        pos, flag = position[: scaled.size], hit[: scaled.size]  # (m,) views of the buffers
+        pos[...] = 0
+        for m in midpoints:
+            np.greater(scaled, m, out=flag.view(np.bool_))  # (m,) 1 where the value is above the midpoint
+            pos += flag  # (m,) sorted position of the nearest level
+        pairs = pos.view("<u2")  # (m,) uint8 -> (m/2,) uint16, the first code in the low byte
+        both = ((pairs << 4) | (pairs >> 8)).astype(np.uint8)  # (m/2,) low byte: first << 4 | second
+        packed[start * blocksize // 2 : stop * blocksize // 2] = both if identity else translate[both]  # (m/2,)
+    tail = flat[nfull * blocksize :]  # (rem,) the short last block, if any: the plain route
+    if tail.size and not bool(np.isfinite(tail).all()):
+        _raise_not_finite(flat, np)
+    tail_packed, tail_absmax = _quantize_blocks(tail, blocksize, quant_type)  # (ceil(rem/2),), (0 or 1,)
+    return np.concatenate([packed, tail_packed]), np.concatenate([absmax, tail_absmax])
 
 
 def _block_constants(q: Quantized4bit):
@@ -462,75 +393,69 @@ def dequantize_4bit(q: Quantized4bit):
 # The offset of double quantization, summed in bitsandbytes' order (a reader may skip this)
 # --------------------------------------------------------------------------------------------
 
-_TORCH_LANES = 8  # float32 lanes of torch's AVX2 sum kernel
-_TORCH_GRAIN = 32768  # below this many values torch sums on one thread
-_TORCH_THREADS = 2  # torch's threads on the CPU (at least two: its default on a multi-core machine)
+_TORCH_GRAIN = 32768  # above this many values torch's CPU sum splits the work between (two) threads
 
 
 def offset_mean(values):
     """The float32 mean of a 1-D float32 host array, rounded exactly as bitsandbytes' offset is.
 
-    bitsandbytes takes the offset as ``absmax.mean()`` in torch, float32: torch's CPU sum kernel
-    (``SumKernel.cpp``, ``cascade_sum``) adds 8 lanes side by side, four vectors interleaved, in
-    cascaded partial sums of 16, then the leftover values and the 8 lanes in order; above 32,768
-    values each of two threads sums one half and the halves are added. Then the sum is divided
-    by the count in float32. Any other order differs in the last bit for about a third of
-    GPT-2's matrices. (With ``torch.set_num_threads(1)`` or another vector width the reference
-    itself rounds differently, for more than 32,768 values.)
+    bitsandbytes takes the offset as ``absmax.mean()`` in torch, float32, and any other order of
+    summation differs in the last bit for about a third of GPT-2's matrices. torch's CPU sum
+    (``SumKernel.cpp``, ``cascade_sum``): above 32,768 values each of two threads sums one half
+    and the halves are added (with ``torch.set_num_threads(1)`` the reference itself rounds
+    differently there); each half is summed by ``_torch_sum``; the total is divided by the count
+    in float32.
     """
-    x = to_numpy(values).astype("float32").reshape(-1)  # (m,) on the host, where torch's order is replayed
-    np = xp_of(x)  # NumPy
-    n = x.size
-    parts = 1 if n < _TORCH_GRAIN else min(_TORCH_THREADS, -(-n // _TORCH_GRAIN))
-    chunk = -(-n // parts)
+    x = to_numpy(values).astype(np.float32).reshape(-1)  # (m,) on the host, where torch's order is replayed
     total = np.float32(0.0)
-    for start in range(0, n, chunk):
-        total = np.float32(total + _torch_inner_sum(x[start : start + chunk]))
-    return np.float32(total / np.float32(n))
+    for half in np.array_split(x, 2 if x.size > _TORCH_GRAIN else 1):  # sizes ceil(m/2), floor(m/2)
+        total = np.float32(total + _torch_sum(half))
+    return np.float32(total / np.float32(x.size))
 
 
-def _torch_inner_sum(x):
-    """torch's float32 sum of a contiguous ``(m,)`` array on one thread (vectorized when m >= 8)."""
-    np = xp_of(x)  # NumPy (a host array)
+def _torch_sum(x):
+    """torch's float32 sum of ``(m,)`` on one thread: 4 x 8 running sums, then the leftovers in order.
 
-    lanes = _TORCH_LANES if x.size >= _TORCH_LANES else 1
+    The values are read as vectors of 8 lanes (1 lane when m < 8) and the vectors in groups of four:
+    vector ``4 r + k`` goes to running sum ``k``, summed over ``r`` by ``_cascade_sum``. The 1-3
+    vectors after the last group of four go into running sum 0, then the four are added in order;
+    finally, starting from 0, the values after the last vector and the 8 lanes, one by one.
+    """
+    lanes = 8 if x.size >= 8 else 1
     nvec = x.size // lanes
-    partial = _torch_row_sum(x[: nvec * lanes].reshape(nvec, lanes))  # (lanes,)
+    vectors = x[: nvec * lanes].reshape(nvec, lanes)  # (nvec, lanes)
+    groups = nvec // 4
+    acc = _cascade_sum(vectors[: groups * 4].reshape(groups, 4, lanes))  # (groups, 4, lanes) -> (4, lanes)
+    for v in vectors[groups * 4 :]:
+        acc[0] += v  # (lanes,)
+    lane_sums = acc[0] + acc[1] + acc[2] + acc[3]  # (lanes,) added left to right
     total = np.float32(0.0)
-    for v in x[nvec * lanes :]:  # the values after the last full vector, in order
-        total = np.float32(total + v)
-    for v in partial:  # then the lanes, in order
+    for v in [*x[nvec * lanes :], *lane_sums]:
         total = np.float32(total + v)
     return total
 
 
-def _torch_row_sum(vecs):
-    """torch's ``row_sum``: ``(m, lanes)`` -> ``(lanes,)``, four vectors interleaved, cascaded in steps of 16."""
-    np = xp_of(vecs)  # NumPy (a host array)
-    m, lanes = vecs.shape
-    rows = m // 4
-    quads = vecs[: rows * 4].reshape(rows, 4, lanes)  # (rows, 4, lanes)
-    acc = np.zeros((4, 4, lanes), dtype=np.float32)  # (level, 4, lanes)
-    i = 0
-    while i + 16 <= rows:
-        for _ in range(16):
-            acc[0] += quads[i]  # (4, lanes)
-            i += 1
-        for level in range(1, 4):  # carry up while the count is a multiple of 16 ** level
-            acc[level] += acc[level - 1]
-            acc[level - 1] = 0
-            if i & (15 << (4 * level)):
-                break
-    for r in range(i, rows):
-        acc[0] += quads[r]  # (4, lanes)
-    for level in range(1, 4):
-        acc[0] += acc[level]
-    out = acc[0]  # (4, lanes)
-    for r in range(rows * 4, m):
-        out[0] += vecs[r]  # the vectors left over after the last group of four
-    for k in range(1, 4):
-        out[0] += out[k]
-    return out[0]  # (lanes,)
+def _cascade_sum(rows):
+    """torch's ``cascade_sum`` over the first axis: ``(m, ...)`` -> ``(...)``, float32.
+
+    The rows are summed in order in groups of 16, those sums in groups of 16, and so on (four
+    levels, the last without grouping). What is left over at each level (the rows after its last
+    complete group) is summed in order, and these four leftover sums are added from the lowest level up.
+    """
+    leftovers = []
+    for level in range(4):
+        full = len(rows) // 16 * 16 if level < 3 else 0  # rows in complete groups of 16
+        leftovers.append(_sum_in_order(rows[full:]))  # (...)
+        rows = _sum_in_order(rows[:full].reshape(-1, 16, *rows.shape[1:]).swapaxes(0, 1))  # (full/16, ...)
+    return leftovers[0] + leftovers[1] + leftovers[2] + leftovers[3]  # (...) added left to right
+
+
+def _sum_in_order(rows):
+    """``rows[0] + rows[1] + ...`` in this order, starting from 0: ``(m, ...)`` float32 -> ``(...)``."""
+    total = np.zeros(rows.shape[1:], dtype=np.float32)  # (...)
+    for row in rows:
+        total += row  # (...)
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,13 +470,13 @@ def quantize_blockwise_8bit(values, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     (ceil(m/blocksize),) float32 is the absmax of each block of ``blocksize`` values. Each value
     is scaled into [-1, 1] by the float32 reciprocal of its block's absmax, and its level is
     found the way bitsandbytes' CPU kernel finds it (bit for bit): [-1, 1] is cut into a grid of
-    65,536 points, each point is mapped once to its nearest level (a table, ``_grid_levels``),
+    65,536 points, each point is mapped once to its nearest level (``tables.DYNAMIC_GRID_CODES``),
     and the value takes the level of its nearest grid point. That is the nearest level except
     within about 1.5e-5 (half a grid step) of a midpoint between two levels. A block of zeros
     keeps absmax 0 and code 0.
     """
     xp = xp_of(values)
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_power_of_two("blocksize", blocksize, 16, 4096)
     flat = values.reshape(-1).astype(xp.float32, copy=False)  # (m,)
     m = flat.size
     nblocks = -(-m // blocksize)
@@ -559,12 +484,12 @@ def quantize_blockwise_8bit(values, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     padded[:m] = flat  # (m,) into (nblocks * blocksize,), zeros after
     blocks = padded.reshape(nblocks, blocksize)  # (nblocks, blocksize)
     absmax2 = xp.abs(blocks).max(axis=1)  # (nblocks,)
-    inv = xp.float32(1.0) / xp.where(absmax2 > 0, absmax2, xp.ones_like(absmax2))  # (nblocks,) float32 1 / c
+    inv = 1 / xp.where(absmax2 > 0, absmax2, xp.ones_like(absmax2))  # (nblocks,) float32 1 / c
     normed = xp.clip(blocks * inv[:, None], -1.0, 1.0).reshape(-1)[:m]  # (m,) float32 in [-1, 1]
-    point = ((normed + xp.float32(1.0)) * xp.float32(0.5) * xp.float32(_GRID - 1) + xp.float32(0.5))  # (m,) float32
-    codes = xp.take(_grid_levels(xp), point.astype(xp.uint16))  # (m,) nearest grid point -> its level's code
-    zero_block = xp.repeat(absmax2 == 0, blocksize)[:m]  # (m,) values of all-zero blocks
-    codes[zero_block] = 0  # (m,) bitsandbytes writes code 0 there
+    grid = tables.DYNAMIC_GRID_CODES  # (65536,) uint8: the code nearest to each grid point -1 + 2 i / 65535
+    point = (normed + xp.float32(1.0)) * xp.float32(0.5) * xp.float32(grid.size - 1) + xp.float32(0.5)  # (m,)
+    codes = xp.take(xp.asarray(grid), point.astype(xp.uint16))  # (m,) nearest grid point -> its level's code
+    codes[xp.repeat(absmax2 == 0, blocksize)[:m]] = 0  # (m,) bitsandbytes writes code 0 for an all-zero block
     return codes, absmax2  # (m,) uint8, (nblocks,) float32
 
 

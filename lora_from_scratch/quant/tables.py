@@ -15,6 +15,8 @@ nearest level. This module builds the tables:
 ``INT4_CODE``    symmetric integers -7..7 divided by 7 (sign and 3-bit magnitude).
 ``DYNAMIC_MAP``  the signed 8-bit dynamic type used to store the block scales ("double
                  quantization").
+``DYNAMIC_GRID_CODES``  the dynamic map's code nearest to each of 65,536 points on [-1, 1]: the
+                 table through which bitsandbytes' CPU kernel rounds to 8 bits.
 
 Every table is computed here from its definition, in the float32 arithmetic that bitsandbytes
 uses, so that it equals bitsandbytes' constants bit for bit (the tests check this against the
@@ -32,12 +34,14 @@ import math
 import numpy as np
 
 __all__ = [
+    "DYNAMIC_GRID_CODES",
     "DYNAMIC_MAP",
     "FP4_CODE",
     "INT4_CODE",
     "NF4_CODE",
     "NF4_OFFSET",
     "CODES",
+    "dynamic_grid_codes",
     "dynamic_map",
     "float32_linspace",
     "fp4_code",
@@ -295,10 +299,25 @@ def search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, levels, midpoints.astype(np.float32)
 
 
+def dynamic_grid_codes(points: int = 65536) -> np.ndarray:
+    """(points,) uint8: the code of the dynamic-map level nearest to each grid point ``-1 + 2 i / (points - 1)``.
+
+    bitsandbytes' CPU kernel rounds a value to 8 bits through this table (its
+    ``build_quantize_lut``): the value goes to its nearest grid point, the point to its nearest
+    level. Nearest means: the count of float32 level midpoints strictly below the point (a point
+    on a midpoint goes to the lower level), as in ``search_table``; grid points are computed in float32.
+    """
+    _, _, midpoints = search_table(dynamic_map())  # (255,) float32, ascending
+    i = np.arange(points, dtype=np.float32)  # (points,)
+    grid = np.float32(-1.0) + (np.float32(2.0) * i) / np.float32(points - 1)  # (points,) float32
+    return np.searchsorted(midpoints, grid, side="left").astype(np.uint8)  # (points,) midpoints strictly below
+
+
 NF4_CODE = nf4_code()  # (16,) float32
 FP4_CODE = fp4_code()  # (16,) float32
 INT4_CODE = int4_code()  # (16,) float32
 DYNAMIC_MAP = dynamic_map()  # (256,) float32
+DYNAMIC_GRID_CODES = dynamic_grid_codes()  # (65536,) uint8
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
-for _table in (NF4_CODE, FP4_CODE, INT4_CODE, DYNAMIC_MAP):
+for _table in (NF4_CODE, FP4_CODE, INT4_CODE, DYNAMIC_MAP, DYNAMIC_GRID_CODES):
     _table.setflags(write=False)
