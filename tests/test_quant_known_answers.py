@@ -23,7 +23,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from lora_from_scratch.backend import asarray, to_numpy, xp_of
+from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.quant import (
     DYNAMIC_MAP,
     FP4_CODE,

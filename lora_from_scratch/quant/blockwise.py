@@ -57,6 +57,7 @@ Agreement with bitsandbytes (checked in the tests, bitsandbytes 0.50.2, CPU):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,7 +260,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; valid quant types: {list(QUANT_TYPES)}")
     flat = x.reshape(-1).astype(xp.float32, copy=False)  # (...) -> (n,) row-major
-    if xp is np and flat.size >= FAST_QUANTIZE_FROM:
+    if xp is np and flat.size >= FAST_QUANTIZE_FROM and sys.byteorder == "little":
         packed, absmax = _quantize_4bit_fast(flat, blocksize, quant_type)  # the same bytes, faster
     else:
         packed, absmax = _quantize_blocks(flat, blocksize, quant_type)  # (ceil(n/2),) uint8, (nblocks,) float32
@@ -310,7 +311,8 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
     - the absmax is the maximum of ``|x|``'s float bits read as int32: for non-negative floats
       the integer order is the float order, so it is the same float, and NumPy's integer maximum
       is faster than its float maximum (a NaN's bits exceed inf's, so a NaN is still caught);
-    - each pair of codes is read as one little-endian uint16 ``w`` (a view, no copy): the packed
+    - each pair of codes is read as one uint16 ``w`` (a view, no copy), whose low byte is the
+      first code on a little-endian machine (the only kind that takes this route): the packed
       byte is the low byte of ``w << 4 | w >> 8``;
     - FP4 and INT4, whose code tables are not in ascending order, pack the two sorted positions
       and then translate each byte with one 256-entry table.
@@ -322,8 +324,8 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
     identity = bool((code == np.arange(16)).all())  # NF4: the levels are in code order
     nfull = flat.size // blocksize
     rows = max(1, _CHUNK_ELEMENTS // blocksize)  # blocks per chunk
-    absmax = np.empty(nfull, dtype=np.float32)  # (nfull,)
-    packed = np.empty(nfull * blocksize // 2, dtype=np.uint8)  # (nfull * blocksize / 2,)
+    absmax = np.empty(-(-flat.size // blocksize), dtype=np.float32)  # (nblocks,)
+    packed = np.empty((flat.size + 1) // 2, dtype=np.uint8)  # (ceil(n/2),)
     position = np.empty(min(rows, nfull) * blocksize, dtype=np.uint8)  # (chunk,) reused for every chunk
     hit = np.empty_like(position)  # (chunk,) the comparisons land here
     for start in range(0, nfull, rows):
@@ -339,14 +341,15 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
         for m in midpoints:
             np.greater(scaled, m, out=flag.view(np.bool_))  # (m,) 1 where the value is above the midpoint
             pos += flag  # (m,) sorted position of the nearest level
-        pairs = pos.view("<u2")  # (m,) uint8 -> (m/2,) uint16, the first code in the low byte
+        pairs = pos.view(np.uint16)  # (m,) uint8 -> (m/2,) uint16, the first code in the low byte (little-endian)
         both = ((pairs << 4) | (pairs >> 8)).astype(np.uint8)  # (m/2,) low byte: first << 4 | second
         packed[start * blocksize // 2 : stop * blocksize // 2] = both if identity else translate[both]  # (m/2,)
     tail = flat[nfull * blocksize :]  # (rem,) the short last block, if any: the plain route
-    if tail.size and not bool(np.isfinite(tail).all()):
-        _raise_not_finite(flat, np)
-    tail_packed, tail_absmax = _quantize_blocks(tail, blocksize, quant_type)  # (ceil(rem/2),), (0 or 1,)
-    return np.concatenate([packed, tail_packed]), np.concatenate([absmax, tail_absmax])
+    if tail.size:
+        if not bool(np.isfinite(tail).all()):
+            _raise_not_finite(flat, np)
+        packed[nfull * blocksize // 2 :], absmax[nfull:] = _quantize_blocks(tail, blocksize, quant_type)
+    return packed, absmax  # (ceil(n/2),) uint8, (nblocks,) float32
 
 
 def _block_constants(q: Quantized4bit):
