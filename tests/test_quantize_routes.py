@@ -106,3 +106,20 @@ def test_fast_route_names_the_first_bad_value_like_the_plain_one():
         for route in (blockwise._quantize_blocks, blockwise._quantize_4bit_fast):
             with pytest.raises(ValueError, match=rf"1 NaN and 1 inf value\(s\) \(first at flat index {where}\)"):
                 route(y, 64, "nf4")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_offset_mean_is_torchs_float32_mean_around_every_cascade_boundary(signed):
+    # torch's sum changes its grouping at 8 values (a vector), 32 (a group of four vectors), 512 and 8,192
+    # (16 and 256 groups: the cascade's levels), 32,768 (two threads) and, for its last level, from 2 x 32 x 8,192.
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(2)
+    from lora_from_scratch.quant import offset_mean
+
+    sizes = list(range(1, 80)) + [n + d for n in (512, 8192, 32768, 1 << 20) for d in (-33, -1, 0, 1, 7, 31, 40)]
+    rng = np.random.default_rng(3)
+    for n in sizes:
+        values = (rng.standard_normal(n) * rng.uniform(1e-3, 10)).astype(np.float32)  # (n,)
+        values = values if signed else np.abs(values)
+        ours, ref = offset_mean(values), torch.from_numpy(values).mean().numpy()
+        assert ours.dtype == np.float32 and ours.view(np.uint32) == ref.view(np.uint32), n

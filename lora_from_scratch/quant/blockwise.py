@@ -407,13 +407,11 @@ def offset_mean(values):
     (``SumKernel.cpp``, ``cascade_sum``): above 32,768 values each of two threads sums one half
     and the halves are added (with ``torch.set_num_threads(1)`` the reference itself rounds
     differently there); each half is summed by ``_torch_sum``; the total is divided by the count
-    in float32.
+    in float32. (Python's ``sum(items, start)`` adds left to right: ``start + items[0] + ...``.)
     """
     x = to_numpy(values).astype(np.float32).reshape(-1)  # (m,) on the host, where torch's order is replayed
-    total = np.float32(0.0)
-    for half in np.array_split(x, 2 if x.size > _TORCH_GRAIN else 1):  # sizes ceil(m/2), floor(m/2)
-        total = np.float32(total + _torch_sum(half))
-    return np.float32(total / np.float32(x.size))
+    halves = np.array_split(x, 2 if x.size > _TORCH_GRAIN else 1)  # sizes ceil(m/2), floor(m/2): one per thread
+    return sum(map(_torch_sum, halves), np.float32(0.0)) / np.float32(x.size)  # float32 sum, float32 division
 
 
 def _torch_sum(x):
@@ -429,13 +427,9 @@ def _torch_sum(x):
     vectors = x[: nvec * lanes].reshape(nvec, lanes)  # (nvec, lanes)
     groups = nvec // 4
     acc = _cascade_sum(vectors[: groups * 4].reshape(groups, 4, lanes))  # (groups, 4, lanes) -> (4, lanes)
-    for v in vectors[groups * 4 :]:
-        acc[0] += v  # (lanes,)
+    acc[0] = sum(vectors[groups * 4 :], acc[0])  # (lanes,) plus the vectors after the last group of four
     lane_sums = acc[0] + acc[1] + acc[2] + acc[3]  # (lanes,) added left to right
-    total = np.float32(0.0)
-    for v in [*x[nvec * lanes :], *lane_sums]:
-        total = np.float32(total + v)
-    return total
+    return sum([*x[nvec * lanes :], *lane_sums], np.float32(0.0))  # float32 scalar
 
 
 def _cascade_sum(rows):
@@ -445,20 +439,14 @@ def _cascade_sum(rows):
     levels, the last without grouping). What is left over at each level (the rows after its last
     complete group) is summed in order, and these four leftover sums are added from the lowest level up.
     """
+    zeros = np.zeros(rows.shape[1:], dtype=np.float32)  # (...)
     leftovers = []
     for level in range(4):
         full = len(rows) // 16 * 16 if level < 3 else 0  # rows in complete groups of 16
-        leftovers.append(_sum_in_order(rows[full:]))  # (...)
-        rows = _sum_in_order(rows[:full].reshape(-1, 16, *rows.shape[1:]).swapaxes(0, 1))  # (full/16, ...)
+        leftovers.append(sum(rows[full:], zeros))  # (...) the rows after the last group, in order
+        groups = rows[:full].reshape(-1, 16, *rows.shape[1:])  # (full/16, 16, ...)
+        rows = sum(groups.swapaxes(0, 1), np.zeros_like(groups[:, 0]))  # (full/16, ...) each group in order
     return leftovers[0] + leftovers[1] + leftovers[2] + leftovers[3]  # (...) added left to right
-
-
-def _sum_in_order(rows):
-    """``rows[0] + rows[1] + ...`` in this order, starting from 0: ``(m, ...)`` float32 -> ``(...)``."""
-    total = np.zeros(rows.shape[1:], dtype=np.float32)  # (...)
-    for row in rows:
-        total += row  # (...)
-    return total
 
 
 # --------------------------------------------------------------------------------------------
