@@ -41,17 +41,11 @@ from .adapter import (
     replace_targets,
 )
 from .backend import get_xp, global_rng, xp_of
-from .checks import check_power_of_two
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
-from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE
+from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE, check_blocksize
 
 QLORA_INITS = RANDOM_INITS
-
-
-def check_blocksize(blocksize) -> int:
-    """The block size of the NF4 quantization: a power of two from 16 to 4096 (QLoRA uses 64)."""
-    return check_power_of_two("blocksize", blocksize, 16, 4096)
 
 
 # ---------------------------------------------------------------- the frozen 4-bit base
@@ -102,13 +96,11 @@ class NF4Linear(QuantizedLinear):
 
     @property
     def quantized(self) -> Quantized4bit:
-        """The stored form as a ``quant.Quantized4bit`` (the live arrays)."""
-        dq = self.double_quant
-        return Quantized4bit(
-            packed=self.packed.data, absmax=None if dq else self.absmax.data,
-            shape=(self.out_features, self.in_features), dtype=self.weight_dtype, blocksize=self.blocksize,
-            quant_type=self.quant_type, qabsmax=self.qabsmax.data if dq else None,
-            offset=self.offset.data if dq else None, absmax2=self.absmax2.data if dq else None)
+        """The stored form as a ``quant.Quantized4bit`` (the live arrays): each buffer is the field of its name."""
+        arrays = {name: buffer.data for name, buffer in self.named_buffers()}  # packed, and absmax or the three
+        return Quantized4bit(shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+                             blocksize=self.blocksize, quant_type=self.quant_type, absmax=arrays.pop("absmax", None),
+                             **arrays)
 
     def dequantized_weight(self):
         """dequant(W0_NF4) as float32 (out, in): a new array each call (QLoRA Eq. 6)."""
