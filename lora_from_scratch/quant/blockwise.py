@@ -45,8 +45,9 @@ Agreement with bitsandbytes (checked in the tests, bitsandbytes 0.50.2, CPU):
   dequantize to zeros).
 - with double quantization too, every stored array is bitsandbytes', bit for bit (checked on all
   72 block matrices of GPT-2 small): the 8-bit codes round the way its CPU kernel does, through
-  a grid of 65,536 points on [-1, 1] (``quantize_blockwise_8bit``), which is the nearest level
-  except within half a grid step (1.5e-5 of the block's absmax) of a midpoint, and near zero,
+  a grid of 65,536 points on [-1, 1] (``quantize_blockwise_8bit``, ``tables.DYNAMIC_GRID_CODES``),
+  which is the nearest level except within half a grid step (1.5e-5 of the block's absmax) of
+  a midpoint, and near zero,
   where the dynamic map's levels are closer together than the grid; the offset is torch's
   float32 mean, summed in torch's order (``offset_mean``). What that order depends on: torch
   sums more than 32,768 block constants (a matrix of more than 2M weights) in two halves when it
