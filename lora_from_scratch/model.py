@@ -193,9 +193,9 @@ class GPT(Module):
         """The mean next-token cross-entropy for ids ``idx`` (B, T) and ``targets`` (B, T): a 0-d array.
 
         The training step's form of ``cross_entropy(self(idx), targets)``: the LM head and the loss
-        run together in chunks of positions (``functional.lm_head_cross_entropy``), so the (B, T, V)
-        logits and their gradient never exist whole; the head's gradients are computed here and
-        kept for ``backward()`` (called without an argument). ``check=False`` skips the checks of
+        run together (``functional.lm_head_cross_entropy``; at a GPT-2 vocabulary in chunks of
+        positions, so the (B, T, V) logits and their gradient never exist whole); the head's gradients
+        are computed here and kept for ``backward()`` (called without an argument). ``check=False`` skips the checks of
         the ids and the targets (the training loop checks each batch once on the host).
         """
         if check:
