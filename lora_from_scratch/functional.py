@@ -41,7 +41,7 @@ def linear_forward(x, W, b=None):
     return y, (x, W, b is not None)
 
 
-def linear_backward(dy, cache, need_dW=True, need_db=True, need_dx=True):
+def linear_backward(dy, cache, need_dW=True, need_db=True):
     """Gradients of y = x W^T + b. Returns (dx, dW, db).
 
     ``need_dW=False`` is how a frozen weight saves work: the (out, in) weight
@@ -50,9 +50,7 @@ def linear_backward(dy, cache, need_dW=True, need_db=True, need_dx=True):
     """
     x, W, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (..., out) -> (N, out)
-    dx = None
-    if need_dx:
-        dx = (dy2 @ W).reshape(*dy.shape[:-1], W.shape[1])  # (N, out) @ (out, in) -> (..., in)
+    dx = (dy2 @ W).reshape(*dy.shape[:-1], W.shape[1])  # (N, out) @ (out, in) -> (..., in)
     dW = db = None
     if need_dW:
         x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (N, in)

@@ -139,7 +139,7 @@ class AdamW(Optimizer):
 
     def step(self) -> None:
         work = [(p, self._moments(p), g) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if sum(p.size for p, _, _ in work) >= _THREADED_ELEMENTS and _threadable(work):
+        if sum(p.data.size for p, _, _ in work) >= _THREADED_ELEMENTS and _threadable(work):
             _adamw_threaded(work)  # the same update in chunks on two threads (a whole GPT-2; a reader may skip it)
             return
         for p, st, g in work:
