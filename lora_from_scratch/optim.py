@@ -158,19 +158,19 @@ def _adamw_update(p, gr, m, v, t: int, g: dict) -> None:
     lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
     xp = xp_of(p)
     if wd:
-        p *= 1.0 - lr * wd  # decoupled decay, in place
+        p *= 1.0 - lr * wd  # decoupled decay, in place: p = (1 - lr wd) p
     m *= b1
-    m += (1.0 - b1) * gr  # (shape of p)
+    m += (1.0 - b1) * gr  # (shape of p): m = b1 m + (1 - b1) g
     v *= b2
-    v += (1.0 - b2) * (gr * gr)  # (shape of p)
-    bc1 = 1.0 - b1**t
+    v += (1.0 - b2) * (gr * gr)  # (shape of p): v = b2 v + (1 - b2) g^2
+    bc1 = 1.0 - b1**t  # bias corrections: m_hat = m / bc1, v_hat = v / bc2
     bc2 = 1.0 - b2**t
-    denom = xp.sqrt(v) / math.sqrt(bc2) + eps  # (shape of p)
-    p -= (lr / bc1) * (m / denom)  # (shape of p)
+    denom = xp.sqrt(v) / math.sqrt(bc2) + eps  # (shape of p): sqrt(v_hat) + eps
+    p -= (lr / bc1) * (m / denom)  # (shape of p): p -= lr m_hat / (sqrt(v_hat) + eps)
 
 
 # ---------------------------------------------------------------- the same update, faster on the CPU
-# (a reader may skip this part: it computes exactly what _adamw_update computes)
+# (a reader may skip this part: it computes exactly what _adamw_update computes, bit for bit)
 # Over a whole model (full fine-tuning of GPT-2 small: 124M parameters) AdamW is memory-bound:
 # the plain form above makes several full-size temporaries. Here every parameter is cut into
 # cache-sized chunks, each chunk is updated with in-place operations on one reused scratch
