@@ -205,9 +205,10 @@ class GPT(Module):
 
         The training step's form of ``cross_entropy(self(idx), targets)``: the LM head and the loss
         run together (``functional.lm_head_cross_entropy``; at a GPT-2 vocabulary in chunks of
-        positions, so the (B, T, V) logits and their gradient never exist whole); the head's gradients
-        are computed here and kept for ``backward()`` (called without an argument). ``check=False`` skips the checks of
-        the ids and the targets (the training loop checks each batch once on the host).
+        positions, so the (B, T, V) logits and their gradient never exist whole); the head's
+        gradients are computed here and kept for ``backward()`` (called without an argument).
+        ``check=False`` skips the checks of the ids and the targets (the training loop checks each
+        batch once on the host).
         """
         if check:
             F.check_targets(targets, self.config.vocab_size)
