@@ -244,8 +244,7 @@ class QuantizedLinear(Module):
         return y
 
     def backward(self, dy):
-        _need_cache(self._cache, type(self).__name__)  # it kept only x's shape
-        self._cache = None
+        _, self._cache = _need_cache(self._cache, type(self).__name__), None  # it kept only x's shape
         W = self._weight_as(dy.dtype)  # (out, in), dequantized again (not kept from the forward)
         need_db = self.bias is not None and self.bias.trainable
         dx, _, db = F.linear_backward(dy, (None, W, self.bias is not None), need_dW=False, need_db=need_db)
