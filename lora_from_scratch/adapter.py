@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 from . import functional as F
-from .backend import get_xp, global_rng, like_of, xp_of
+from .backend import get_xp, global_rng, xp_of
 from .backend import rng as host_rng
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
 
@@ -127,7 +127,7 @@ class LowRankAdapter(Module):
         else:
             raise ValueError(f"LowRankAdapter.create draws A at random; init must be one of {list(RANDOM_INITS)}, "
                              f"got {init!r}")
-        A = like_of(like_array, host)  # (r, k') on the base's backend and dtype
+        A = xp_of(like_array).asarray(host, dtype=like_array.dtype)  # (r, k') on the base's backend and dtype
         B = xp_of(like_array).zeros((out_features, r), dtype=like_array.dtype)  # (d, r): B A = 0 at step 0
         seed = int(rng.integers(0, 2**31 - 1))  # each adapter's dropout draws its own mask stream
         return cls(A, B, alpha, dropout=dropout, use_rslora=use_rslora, group_size=group_size, init=init,
@@ -244,8 +244,7 @@ class QuantizedLinear(Module):
         return y
 
     def backward(self, dy):
-        _need_cache(self._cache, type(self).__name__)  # it kept only x's shape
-        self._cache = None
+        _, self._cache = _need_cache(self._cache, type(self).__name__), None  # it kept only x's shape
         W = self._weight_as(dy.dtype)  # (out, in), dequantized again (not kept from the forward)
         need_db = self.bias is not None and self.bias.trainable
         dx, _, db = F.linear_backward(dy, (None, W, self.bias is not None), need_dW=False, need_db=need_db)
@@ -575,24 +574,22 @@ def resolve_targets(n_layer: int, targets) -> list[tuple[int, Target]]:
     ``targets``: short names from ``TARGETS`` (that matrix in every block) or ``"blocks.{i}.{name}"``
     (one block), or one such string. Raises ValueError naming an unknown target or a missing block.
     """
-    if isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
+    targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError(f"at least one target is needed; valid targets: {list(TARGETS)}")
-    chosen = set()
+    chosen = set()  # (block, name)
     for t in targets:
+        m = _BLOCK_TARGET.match(t) if isinstance(t, str) else None
         if isinstance(t, str) and t in TARGET_TABLE:
             chosen.update((i, t) for i in range(n_layer))
-            continue
-        m = _BLOCK_TARGET.match(t) if isinstance(t, str) else None
-        if m is None or m.group(2) not in TARGET_TABLE:
+        elif m is None or m.group(2) not in TARGET_TABLE:
             raise ValueError(f"unknown target {t!r}; valid targets: {list(TARGETS)} or 'blocks.<i>.<name>'")
-        i = int(m.group(1))
-        if i >= n_layer:
-            raise ValueError(f"target {t!r} names block {i}, but the model has {n_layer} blocks (0..{n_layer - 1})")
-        chosen.add((i, m.group(2)))
-    return [(i, TARGET_TABLE[n]) for i, n in sorted(chosen, key=lambda it: (it[0], TARGETS.index(it[1])))]
+        elif int(m.group(1)) >= n_layer:
+            raise ValueError(f"target {t!r} names block {int(m.group(1))}, but the model has {n_layer} blocks "
+                             f"(0..{n_layer - 1})")
+        else:
+            chosen.add((int(m.group(1)), m.group(2)))
+    return [(i, TARGET_TABLE[name]) for i in range(n_layer) for name in TARGETS if (i, name) in chosen]
 
 
 def is_adapter(module) -> bool:
@@ -623,12 +620,11 @@ def mark_only_lora_as_trainable(model):
     """Freeze every parameter except the active adapters' A and B (embeddings, layer norms, biases, W0 included)."""
     layers = lora_layers(model)
     refuse_while_disabled(layers, "mark_only_lora_as_trainable")
-    keep = set()
+    model.freeze()
     for layer in layers.values():
         if layer.active is not None:
-            keep.update(id(p) for p in layer.adapters[layer.active].parameters())
-    for p in model.parameters():
-        p.trainable = id(p) in keep
+            for p in layer.adapters[layer.active].parameters():
+                p.trainable = True  # A and B of the active adapter
     return model
 
 
@@ -641,9 +637,9 @@ def replace_targets(model, targets, check, make, seed: int | None = None, rng=No
     generator seeded with ``seed``, or ``backend.global_rng()``.
     """
     refuse_while_disabled(lora_layers(model), "adding adapter layers")
-    found = []
-    for i, target in resolve_targets(len(model.blocks), targets):
-        path, parent = target.path(i), getattr(model.blocks[i], target.parent)  # blocks.{i}.attn or .mlp
+    found, blocks = [], list(model.blocks)
+    for i, target in resolve_targets(len(blocks), targets):
+        path, parent = target.path(i), getattr(blocks[i], target.parent)  # blocks.{i}.attn or .mlp
         lin = getattr(parent, target.name)
         if isinstance(lin, AdaptedLinear):
             raise ValueError(f"{path} already has an adapter ({type(lin).__name__}); use add_adapter for another task")

@@ -41,7 +41,7 @@ def linear_forward(x, W, b=None):
     return y, (x, W, b is not None)
 
 
-def linear_backward(dy, cache, need_dW=True, need_db=True, need_dx=True):
+def linear_backward(dy, cache, need_dW=True, need_db=True):
     """Gradients of y = x W^T + b. Returns (dx, dW, db).
 
     ``need_dW=False`` is how a frozen weight saves work: the (out, in) weight
@@ -50,9 +50,7 @@ def linear_backward(dy, cache, need_dW=True, need_db=True, need_dx=True):
     """
     x, W, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (..., out) -> (N, out)
-    dx = None
-    if need_dx:
-        dx = (dy2 @ W).reshape(*dy.shape[:-1], W.shape[1])  # (N, out) @ (out, in) -> (..., in)
+    dx = (dy2 @ W).reshape(*dy.shape[:-1], W.shape[1])  # (N, out) @ (out, in) -> (..., in)
     dW = db = None
     if need_dW:
         x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (N, in)
@@ -370,32 +368,56 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     return loss, dl.reshape(logits.shape)
 
 
-def lm_head_chunk_rows(vocab_size: int) -> int:
-    """Positions per chunk of ``lm_head_cross_entropy``: 512, or more while a chunk stays under 2**22 logits."""
-    return max(512, (1 << 22) // vocab_size)
-
-
 def lm_head_cross_entropy(x, W, targets, ignore_index=IGNORE_INDEX, need_dW=True, rows=None):
-    """The LM head and the mean cross-entropy together, in chunks of rows: ``(loss, dx, dW)``.
+    """The LM head and the mean cross-entropy together: ``(loss, dx, dW)``, what GPT-2's last step computes.
 
-    The same numbers as ``logits, cache = linear_forward(x, W)``, ``loss, dlogits =
-    cross_entropy(logits, targets, check=False)`` and ``dx, dW, _ = linear_backward(dlogits,
-    cache)``, but the (N, V) logits and their gradient never exist whole: each chunk of ``rows``
-    positions makes its logits (rows, V), turns them in place into their gradient
-    (softmax - onehot) / n_valid, adds its share to dx (rows, C) and dW (V, C), and is dropped.
-    The gradient overwrites the logits in place, so a chunk holds one (rows, V) array where the plain
-    form holds the logits, their exponentials and their gradient. Chunks are 512 positions at
-    GPT-2's vocabulary (``lm_head_chunk_rows``): smaller ones measured slower on two cores (the
-    head's dW is accumulated once per chunk and narrower products use BLAS less well).
+    logits = x W^T (the tied embedding as the head), the mean cross-entropy over the scored targets,
+    and the gradients dx = dlogits W, dW = dlogits^T x with dlogits = (softmax - onehot) / n_valid:
+    ``linear_forward``, ``cross_entropy`` and ``linear_backward``, one after the other.
 
     x (..., C), W (V, C), targets (...) integers. ``need_dW=False`` skips dW (a frozen embedding).
     Targets are not checked (``check_targets`` does that once per batch); as in ``cross_entropy``
     an out-of-range target makes the loss and the gradients NaN, and an all-ignored batch gives 0.
+
+    Above ``_WHOLE_LOGITS`` logits (a GPT-2 vocabulary of 50,257 classes), or when ``rows`` is given,
+    the same numbers come from ``_lm_head_cross_entropy_chunked``, which never holds the (N, V)
+    logits whole.
+    """
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
+    if rows is not None or targets.size * W.shape[0] > _WHOLE_LOGITS:
+        return _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows)
+    logits, cache = linear_forward(x, W)  # (..., C) @ (C, V) -> (..., V)
+    loss, dlogits = cross_entropy(logits, targets, ignore_index, check=False)  # (), (..., V)
+    dx, dW, _ = linear_backward(dlogits, cache, need_dW=need_dW, need_db=False)  # (..., C), (V, C) or None
+    return loss, dx, dW
+
+
+# ---------------------------------------------------------------- the same loss, in chunks of positions
+# (a reader may skip this part: it computes exactly what the plain form above computes)
+# At GPT-2's vocabulary the logits of a batch are large (1,024 positions x 50,257 classes = 206 MB
+# in float32), and the plain form holds them, their exponentials and their gradient at once.
+_WHOLE_LOGITS = 1 << 14  # up to this many logits (a character vocabulary, a classroom batch) the plain form runs
+
+
+def lm_head_chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk of the chunked LM-head loss: 512, or more while a chunk stays under 2**22 logits."""
+    return max(512, (1 << 22) // vocab_size)
+
+
+def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=None):
+    """``lm_head_cross_entropy`` in chunks of ``rows`` positions: the (N, V) logits never exist whole.
+
+    Each chunk makes its logits (rows, V), turns them in place into their gradient
+    (softmax - onehot) / n_valid, adds its share to dx (rows, C) and dW (V, C), and is dropped.
+    The gradient overwrites the logits in place, so a chunk holds one (rows, V) array where the plain
+    form holds the logits, their exponentials and their gradient. Chunks are 512 positions at
+    GPT-2's vocabulary (``lm_head_chunk_rows``): smaller ones measured slower on two cores (the
+    head's dW is accumulated once per chunk and narrower products use BLAS less well). With one
+    chunk the values are the plain form's bit for bit; with several, up to the order of dW's sums.
     """
     xp = xp_of(x, W)
     V, C = W.shape
-    if targets.shape != x.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
     x2 = x.reshape(-1, C)  # (..., C) -> (N, C)
     tg = targets.reshape(-1)  # (...) -> (N,)
     N = x2.shape[0]

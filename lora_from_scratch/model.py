@@ -36,7 +36,18 @@ from . import functional as F
 from . import generation
 from .backend import global_rng, xp_of
 from .backend import rng as host_rng
-from .nn import GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, check_float_dtype, is_grad_enabled
+from .nn import (
+    GELU,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    Module,
+    ModuleList,
+    _need_cache,
+    check_float_dtype,
+    is_grad_enabled,
+)
 
 
 @dataclass
@@ -193,10 +204,11 @@ class GPT(Module):
         """The mean next-token cross-entropy for ids ``idx`` (B, T) and ``targets`` (B, T): a 0-d array.
 
         The training step's form of ``cross_entropy(self(idx), targets)``: the LM head and the loss
-        run together in chunks of positions (``functional.lm_head_cross_entropy``), so the (B, T, V)
-        logits and their gradient never exist whole; the head's gradients are computed here and
-        kept for ``backward()`` (called without an argument). ``check=False`` skips the checks of
-        the ids and the targets (the training loop checks each batch once on the host).
+        run together (``functional.lm_head_cross_entropy``; at a GPT-2 vocabulary in chunks of
+        positions, so the (B, T, V) logits and their gradient never exist whole); the head's
+        gradients are computed here and kept for ``backward()`` (called without an argument).
+        ``check=False`` skips the checks of the ids and the targets (the training loop checks each
+        batch once on the host).
         """
         if check:
             F.check_targets(targets, self.config.vocab_size)
@@ -209,7 +221,7 @@ class GPT(Module):
     def hidden(self, idx, check: bool = True):
         """The last hidden states ln_f(x) (B, T, C) for token ids ``idx`` (B, T), before the LM head.
 
-        The ids are range-checked once per batch (``functional.check_ids``: one host
+        The ids are range-checked once per batch (the lookup calls ``functional.check_ids``: one host
         transfer, a ValueError naming a bad id); ``check=False`` skips that for ids
         already checked, leaving a forward without any host synchronization. The
         positions ``arange(T)`` need no check: T is checked against ``block_size``
@@ -220,12 +232,8 @@ class GPT(Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        if idx.dtype.kind not in "iu":
-            raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
-        if check:
-            F.check_ids(idx, self.wte.weight.shape[0])
         xp = xp_of(self.wte.weight.data)
-        tok = self.wte(idx)  # (B, T) -> (B, T, C); no check inside the lookup
+        tok = self.wte(idx, check)  # (B, T) -> (B, T, C); integer ids, in range when checked
         pos = self.wpe(xp.arange(T)[None, :])  # (1, T) -> (1, T, C)
         x = self.drop(tok + pos)  # (B, T, C)
         for block in self.blocks:
@@ -235,18 +243,15 @@ class GPT(Module):
     def backward(self, dlogits=None):
         """Fills ``.grad`` of every trainable parameter: from d(loss)/d(logits) after ``forward``, or
         with no argument after ``loss`` (whose head gradients are already computed)."""
-        if self._cache is None:
-            raise RuntimeError("GPT.backward called without a forward (or twice for one forward, or after a forward "
-                               "inside no_grad(), which keeps no cache)")
-        wte = self.wte.weight
-        if isinstance(self._cache, _HeadGradients):
+        cache, wte = _need_cache(self._cache, "GPT"), self.wte.weight
+        if isinstance(cache, _HeadGradients):
             if dlogits is not None:
                 raise ValueError("after GPT.loss call backward() without dlogits: the loss's gradient is already in")
-            dx, dW_head = self._cache
+            dx, dW_head = cache
         else:
             if dlogits is None:
                 raise ValueError("GPT.backward needs dlogits (B, T, V) after a forward; only GPT.loss needs none")
-            dx, dW_head, _ = F.linear_backward(dlogits, self._cache, need_dW=wte.trainable, need_db=False)
+            dx, dW_head, _ = F.linear_backward(dlogits, cache, need_dW=wte.trainable, need_db=False)
         self._cache = None  # (B, T, V) -> (B, T, C); dW_head (V, C) when the embedding trains
         if dW_head is not None:
             wte.accumulate(dW_head)

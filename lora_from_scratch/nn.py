@@ -30,7 +30,6 @@ layer are freed once the next layer has read them, and only the largest temporar
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 from . import functional as F
@@ -138,17 +137,6 @@ def no_grad():
         _grad_enabled = previous
 
 
-def _refused_under_no_grad(backward):
-    """``backward`` that first checks it is not inside ``no_grad()`` (the forward kept nothing to go back on)."""
-    @functools.wraps(backward)
-    def checked(self, *args, **kwargs):
-        if not _grad_enabled:
-            raise RuntimeError(f"{type(self).__name__}.backward called inside no_grad(): forwards there keep no "
-                               "caches; run the forward and the backward outside no_grad() to train")
-        return backward(self, *args, **kwargs)
-    return checked
-
-
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not name or "." in name or name.startswith("_") or not name.isprintable():
         raise ValueError(f"{what} name must be a non-empty string without '.' that does not start with '_', "
@@ -160,16 +148,11 @@ class Module:
     """Base class: finds Parameters, Buffers and child Modules among its attributes, in definition order.
 
     Calling a module runs its ``forward``; inside ``no_grad()`` the call then drops the cache the
-    forward kept (``self._cache``, the one place every module keeps it). Every subclass's
-    ``backward`` is wrapped once, when the class is defined, so that it raises inside ``no_grad()``.
+    forward kept (``self._cache``, the one place every module keeps it). A backward takes that
+    cache with ``_need_cache``, which raises inside ``no_grad()`` and when there is no cache.
     """
 
     training = True
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "backward" in vars(cls):
-            cls.backward = _refused_under_no_grad(cls.backward)
 
     def __call__(self, *args, **kwargs):
         out = self.forward(*args, **kwargs)
@@ -398,7 +381,7 @@ class ModuleList(Module):
         setattr(self, str(i % self._n), m)
 
     def __iter__(self):
-        return (self[i] for i in range(self._n))
+        return (getattr(self, str(i)) for i in range(self._n))
 
 
 def _new(shape, dtype, init: str, scale: float, rng):
@@ -418,6 +401,10 @@ def _new(shape, dtype, init: str, scale: float, rng):
 
 
 def _need_cache(cache, name):
+    """The cache of a module's last forward, for its backward; RuntimeError inside ``no_grad()`` or without one."""
+    if not _grad_enabled:
+        raise RuntimeError(f"{name}.backward called inside no_grad(): forwards there keep no caches; run the "
+                           "forward and the backward outside no_grad() to train")
     if cache is None:
         raise RuntimeError(f"{name}.backward called without a forward (or twice for one forward, or after a "
                            "forward inside no_grad(), which keeps no cache)")
@@ -526,9 +513,7 @@ class Embedding(Module):
         self._cache = None
 
     def forward(self, ids, check: bool = False):
-        if check:
-            F.check_ids(ids, self.weight.shape[0])
-        out, self._cache = F.embedding_forward(ids, self.weight.data)  # (B, T) -> (B, T, C)
+        out, self._cache = F.embedding_forward(ids, self.weight.data, check)  # (B, T) -> (B, T, C)
         return out
 
     def backward(self, dout):

@@ -33,12 +33,9 @@ from .backend import asarray, get_backend_name, get_xp, is_cupy_array, like, set
 def _groups(params, defaults: dict) -> list[dict]:
     """Normalize ``params`` (Parameters, or dicts with "params" and overrides) into groups of trainable ones."""
     params = list(params)
-    if params and isinstance(params[0], dict):
-        groups = [{**defaults, **g, "params": list(g["params"])} for g in params]
-    else:
-        groups = [{**defaults, "params": params}]
-    for g in groups:
-        g["params"] = [p for p in g["params"] if p.trainable]  # frozen ones get no state at all
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    # frozen parameters are left out here, so they get no state at all
+    groups = [{**defaults, **g, "params": [p for p in g["params"] if p.trainable]} for g in groups]
     if not any(g["params"] for g in groups):
         raise ValueError("optimizer got no trainable parameters")
     return groups
@@ -91,13 +88,15 @@ class Optimizer:
             set_backend(previous)
         return self
 
-    def _state_for(self, p) -> dict | None:
-        """The state of ``p`` (None if it has none yet), every array moved to ``p``'s backend if it was elsewhere."""
+    def _state_for(self, p, new) -> dict:
+        """The state of ``p``, made by ``new()`` on first use; an array left on another backend (after
+        ``model.to(...)`` without ``opt.to(...)``) is first moved to ``p``'s."""
         st = self.state.get(id(p))
-        if st is not None:
-            for key, a in st.items():
-                if _is_array(a) and is_cupy_array(a) != is_cupy_array(p.data):
-                    st[key] = like(p.data, a)  # (shape of p): a copy on the parameter's backend
+        if st is None:
+            st = self.state[id(p)] = new()
+        for key, a in st.items():
+            if _is_array(a) and is_cupy_array(a) != is_cupy_array(p.data):
+                st[key] = like(p.data, a)  # (shape of p): a copy on the parameter's backend
         return st
 
     def state_nbytes(self) -> int:
@@ -120,9 +119,7 @@ class SGD(Optimizer):
                 if g["weight_decay"]:
                     d = d + g["weight_decay"] * p.data  # (shape of p)
                 if g["momentum"]:
-                    st = self._state_for(p)
-                    if st is None:
-                        st = self.state[id(p)] = {}
+                    st = self._state_for(p, dict)
                     buf = st.get("momentum")
                     buf = d.copy() if buf is None else buf * g["momentum"] + d  # (shape of p)
                     st["momentum"] = buf
@@ -141,26 +138,19 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay))
 
     def step(self) -> None:
-        work = []  # (parameter, its state, the group's hyperparameters) of every parameter with a gradient
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self._state_for(p)
-                if st is None:
-                    xp = xp_of(p.data)
-                    st = self.state[id(p)] = {
-                        "step": 0,
-                        "exp_avg": xp.zeros_like(p.data),  # (shape of p)
-                        "exp_avg_sq": xp.zeros_like(p.data),  # (shape of p)
-                    }
-                st["step"] += 1
-                work.append((p, st, g))
+        work = [(p, self._moments(p), g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if sum(p.data.size for p, _, _ in work) >= _THREADED_ELEMENTS and _threadable(work):
-            _adamw_threaded(work)
+            _adamw_threaded(work)  # the same update in chunks on two threads (a whole GPT-2; a reader may skip it)
             return
         for p, st, g in work:
             _adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], g)
+
+    def _moments(self, p) -> dict:
+        """The state of ``p`` one step further: {"step": t, "exp_avg": m, "exp_avg_sq": v}, m = v = 0 at first."""
+        zeros = xp_of(p.data).zeros_like
+        st = self._state_for(p, lambda: {"step": 0, "exp_avg": zeros(p.data), "exp_avg_sq": zeros(p.data)})
+        st["step"] += 1
+        return st
 
 
 def _adamw_update(p, gr, m, v, t: int, g: dict) -> None:
@@ -168,19 +158,19 @@ def _adamw_update(p, gr, m, v, t: int, g: dict) -> None:
     lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
     xp = xp_of(p)
     if wd:
-        p *= 1.0 - lr * wd  # decoupled decay, in place
+        p *= 1.0 - lr * wd  # decoupled decay, in place: p = (1 - lr wd) p
     m *= b1
-    m += (1.0 - b1) * gr  # (shape of p)
+    m += (1.0 - b1) * gr  # (shape of p): m = b1 m + (1 - b1) g
     v *= b2
-    v += (1.0 - b2) * (gr * gr)  # (shape of p)
-    bc1 = 1.0 - b1**t
+    v += (1.0 - b2) * (gr * gr)  # (shape of p): v = b2 v + (1 - b2) g^2
+    bc1 = 1.0 - b1**t  # bias corrections: m_hat = m / bc1, v_hat = v / bc2
     bc2 = 1.0 - b2**t
-    denom = xp.sqrt(v) / math.sqrt(bc2) + eps  # (shape of p)
-    p -= (lr / bc1) * (m / denom)  # (shape of p)
+    denom = xp.sqrt(v) / math.sqrt(bc2) + eps  # (shape of p): sqrt(v_hat) + eps
+    p -= (lr / bc1) * (m / denom)  # (shape of p): p -= lr m_hat / (sqrt(v_hat) + eps)
 
 
 # ---------------------------------------------------------------- the same update, faster on the CPU
-# (a reader may skip this part: it computes exactly what _adamw_update computes)
+# (a reader may skip this part: it computes exactly what _adamw_update computes, bit for bit)
 # Over a whole model (full fine-tuning of GPT-2 small: 124M parameters) AdamW is memory-bound:
 # the plain form above makes several full-size temporaries. Here every parameter is cut into
 # cache-sized chunks, each chunk is updated with in-place operations on one reused scratch
@@ -243,11 +233,9 @@ def _adamw_threaded(work) -> None:
 
 def _global_norm(grads):
     """sqrt(sum of every squared entry) of ``grads`` (a non-empty list): a 0-d float64 array on their device."""
-    total = None
-    for g in grads:
-        sq = (g.astype("float64") ** 2).sum()  # (shape of g) -> ()
-        total = sq if total is None else total + sq  # ()
-    return xp_of(grads[0]).sqrt(total)  # ()
+    xp = xp_of(grads[0])
+    total = sum((g.astype("float64") ** 2).sum() for g in grads)  # each (shape of g) -> (), summed in order
+    return xp.asarray(xp.sqrt(total))  # ()
 
 
 def grad_norm(params) -> float:
@@ -282,13 +270,9 @@ def clip_grad_norm(params, max_norm: float):
     norm = _global_norm([p.grad for p in params])  # ()
     clip = xp.isfinite(norm) & (norm > max_norm)  # () bool, on the device
     scale = xp.where(clip, max_norm / (norm + 1e-6), 1.0)  # () float64
-    per_dtype = {}
     for p in params:
-        s = per_dtype.get(p.grad.dtype)
-        if s is None:
-            s = per_dtype[p.grad.dtype] = scale.astype(p.grad.dtype)  # () in the gradient's dtype
-        p.grad = p.grad * s  # (shape of p), dtype kept
-    return xp.asarray(norm)  # (): a 0-d array on NumPy too, whose reductions give NumPy scalars
+        p.grad = p.grad * scale.astype(p.grad.dtype)  # (shape of p), dtype kept
+    return norm
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.1) -> float:

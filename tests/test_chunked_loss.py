@@ -36,6 +36,34 @@ def test_chunked_head_and_loss_equal_the_plain_ones(rows):
     assert none is None and _rel(dx2, dx_ref) < 1e-13
 
 
+@pytest.mark.parametrize("N, V", [(128, 56), (37, 101)])
+def test_one_chunk_is_the_plain_form_bit_for_bit(N, V):
+    """Float32 at a classroom batch and a character vocabulary: loss, dx and dW are the very same bytes."""
+    rng = np.random.default_rng(3)
+    x = asarray(rng.standard_normal((N, 32)).astype(np.float32))  # (N, C)
+    W = asarray((rng.standard_normal((V, 32)) * 0.1).astype(np.float32))
+    t = rng.integers(0, V, x.shape[0])
+    t[::5] = F.IGNORE_INDEX
+    t = asarray(t)
+    plain = F.lm_head_cross_entropy(x, W, t)
+    chunked = F._lm_head_cross_entropy_chunked(x, W, t, F.IGNORE_INDEX, True)
+    for a, b in zip(plain, chunked):
+        assert to_numpy(a).tobytes() == to_numpy(b).tobytes()
+
+
+def test_the_chunked_form_runs_only_above_the_threshold(monkeypatch):
+    calls = []
+    real = F._lm_head_cross_entropy_chunked
+    monkeypatch.setattr(F, "_lm_head_cross_entropy_chunked", lambda *a: calls.append(a) or real(*a))
+    rng = np.random.default_rng(4)
+    V = 64
+    for N, chunked in [(F._WHOLE_LOGITS // V, False), (F._WHOLE_LOGITS // V + 1, True)]:
+        x, W = asarray(rng.standard_normal((N, 8))), asarray(rng.standard_normal((V, 8)))
+        F.lm_head_cross_entropy(x, W, asarray(rng.integers(0, V, N)))
+        assert len(calls) == chunked
+        calls.clear()
+
+
 def test_chunked_loss_poisons_an_out_of_range_target_and_keeps_zero_for_all_ignored():
     x, W = asarray(np.ones((4, 3))), asarray(np.ones((5, 3)))
     loss, dx, dW = F.lm_head_cross_entropy(x, W, asarray(np.array([0, 1, 7, 2])), rows=2)
