@@ -180,6 +180,18 @@ def test_search_table(code):
     assert np.all(levels[:-1] <= midpoints) and np.all(midpoints <= levels[1:])
 
 
+@pytest.mark.parametrize("name", ["nf4", "fp4", "int4"])
+def test_search_tables_are_the_code_tables_sorted(name):
+    """The quantizer reads ``SEARCH_TABLES``: each entry is ``search_table`` of its code table, read-only."""
+    arrays = tables.SEARCH_TABLES[name]
+    for ours, expected in zip(arrays, search_table(tables.CODES[name]), strict=True):
+        assert ours.dtype == expected.dtype
+        np.testing.assert_array_equal(ours, expected)
+        with pytest.raises(ValueError):
+            ours[0] = 1
+    assert set(tables.SEARCH_TABLES) == set(tables.CODES)
+
+
 def test_fp4_sort_order_matches_bitsandbytes():
     from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 

@@ -303,7 +303,7 @@ def _quantize_blocks(flat, blocksize: int, quant_type: str):
     scaled = xp.concatenate([(blocks * (1 / c[:nfull, None])).reshape(-1), tail / c[nfull:]])  # (n,) in [-1, 1]
     if scaled.size % 2:
         scaled = xp.concatenate([scaled, xp.zeros(1, dtype=xp.float32)])  # (n,) -> (n + 1,) padded with 0.0
-    order, _, midpoints = tables.search_table(tables.CODES[quant_type])  # (16,) code indices by level, (15,)
+    order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
     position = sum((scaled > m).astype(xp.uint8) for m in midpoints)  # (n,) midpoints below: the nearest level
     codes = xp.take(xp.asarray(order.astype(np.uint8)), position)  # (n,) sorted position -> code index
     return (codes[0::2] << 4) | codes[1::2], absmax  # (n/2,) first code in the high nibble; (nblocks,)
@@ -327,7 +327,7 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
     - FP4 and INT4, whose code tables are not in ascending order, pack the two sorted positions
       and then translate each byte with one 256-entry table.
     """
-    order, _, midpoints = tables.search_table(tables.CODES[quant_type])  # (16,) code indices by level, (15,)
+    order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
     code = order.astype(np.uint8)  # (16,) sorted position -> code index
     byte = np.arange(256, dtype=np.uint8)  # (256,) every byte of two sorted positions
     translate = (code[byte >> 4] << 4) | code[byte & 15]  # (256,) -> the byte of their two code indices

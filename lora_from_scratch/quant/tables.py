@@ -17,6 +17,8 @@ nearest level. This module builds the tables:
                  quantization").
 ``DYNAMIC_GRID_CODES``  the dynamic map's code nearest to each of 65,536 points on [-1, 1]: the
                  table through which bitsandbytes' CPU kernel rounds to 8 bits.
+``SEARCH_TABLES``  each 4-bit table sorted for the nearest-level search (``search_table``): the
+                 code indices in level order, the ascending levels and the midpoints between them.
 
 Every table is computed here from its definition, in the float32 arithmetic that bitsandbytes
 uses, so that it equals bitsandbytes' constants bit for bit (the tests check this against the
@@ -49,6 +51,7 @@ __all__ = [
     "nf4_code",
     "normal_quantile",
     "search_table",
+    "SEARCH_TABLES",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -319,5 +322,8 @@ INT4_CODE = int4_code()  # (16,) float32
 DYNAMIC_MAP = dynamic_map()  # (256,) float32
 DYNAMIC_GRID_CODES = dynamic_grid_codes()  # (65536,) uint8
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
-for _table in (NF4_CODE, FP4_CODE, INT4_CODE, DYNAMIC_MAP, DYNAMIC_GRID_CODES):
+# each 4-bit code table sorted for the nearest-level search: name -> (order, levels, midpoints)
+SEARCH_TABLES = {name: search_table(code) for name, code in CODES.items()}
+for _table in (NF4_CODE, FP4_CODE, INT4_CODE, DYNAMIC_MAP, DYNAMIC_GRID_CODES,
+               *(a for arrays in SEARCH_TABLES.values() for a in arrays)):
     _table.setflags(write=False)
