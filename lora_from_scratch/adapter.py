@@ -271,14 +271,9 @@ class AdaptedLinear(Module):
     pooled = False  # QA-LoRA: the adapter sees group means of the base's group size
 
     def __init__(self, base, adapter: LowRankAdapter, adapter_name: str = DEFAULT_ADAPTER):
-        if not isinstance(base, (Linear, QuantizedLinear)):
-            raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
-                             f"got {type(base).__name__}")
+        """``base`` and an ``adapter`` made to fit it: each subclass checks its arguments and makes both;
+        ``assemble`` checks parts that come from a file."""
         self.base = base.freeze()  # a base never trains: every parameter frozen; buffers never train anyway
-        k = base.in_features // base.group_size if self.pooled else base.in_features  # A's columns: k'
-        if tuple(adapter.A.shape[1:]) != (k,) or adapter.B.shape[0] != base.out_features:
-            raise ValueError(f"adapter shapes A {adapter.A.shape}, B {adapter.B.shape} do not fit a base of "
-                             f"(out, in) = ({base.out_features}, {base.in_features}) (A needs {k} columns)")
         self.adapters = ModuleDict({adapter_name: adapter})
         self.active: str | None = adapter_name
         self.merged = False
@@ -437,12 +432,24 @@ class AdaptedLinear(Module):
 
     @classmethod
     def assemble(cls, base, adapters: dict, active: str | None, merged: bool = False) -> AdaptedLinear:
-        """A layer from its parts (checkpoints): ``adapters`` maps names to LowRankAdapters."""
+        """A layer from its parts (checkpoints): ``adapters`` maps names to LowRankAdapters.
+
+        ValueError unless ``base`` is a float or quantized linear layer and every adapter fits it:
+        A (r, k') with k' = in (in / group_size for a pooled layer), B (out, r).
+        """
+        if not isinstance(base, (Linear, QuantizedLinear)):
+            raise ValueError(f"an adapted layer's base must be an nn.Linear or a quantized linear layer, "
+                             f"got {type(base).__name__}")
         if not adapters:
             raise ValueError("an adapted layer needs at least one adapter")
         (name0, first), *rest = adapters.items()
         layer = cls.__new__(cls)
         AdaptedLinear.__init__(layer, base, first, name0)
+        k = layer.adapter_in_features  # A's columns: k'
+        for name, a in adapters.items():
+            if tuple(a.A.shape[1:]) != (k,) or a.B.shape[0] != base.out_features:
+                raise ValueError(f"adapter {name!r}: shapes A {a.A.shape}, B {a.B.shape} do not fit a base of "
+                                 f"(out, in) = ({base.out_features}, {base.in_features}) (A needs {k} columns)")
         for name, a in rest:
             layer.adapters[name] = a
         if active is not None and active not in layer.adapters:
