@@ -43,7 +43,6 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=TARGETS, *,
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
-    targets = list(targets)
     if method == "full":
         return model.unfreeze()  # every parameter trains
     if method == "lora":
@@ -62,8 +61,8 @@ def make_optimizer(model, cfg) -> AdamW:
     ``cfg``: a ``train.TrainConfig`` (its ``lr``, ``betas`` and ``weight_decay``).
     """
     params = model.trainable_parameters()
-    decay = [p for p in params if len(p.shape) >= 2]
-    no_decay = [p for p in params if len(p.shape) < 2]
+    decay = [p for p in params if p.data.ndim >= 2]  # matrices
+    no_decay = [p for p in params if p.data.ndim < 2]  # biases, gains, vectors
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -274,13 +274,12 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
         packed, absmax = _quantize_4bit_fast(flat, blocksize, quant_type)  # the same bytes, faster: skip it
     else:
         packed, absmax = _quantize_blocks(flat, blocksize, quant_type)  # (ceil(n/2),) uint8, (nblocks,) float32
-    shape = tuple(int(s) for s in x.shape)
     if not double_quant:
-        return Quantized4bit(packed, absmax, shape, x.dtype, blocksize, quant_type)
+        return Quantized4bit(packed, absmax, x.shape, x.dtype, blocksize, quant_type)
     # QLoRA "Double Quantization": centre the block constants on their mean, then 8 bits in blocks of 256.
     offset = xp.asarray(offset_mean(to_numpy(absmax))).reshape(1)  # (1,) float32 mean of the constants
     qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)  # (nblocks,), (nblocks/256,)
-    return Quantized4bit(packed, None, shape, x.dtype, blocksize, quant_type, qabsmax, offset, absmax2)
+    return Quantized4bit(packed, None, x.shape, x.dtype, blocksize, quant_type, qabsmax, offset, absmax2)
 
 
 def _quantize_blocks(flat, blocksize: int, quant_type: str):
