@@ -359,11 +359,13 @@ def import_cycles(package_dir: str = PACKAGE_DIR) -> dict:
 def reading_order_table(path: dict) -> str:
     """The README's table: the QLoRA path's files in reading order, each with its measured line count.
 
-    data.py's count is the batch's (made before the step); every other count is the step's.
+    data.py's count is the batch's (made before the step); every other count is the step's. A file of
+    the order that no function of the step runs (``quant/tables.py``: its tables are made when it is
+    imported) keeps its row, with "import" in place of a count.
     """
     by_file = {**path["batch"]["by_file"], **path["qlora"]["by_file"]}
     rows = ["| file | lines | what it holds |", "| --- | ---: | --- |"]
-    rows += [f"| `{name}` | {by_file[name]} | {what} |" for name, what in READING_ORDER if name in by_file]
+    rows += [f"| `{name}` | {by_file.get(name, 'import')} | {what} |" for name, what in READING_ORDER]
     rows.append(f"| one QLoRA step | {path['qlora']['lines']} | {path['qlora']['files']} files "
                 f"(the batch aside: {path['batch']['lines']} lines) |")
     assert not any("|" in what for _, what in READING_ORDER), "a | would break the markdown table"

@@ -122,6 +122,12 @@ def test_reading_order_covers_the_qlora_path(measured):
     assert "not in the reading order" not in table
     for name, count in measured["qlora"]["by_file"].items():
         assert f"| `{name}` | {count} |" in table
+    on_path = {**measured["batch"]["by_file"], **measured["qlora"]["by_file"]}
+    for name, _ in reading_path.READING_ORDER:  # a file the step does not run keeps its row, marked "import"
+        assert (ROOT / reading_path.PACKAGE / name).is_file(), name
+        if name not in on_path:
+            assert f"| `{name}` | import |" in table
+    assert "| `quant/tables.py` | import |" in table  # its tables are data, made when it is imported
 
 
 def test_readme_reading_order_is_the_measured_table(measured):
