@@ -300,8 +300,7 @@ def _quantize_blocks(flat, blocksize: int, quant_type: str):
         _raise_not_finite(flat, xp)
     c = xp.maximum(absmax, _TINY)  # (nblocks,) an all-zero block is divided by 1e-38, not by 0
     scaled = xp.concatenate([(blocks * (1 / c[:nfull, None])).reshape(-1), tail / c[nfull:]])  # (n,) in [-1, 1]
-    if scaled.size % 2:
-        scaled = xp.concatenate([scaled, xp.zeros(1, dtype=xp.float32)])  # (n,) -> (n + 1,) padded with 0.0
+    scaled = xp.pad(scaled, (0, scaled.size % 2))  # (n,) -> (n + 1,) padded with 0.0 when n is odd
     order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
     position = sum((scaled > m).astype(xp.uint8) for m in midpoints)  # (n,) midpoints below: the nearest level
     codes = xp.take(xp.asarray(order.astype(np.uint8)), position)  # (n,) sorted position -> code index
