@@ -205,8 +205,8 @@ def test_resident_bytes_of_a_qalora_model():
     per_block = 0
     for o, i in _shapes(MID):
         L = i // gs
-        per_block += o * i  # uint8 codes
-        per_block += 2 * 4 * o * L  # float32 scales and zero points
+        per_block += o * i // 2  # 4-bit codes, two per byte
+        per_block += 2 * 2 * o * L  # float16 scales and (integer) zero points
         per_block += 4 * o + 4 * r * (L + o)  # float32 bias, A (r, L) and B (o, r)
     assert M.resident_bytes(model) == _unadapted_bytes(MID) + MID.n_layer * per_block
     assert M.resident_bytes(model) == M.parameter_bytes(model) + M.buffer_bytes(model)
