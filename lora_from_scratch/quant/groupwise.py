@@ -165,11 +165,11 @@ def quantize_groupwise(w, bits: int = 4, group_size: int = 32, scale_dtype=None)
 def _round_up(scale, dtype):
     """Each scale as the nearest ``dtype`` value at or above it, back in scale's dtype (ValueError on overflow)."""
     xp = xp_of(scale)
-    low = scale.astype(dtype)  # (out, G) rounded to nearest
-    up = xp.where(low.astype(scale.dtype) < scale, xp.nextafter(low, xp.asarray(math.inf, dtype=dtype)), low)
-    if not bool(xp.isfinite(up).all()):
+    if float(scale.max()) > float(xp.finfo(dtype).max):
         raise ValueError(f"a group's range is too wide for {dtype} scales (largest scale {float(scale.max()):.3g}); "
                          "quantize with scale_dtype='float32'")
+    low = scale.astype(dtype)  # (out, G) rounded to nearest
+    up = xp.where(low.astype(scale.dtype) < scale, xp.nextafter(low, xp.asarray(math.inf, dtype=dtype)), low)
     return up.astype(scale.dtype)  # (out, G)
 
 
