@@ -50,7 +50,15 @@ from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
 from .lora import replace_targets
 from .nn import Buffer, Linear
-from .quant.groupwise import GroupwiseLayout, GroupwiseQuantized, dequantize, pack_codes, quantize_groupwise, unpack
+from .quant.groupwise import (
+    GroupwiseLayout,
+    GroupwiseQuantized,
+    dequantize,
+    pack,
+    pack_codes,
+    quantize_groupwise,
+    unpack,
+)
 from .targets import TARGETS, resolve_targets
 
 __all__ = [
@@ -107,19 +115,18 @@ class GroupwiseLinear(QuantizedLinear):
         if q.codes.ndim != 2:
             raise ValueError(f"codes must be 2-D (out, in), got shape {tuple(q.codes.shape)}")
         out_features, in_features = (int(s) for s in q.codes.shape)
-        super().__init__(in_features, out_features, bias)
-        self.bits, self.weight_dtype = check_bits(q.bits), str(q.dtype)
-        self.group_size = check_group_size(q.group_size, in_features)
-        self._hold(pack_codes(q.codes, self.bits), q.scales, q.zeros)  # (out, in) -> (ceil(out * in * bits / 8),)
+        L = in_features // check_group_size(q.group_size, in_features)
+        if tuple(q.scales.shape) != (out_features, L) or tuple(q.zeros.shape) != (out_features, L):
+            raise ValueError(f"scales and zeros must have shape {(out_features, L)}, got {tuple(q.scales.shape)} "
+                             f"and {tuple(q.zeros.shape)}")
+        packed = pack_codes(q.codes, check_bits(q.bits))  # (out, in) -> (ceil(out * in * bits / 8),), range checked
+        self._store(packed, q.scales, q.zeros, q.bits, q.group_size, q.dtype, bias)
 
-    def _hold(self, packed, scales, zeros) -> None:
-        """Store the packed codes, the scales and the zero points (float16 when they are integers) as buffers."""
-        expected = (self.out_features, self.n_groups)
-        if tuple(scales.shape) != expected or tuple(zeros.shape) != expected:
-            raise ValueError(f"scales and zeros must have shape {expected}, got {tuple(scales.shape)} "
-                             f"and {tuple(zeros.shape)}")
-        xp = xp_of(zeros)
-        integer = bool((xp.rint(zeros) == zeros).all()) and bool((xp.abs(zeros) <= 2048).all())
+    def _store(self, packed, scales, zeros, bits: int, group_size: int, dtype: str, bias) -> None:
+        """Hold the packed codes, the scales and the zero points (float16 when they are integers) as buffers."""
+        QuantizedLinear.__init__(self, int(scales.shape[1]) * group_size, int(scales.shape[0]), bias)  # in, out
+        self.bits, self.group_size, self.weight_dtype = bits, group_size, str(dtype)
+        integer = bool((zeros.round() == zeros).all()) and bool((abs(zeros) <= 2048).all())
         self.packed = Buffer(packed, castable=False)  # (ceil(out * in * bits / 8),) uint8
         self.scales = Buffer(scales, castable=False)  # (out, L)
         self.zeros = Buffer(zeros.astype("float16" if integer else self.weight_dtype), castable=False)  # (out, L)
@@ -127,7 +134,10 @@ class GroupwiseLinear(QuantizedLinear):
     @classmethod
     def from_weight(cls, weight, bias=None, bits: int = 4, group_size: int = 32) -> GroupwiseLinear:
         """Quantize a float weight (out, in) group-wise with float16 scales; the bias (out,) stays float."""
-        return cls(quantize_groupwise(weight, bits=bits, group_size=group_size, scale_dtype="float16"), bias)
+        q = quantize_groupwise(weight, bits=bits, group_size=group_size, scale_dtype="float16")  # checks its input
+        layer = cls.__new__(cls)  # the quantizer's codes need no second check
+        layer._store(pack(q.codes, q.bits), q.scales, q.zeros, q.bits, q.group_size, q.dtype, bias)
+        return layer
 
     @classmethod
     def from_linear(cls, linear: Linear, bits: int = 4, group_size: int = 32) -> GroupwiseLinear:
@@ -149,7 +159,8 @@ class GroupwiseLinear(QuantizedLinear):
     @property
     def codes(self):
         """The codes unpacked from the bit stream: a new (out, in) uint8 array."""
-        return unpack(self.packed.data, self.bits, self.weight_count).reshape(self.out_features, self.in_features)
+        n = self.out_features * self.in_features
+        return unpack(self.packed.data, self.bits, n).reshape(self.out_features, self.in_features)
 
     @property
     def quantized(self) -> GroupwiseQuantized:
@@ -158,7 +169,8 @@ class GroupwiseLinear(QuantizedLinear):
 
     def dequantized_weight(self):
         """W~ = scale * (codes - zero) per group: (out, in) in ``weight_dtype``, the codes unpacked on the fly."""
-        codes = unpack(self.packed.data, self.bits, self.weight_count, self.weight_dtype)  # (out * in,) as floats
+        n = self.out_features * self.in_features
+        codes = unpack(self.packed.data, self.bits, n, self.weight_dtype)  # (out * in,) the codes, as floats
         return dequantize(codes, self.scales.data, self.zeros.data, self.weight_dtype)  # (out, L * gs) = (out, in)
 
     def with_zeros(self, zeros) -> GroupwiseLinear:
@@ -168,10 +180,8 @@ class GroupwiseLinear(QuantizedLinear):
         if not bool(xp_of(zeros).isfinite(zeros).all()):
             raise ValueError("merge refused: the merged zero points contain NaN or inf")
         new = GroupwiseLinear.__new__(GroupwiseLinear)  # the same packed codes and scales (shared, never copied)
-        QuantizedLinear.__init__(new, self.in_features, self.out_features,
-                                 self.bias.data if self.bias is not None else None)
-        new.bits, new.group_size, new.weight_dtype = self.bits, self.group_size, self.weight_dtype
-        new._hold(self.packed.data, self.scales.data, zeros)
+        new._store(self.packed.data, self.scales.data, zeros, self.bits, self.group_size, self.weight_dtype,
+                   self.bias.data if self.bias is not None else None)
         return new
 
     def merged_copy(self, delta, requantize: bool = False) -> GroupwiseLinear:
@@ -238,10 +248,9 @@ class QALoRALinear(AdaptedLinear):
 
     def __init__(self, base, r: int, alpha: float, bits: int = 4, group_size: int = 32, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
-        bits = check_bits(bits)
-        if isinstance(base, Linear):
-            check_group_size(group_size, base.in_features)
-            base = GroupwiseLinear.from_linear(base, bits, group_size)
+        if isinstance(base, Linear):  # quantize_groupwise checks bits and group size
+            bias = base.bias.data if base.bias is not None else None  # (out,) shared, as from_linear does
+            base = GroupwiseLinear.from_weight(base.weight.data, bias, bits, group_size)
         elif isinstance(base, GroupwiseLinear):
             if (base.bits, base.group_size) != (bits, group_size):
                 raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "

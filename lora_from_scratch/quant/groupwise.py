@@ -93,8 +93,8 @@ class GroupwiseQuantized:
     ``codes``  (out, in) uint8, each in [0, 2^bits - 1]
     ``scales`` (out, in / group_size) float, one step size per group
     ``zeros``  (out, in / group_size) float, one zero point per group (integers until a merge)
-    ``bits``, ``group_size``; ``dtype``: the float dtype it dequantizes to (default: the scales'
-    dtype, float32 when the scales are float16).
+    ``bits``, ``group_size``; ``dtype``: the float dtype it dequantizes to (float32 unless the
+    weight was float64).
     """
 
     codes: object
@@ -102,11 +102,7 @@ class GroupwiseQuantized:
     zeros: object
     bits: int
     group_size: int
-    dtype: str | None = None
-
-    def __post_init__(self):
-        if self.dtype is None:
-            self.dtype = "float32" if str(self.scales.dtype) == "float16" else str(self.scales.dtype)
+    dtype: str = "float32"
 
     @property
     def shape(self) -> tuple:
@@ -143,34 +139,25 @@ def quantize_groupwise(w, bits: int = 4, group_size: int = 32, scale_dtype=None)
         raise ValueError("quantize_groupwise needs finite values, but the weight contains NaN or inf")
 
     ftype = xp.float64 if w.dtype == xp.float64 else xp.float32
-    n_groups = in_features // group_size
     qmax = 2**bits - 1
-    groups = w.astype(ftype, copy=False).reshape(out_features, n_groups, group_size)  # (out, in) -> (out, G, gs)
+    groups = w.astype(ftype, copy=False).reshape(out_features, -1, group_size)  # (out, in) -> (out, G, gs)
     hi = xp.maximum(groups.max(axis=2), 0.0)  # (out, G) range includes 0
     lo = xp.minimum(groups.min(axis=2), 0.0)  # (out, G)
     scale = (hi - lo) / qmax  # (out, G)
     scale = xp.where(scale > 0, scale, xp.ones_like(scale))  # (out, G) all-zero group -> 1
-    if scale_dtype is not None:
-        scale = _round_up(scale, scale_dtype)  # (out, G) the stored scale, never below (hi - lo) / qmax
+    scale_dtype = ftype if scale_dtype is None else scale_dtype
+    if float(scale.max()) > float(xp.finfo(scale_dtype).max):
+        raise ValueError(f"a group's range is too wide for {scale_dtype} scales (largest scale "
+                         f"{float(scale.max()):.3g}); quantize with scale_dtype='float32'")
+    stored = scale.astype(scale_dtype)  # (out, G) rounded to nearest, then up where that went down:
+    stored = xp.where(stored < scale, xp.nextafter(stored, xp.asarray(math.inf, dtype=scale_dtype)), stored)
+    scale = stored.astype(ftype)  # (out, G) the stored scale, never below (hi - lo) / qmax
     zero = xp.rint(-lo / scale)  # (out, G) integer-valued (round half to even)
     q = xp.rint(groups / scale[:, :, None]) + zero[:, :, None]  # (out, G, gs)
     q = xp.clip(q, 0, qmax)  # (out, G, gs)
     codes = q.astype(xp.uint8).reshape(out_features, in_features)  # (out, G, gs) -> (out, in)
-    if scale_dtype is not None:
-        scale, zero = scale.astype(scale_dtype), zero.astype(scale_dtype)  # (out, G) both exact
-    return GroupwiseQuantized(codes=codes, scales=scale, zeros=zero, bits=bits, group_size=group_size,
-                              dtype=str(xp.dtype(ftype)))
-
-
-def _round_up(scale, dtype):
-    """Each scale as the nearest ``dtype`` value at or above it, back in scale's dtype (ValueError on overflow)."""
-    xp = xp_of(scale)
-    if float(scale.max()) > float(xp.finfo(dtype).max):
-        raise ValueError(f"a group's range is too wide for {dtype} scales (largest scale {float(scale.max()):.3g}); "
-                         "quantize with scale_dtype='float32'")
-    low = scale.astype(dtype)  # (out, G) rounded to nearest
-    up = xp.where(low.astype(scale.dtype) < scale, xp.nextafter(low, xp.asarray(math.inf, dtype=dtype)), low)
-    return up.astype(scale.dtype)  # (out, G)
+    return GroupwiseQuantized(codes=codes, scales=scale.astype(scale_dtype), zeros=zero.astype(scale_dtype),
+                              bits=bits, group_size=group_size, dtype=str(xp.dtype(ftype)))  # (out, G) both exact
 
 
 def dequantize_groupwise(codes, scales=None, zeros=None, group_size=None, dtype=None):
@@ -198,7 +185,7 @@ def dequantize_groupwise(codes, scales=None, zeros=None, group_size=None, dtype=
         )
     if dtype is None:
         dtype = "float32" if str(scales.dtype) == "float16" else scales.dtype
-    return dequantize(codes, scales, zeros, dtype)
+    return dequantize(codes.astype(dtype), scales, zeros, dtype)
 
 
 def dequantize(codes, scales, zeros, dtype):
@@ -215,14 +202,10 @@ def dequantize(codes, scales, zeros, dtype):
 
 
 # ---------------------------------------------------------------- the bit stream
-# c codes of ``bits`` bits fill exactly b whole bytes (c * bits = 8 * b): the smallest repeating unit of
-# the stream, read as one big-endian integer of 8 b bits (4-bit: 2 codes in 1 byte; 3-bit: 8 codes in 3 bytes)
-_WORDS = {1: "uint8", 2: "uint16", 3: "uint32", 4: "uint32"}  # bytes per unit -> an integer type that holds it
-
-
-def _unit(bits: int):
-    b = bits // math.gcd(bits, 8)  # bytes per unit
-    return 8 * b // bits, b, _WORDS.get(b, "uint64")  # codes per unit, bytes per unit, its integer type
+# bits -> (c, b, word): c codes of ``bits`` bits fill exactly b whole bytes (c * bits = 8 * b), the smallest
+# repeating unit of the stream, read as one big-endian integer of 8 b bits, held in the integer type ``word``
+_UNITS = {1: (8, 1, "uint8"), 2: (4, 1, "uint8"), 3: (8, 3, "uint32"), 4: (2, 1, "uint8"),
+          5: (8, 5, "uint64"), 6: (4, 3, "uint32"), 7: (8, 7, "uint64"), 8: (1, 1, "uint8")}
 
 
 def pack_codes(codes, bits: int):
@@ -233,19 +216,24 @@ def pack_codes(codes, bits: int):
     ``bits = 4`` this is the nibble layout of ``blockwise.pack_nibbles`` (first code in the high
     nibble). Raises ValueError for non-integer codes or codes outside [0, 2^bits - 1].
     """
-    xp = xp_of(codes)
     bits = _check_int("bits", bits, 1, 8)
     flat = codes.reshape(-1)  # (n,)
     if flat.dtype.kind not in "ui":
         raise ValueError(f"pack_codes needs integer codes, got dtype {flat.dtype}")
-    n = flat.size
-    if n and (int(flat.min()) < 0 or int(flat.max()) > 2**bits - 1):
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) > 2**bits - 1):
         raise ValueError(
             f"codes must lie in [0, {2**bits - 1}] for {bits} bits, got range [{int(flat.min())}, {int(flat.max())}]"
         )
-    c, b, word = _unit(bits)
+    return pack(flat, bits)
+
+
+def pack(codes, bits: int):
+    """``pack_codes`` unchecked (codes known to fit, as the quantizer's): a unit at a time (c codes in b bytes)."""
+    xp = xp_of(codes)
+    c, b, word = _UNITS[bits]
+    n = codes.size
     units = xp.zeros((-(-n // c), c), dtype=word)  # (m, c): the codes, zero-padded to whole units
-    units.reshape(-1)[:n] = flat
+    units.reshape(-1)[:n] = codes.reshape(-1)
     words = xp.zeros(units.shape[0], dtype=word)  # (m,)
     for k in range(c):  # the c codes side by side in one integer, the first in the high bits
         words = (words << bits) | units[:, k]  # (m,)
@@ -271,25 +259,29 @@ def unpack_codes(packed, bits: int, n: int):
 def unpack(packed, bits: int, n: int, dtype="uint8"):
     """``unpack_codes`` unchecked, the layer's every forward: the first ``n`` codes, ``(n,)`` in ``dtype``.
 
-    The stream is read a unit at a time (c codes in b bytes, ``_unit``): the b bytes as one
+    The stream is read a unit at a time (c codes in b bytes, ``_UNITS``): the b bytes as one
     big-endian integer, then its c codes cut out of it, the first from the high bits.
     """
     xp = xp_of(packed)
-    c, b, word = _unit(bits)
+    c, b, word = _UNITS[bits]
     m = -(-n // c)  # units
-    if b == 1:  # 1, 2, 4, 8 bits: a unit is one byte
-        words = packed[:m]  # (m,)
-    else:
-        stream = xp.zeros(m * b, dtype=xp.uint8)  # (m * b,) the bytes, zero-padded to whole units
-        stream[: min(packed.size, m * b)] = packed[: m * b]
-        stream = stream.reshape(m, b)  # (m, b)
-        words = xp.zeros(m, dtype=word)  # (m,)
-        for j in range(b):  # big-endian: the first byte is the most significant
-            words = (words << 8) | stream[:, j]  # (m,)
+    words = packed[:m] if b == 1 else _words(packed, m, b, word)  # (m,) 1, 2, 4, 8 bits: a unit is one byte
     codes = xp.empty((m, c), dtype=dtype)  # (m, c)
     for k in range(c):
         codes[:, k] = (words >> (bits * (c - 1 - k))) & (2**bits - 1)  # (m,) the k-th code of every unit
     return codes.reshape(-1)[:n]  # (n,)
+
+
+def _words(packed, m: int, b: int, word):
+    """The stream as m units of b bytes (3, 5, 6, 7 bits), each read as one big-endian integer: (m,) ``word``."""
+    xp = xp_of(packed)
+    stream = xp.zeros(m * b, dtype=xp.uint8)  # (m * b,) the bytes, zero-padded to whole units
+    stream[: min(packed.size, m * b)] = packed[: m * b]
+    stream = stream.reshape(m, b)  # (m, b)
+    words = xp.zeros(m, dtype=word)  # (m,)
+    for j in range(b):  # the first byte is the most significant
+        words = (words << 8) | stream[:, j]  # (m,)
+    return words
 
 
 def groupwise_bits_per_parameter(q: GroupwiseQuantized, scale_dtype="float16") -> float:
