@@ -99,7 +99,8 @@ class GroupwiseLinear(QuantizedLinear):
       computes the codes; the dtype of ``q.scales`` otherwise);
     - ``zeros`` (out, L): float16 while they are integers (float16 holds every integer up to 2048
       exactly); in the computation dtype ``weight_dtype`` (float32) once a merge has made them
-      non-integer, since float16 would move a merged zero point by up to about 1/64 of a step.
+      non-integer, since float16 would round a merged zero point (by up to 1/512 of a step below 8,
+      1/16 near 255) and the merge would no longer be exact.
 
     It dequantizes to ``weight_dtype`` (float32, or float64 for a float64 weight): there every
     float16 scale times an integer code difference is exact. Made from a float weight with
@@ -286,7 +287,7 @@ class QALoRALinear(AdaptedLinear):
 
     def merged_zeros(self):
         """zero' = zero - s (B A) / (group_size * scale), per (row, group): (out, L) in the base's computation dtype
-        (float32: float16 would round a merged zero point by up to about 1/64 of a step). The base is not changed."""
+        (float32: float16 would round a merged zero point, the merge would not be exact). The base is not changed."""
         return self.zeros.astype(self.base.weight_dtype) - self._zero_shift()  # (out, L)
 
     def _zero_shift(self):

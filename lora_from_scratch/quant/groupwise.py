@@ -33,8 +33,9 @@ with groups of 32:
   code of every eight run across a byte boundary (bits ``aaabbbcc | cdddeeef | ffggghhh``);
 - one scale per group in float16;
 - one zero point per group in float16 while they are integers (float16 holds every integer up to
-  2048 exactly). A QA-LoRA merge moves them by non-integer amounts, which float16 would round by
-  up to about 1/64 of a step; merged zero points are held in the layer's computation dtype
+  2048 exactly). A QA-LoRA merge moves them by non-integer amounts, which float16 (11 significant
+  bits) would round, by up to 1/512 of a step for a zero point below 8 and 1/16 near 255: not the
+  exact merge QA-LoRA promises. Merged zero points are held in the layer's computation dtype
   (float32) instead: 4 + 16/32 + 32/32 = 5.5 bits per weight for a merged INT4 g32 base.
 
 All computation takes its array module from the data and runs unchanged on CuPy.
