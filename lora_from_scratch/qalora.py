@@ -255,7 +255,7 @@ class QALoRALinear(AdaptedLinear):
         elif isinstance(base, GroupwiseLinear):
             if (base.bits, base.group_size) != (bits, group_size):
                 raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
-                                 f"got bits={bits}, group_size={group_size}")
+                                 f"got bits={bits!r}, group_size={group_size!r}")
         else:
             raise ValueError(f"QALoRALinear wraps an nn.Linear or a GroupwiseLinear, got {type(base).__name__}")
         check_qalora_args(r, alpha, dropout, init)

@@ -15,9 +15,13 @@ The LoRA paper reports for GPT-3 175B with r = 4 on Wq and Wv: trainable paramet
 10,000 times", training VRAM 1.2 TB -> 350 GB ("by 3 times"), checkpoints 350 GB -> 35 MB. The
 calculator reproduces the parameter ratio from the formula alone (about 9,250x) and the memory
 numbers to within the accuracy the accounting allows; see ``training_memory`` for the bytes per
-value and for what it leaves out. Sizes in bytes are decimal (1 GB = 10**9 B) where compared with
-the paper, whose "350GB" is 175e9 parameters x 2 bytes. What a model of ours *really* holds is
-measured by ``memory.measured``.
+value and for what it leaves out. A quantized base is counted from the layout its layer stores:
+NF4 with double quantization byte for byte (``nf4_bytes``: QLoRA, section 3), group-wise INT-N
+from ``quant.GroupwiseLayout`` (QA-LoRA, Xu et al., 2023, section 3.3: packed codes, a float16
+scale and zero point per group), so that at GPT-2 small what ``memory.measured`` finds held equals
+the calculation to the byte for full fine-tuning, LoRA, QLoRA and QA-LoRA. Sizes in bytes are
+decimal (1 GB = 10**9 B) where compared with the paper, whose "350GB" is 175e9 parameters x 2
+bytes. What a model of ours *really* holds is measured by ``memory.measured``.
 """
 
 from __future__ import annotations
