@@ -281,14 +281,11 @@ def calculated(model, kind: str, b: int, t: int) -> dict:
     from lora_from_scratch.memory import paper
 
     size = paper.TransformerSize.from_config(model.config)
-    method = "lora" if kind == "qalora" else kind
-    est = paper.training_memory(size, method, r=RANK, targets=TARGETS, weight_bytes=4)
-    held = est.total
-    if kind == "qalora":  # the calculator has no QA-LoRA method: swap the base's bytes for the group-wise ones
-        n_lin = paper.linear_parameters(size)
-        held += n_lin * (paper.groupwise_bits_per_parameter(BITS, GROUP) / 8 - 4)
+    est = paper.training_memory(size, kind, r=RANK, targets=TARGETS, weight_bytes=4, bits=BITS, group_size=GROUP)
+    held = est.total  # the bases' bytes from the layouts the layers store (NF4, quant.GroupwiseLayout)
     moments_and_weights = held - est.gradients  # what is held when a step begins (no gradients yet)
-    act = paper.activation_bytes(size, b, t, embedding_trains=kind == "full")
+    act = paper.activation_bytes(size, b, t, embedding_trains=kind == "full",
+                                 group_size=GROUP if kind == "qalora" else None, targets=TARGETS)
     return {"held": held, "peak": moments_and_weights + act + paper.step_transient_bytes(size, b, t)}
 
 
@@ -355,10 +352,10 @@ def print_memory_account(folder: str, b: int, t: int) -> None:
     print(f"\nmemory of our methods at {b} x {t}: held (weights + gradients + AdamW moments) and a step's "
           "traced peak, measured against calculated")
     for kind, m in acct.items():
-        held_err = m["held"] / m["held_calc"] - 1
-        print(f"  {kind:<7} held {format_bytes(m['held']):>10} calculated {format_bytes(m['held_calc']):>10} "
-              f"({held_err:+.2%}); traced step peak {format_bytes(m['peak']):>10} calculated "
-              f"{format_bytes(m['peak_calc']):>10} ({m['peak'] / m['peak_calc'] - 1:+.1%})")
+        print(f"  {kind:<7} held {m['held']:>13,d} B calculated {int(m['held_calc']):>13,d} B "
+              f"({format_bytes(m['held'])}, difference {m['held'] - int(m['held_calc']):+,d} B); traced step peak "
+              f"{format_bytes(m['peak']):>10} calculated {format_bytes(m['peak_calc']):>10} "
+              f"({m['peak'] / m['peak_calc'] - 1:+.1%})")
 
 
 if __name__ == "__main__":

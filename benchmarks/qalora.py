@@ -84,7 +84,7 @@ def main() -> None:
     y_unmerged = qalora(x)  # (N, out)
     rel = float(np.linalg.norm(to_numpy(merged(x)) - to_numpy(y_unmerged)) / np.linalg.norm(to_numpy(y_unmerged)))
     assert rel < 1e-5, f"merged and unmerged outputs differ: rel {rel:.2e}"
-    assert np.array_equal(to_numpy(merged.codes.data), to_numpy(qalora.codes))
+    assert np.array_equal(to_numpy(merged.packed.data), to_numpy(qalora.base.packed.data))
 
     def train_step(layer):
         def step():

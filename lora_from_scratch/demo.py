@@ -374,8 +374,8 @@ def _notes1(result: dict) -> str:
     s = result["settings"]
     notes = [_wrap(
         "grads+AdamW: the gradients and AdamW moments training holds; weights: every array the model keeps "
-        "(QLoRA: NF4 codes and block constants; QA-LoRA: one byte per INT code and a float32 scale and zero point "
-        f"per group of {s['group_size']}); task file: the trainable parameters, what "
+        "(QLoRA: NF4 codes and block constants; QA-LoRA: INT codes packed into a bit stream and a float16 scale and "
+        f"zero point per group of {s['group_size']}); task file: the trainable parameters, what "
         f"one more task costs to store; step peak: the most host memory one training step of {s['batch_size']} "
         "rows had allocated at once (tracemalloc: weights, gradients, optimizer state, activations); ms/step: the "
         f"median of {TIMED_STEPS} timed steps (wall); desc: exact match on held-out rows; pretrain: "

@@ -424,7 +424,8 @@ def _base_fields(in_features) -> dict:
             "NF4Linear": {**size, "bias_dtype": bias_dtype, "blocksize": check_blocksize, "quant_type": _one_of(CODES),
                           "double_quant": _bool, "weight_dtype": _float_dtype},
             "GroupwiseLinear": {**size, "bias_dtype": bias_dtype, "bits": check_bits,
-                                "group_size": lambda g: check_group_size(g, in_features), "dtype": _float_dtype}}
+                                "group_size": lambda g: check_group_size(g, in_features), "dtype": _float_dtype,
+                                "scale_dtype": _float_dtype, "zero_dtype": _float_dtype}}
 
 
 _ADAPTED_BASE = {"lora": "Linear", "qlora": "NF4Linear", "qalora": "GroupwiseLinear"}  # adapted kind -> its base
@@ -437,6 +438,8 @@ def _base_spec(spec, path, field: str, shape: tuple[int, int]) -> None:
     out_f, in_f = shape
     kinds = _base_fields(in_f)
     kind = _object(spec, path, field).get("kind")
+    if kind == "GroupwiseLinear" and not {"scale_dtype", "zero_dtype"} & set(spec):  # one byte per code (older)
+        spec.update(scale_dtype=spec.get("dtype"), zero_dtype=spec.get("dtype"))  # its scales and zeros: "dtype"
     if kind not in kinds:
         known = sorted(kinds) + sorted(_ADAPTED_BASE)
         raise FileFormatError(path, f"unknown layer kind {kind!r}; known kinds: {known}", field=f"{field}.kind")
@@ -558,9 +561,12 @@ def check_arrays(expected: dict, header: dict, path) -> None:
             raise FileFormatError(path, f"the file holds {dtype_f}, the model it describes has {dtype}", tensor=k)
 
 
-def check_values(tensors: dict, path, code_bits: dict | None = None, floats_only: bool = False) -> None:
+def check_values(tensors: dict, path, code_bits: dict | None = None, floats_only: bool = False,
+                 packed_bits: dict | None = None) -> None:
     """Every floating tensor finite (and with ``floats_only`` every tensor floating); every integer code tensor
-    in ``code_bits`` ({key: bits}) below 2**bits. The readers of every format call this one check."""
+    in ``code_bits`` ({key: bits}) below 2**bits; every bit stream of codes in ``packed_bits`` ({key: the
+    number of bits its codes fill}) padded with zero bits after its last code. The readers of every format
+    call this one check."""
     for k, arr in tensors.items():
         if floats_only and arr.dtype.kind != "f":
             raise FileFormatError(path, f"holds {arr.dtype} values; expected finite floating-point values", tensor=k)
@@ -571,6 +577,11 @@ def check_values(tensors: dict, path, code_bits: dict | None = None, floats_only
         if arr.size and int(arr.max()) >= 2**bits:
             raise FileFormatError(path, f"holds the code {int(arr.max())}, beyond the {2**bits} levels of "
                                         f"{bits}-bit codes", tensor=k)
+    for k, used in (packed_bits or {}).items():
+        spare = 8 * tensors[k].size - used  # the zero bits after the last code
+        if spare and int(tensors[k][-1]) & (2**spare - 1):
+            raise FileFormatError(path, f"holds bits after its last code ({used} bits of codes in "
+                                        f"{tensors[k].size} bytes); a packed stream ends in zero bits", tensor=k)
 
 
 # ---------------------------------------------------------------- PEFT's adapter_config.json

@@ -3,7 +3,9 @@
 - ``save_checkpoint`` / ``load_checkpoint``: a whole model in one safetensors file (never pickle:
   a pickle can run code when loaded). The tensors are every parameter *and buffer* under its
   dotted name, stored as held: a QLoRA base as its packed 4-bit codes and block constants, a
-  QA-LoRA base as its integer codes, scales and zero points (never in float, never re-quantized).
+  QA-LoRA base as its codes packed into one bit stream, its float16 scales and its zero points
+  (never in float, never re-quantized). A QA-LoRA base written with one byte per code (files from
+  before the packed layout) is packed on loading.
   The metadata (JSON) holds the GPTConfig, the structure of every layer that is not a plain
   ``Linear`` (its kind, its base's format, its adapters, which one is active, whether it is
   merged) and the names of the trainable parameters, so the loaded model has the same layer
@@ -56,6 +58,7 @@ from .hf_io import load_hf_gpt2, save_hf_gpt2, to_hf_gpt2_state_dict  # noqa: F4
 from .model import GPT
 from .nn import check_float_dtype
 from .peft_io import load_peft_adapter, save_peft_adapter  # noqa: F401  (PEFT, see ``peft_io``)
+from .quant.groupwise import pack_codes
 from .targets import TARGETS, resolve_targets
 
 FORMAT = "lora_from_scratch.gpt"
@@ -148,23 +151,46 @@ def load_checkpoint(path: str, dtype=None) -> GPT:
     model = GPT(config, seed=0, dtype=header["wte.weight"][1])
     for layer_path, spec in specs.items():
         model.set_submodule(layer_path, layer_from_spec(spec))
+    grouped = {n: m for n, m in model.named_modules() if isinstance(m, _layer_classes()["GroupwiseLinear"])}
+    byte_codes = _byte_codes(grouped, header, path)
     arrays = dict(model.named_arrays())
     check_arrays({k: (a.shape, a.dtype) for k, a in arrays.items()}, header, path)
+    for key in (f"{n}.{b}" for n in grouped for b in ("scales", "zeros")):  # stored as held: never cast
+        if header[key][1] != str(arrays[key].dtype):
+            raise FileFormatError(path, f"holds {header[key][1]}; the layer's structure says {arrays[key].dtype}",
+                                  tensor=key)
     trainable = set(trainable_names(meta, path, default=[p for p, _ in model.named_parameters()]))
     named = dict(model.named_parameters())
     unknown = sorted(trainable - set(named))
     if unknown:
         raise FileFormatError(path, f"names parameters the model does not have: {unknown[:3]}", field="trainable")
     tensors, _ = read_checkpoint(path)
-    grouped = _layer_classes()["GroupwiseLinear"]
-    check_values(tensors, path, {f"{n}.codes": m.bits for n, m in model.named_modules() if isinstance(m, grouped)})
+    packed = {f"{n}.packed": m.bits * m.weight_count for n, m in grouped.items() if f"{n}.codes" not in byte_codes}
+    check_values(tensors, path, {k: bits for k, (_, bits) in byte_codes.items()}, packed_bits=packed)
     verify_checksum(tensors, meta, path)
+    for key, (packed_key, bits) in byte_codes.items():
+        tensors[packed_key] = pack_codes(tensors.pop(key), bits)  # (out, in) -> (ceil(out * in * bits / 8),)
     model.load_state_dict(tensors)
     for name, p in named.items():
         p.trainable = name in trainable
     if dtype is not None:
         model.astype(dtype)
     return model
+
+
+def _byte_codes(grouped: dict, header: dict, path) -> dict:
+    """QA-LoRA bases stored with one byte per code (files from before the packed layout): {codes key: (packed
+    key, bits)}. Their header entries are replaced by the packed stream's, which ``load_checkpoint`` makes."""
+    found = {}
+    for n, m in grouped.items():
+        if f"{n}.codes" in header and f"{n}.packed" not in header:
+            if header[f"{n}.codes"] != ((m.out_features, m.in_features), "uint8"):
+                raise FileFormatError(path, f"holds {header[f'{n}.codes']}; one byte per code of this layer is "
+                                            f"{(m.out_features, m.in_features)} uint8", tensor=f"{n}.codes")
+            header[f"{n}.packed"] = (tuple(m.packed.shape), "uint8")
+            del header[f"{n}.codes"]
+            found[f"{n}.codes"] = (f"{n}.packed", m.bits)
+    return found
 
 
 def checkpoint_metadata(path: str) -> dict:

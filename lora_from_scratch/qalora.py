@@ -20,16 +20,17 @@ folds into them (Section 3.3, "the merged weights ... remain in the quantized fo
     scale * (q - zero') = scale * (q - zero) + s (B A)[o, g] / group_size
     <=>  zero'[o, g] = zero[o, g] - s (B A)[o, g] / (group_size * scale[o, g])
 
-The integer codes q and the scales do not change; the zero points become non-integer floats
-(stored as such). ``QALoRALinear.merged_zeros()`` is that equation; ``merge()`` puts the merged
-zero points into the base in place (and ``unmerge()`` takes them out again), and
+The integer codes q and the scales do not change; the zero points become non-integer floats,
+held in float32 (the base stores its codes packed, two 4-bit codes per byte, and its scales and
+integer zero points in float16: ``GroupwiseLinear``). ``QALoRALinear.merged_zeros()`` is that
+equation; ``merge()`` puts the merged zero points into the base in place (and ``unmerge()`` takes them out again), and
 ``lora.merge_and_unload`` leaves a plain ``GroupwiseLinear`` per layer: the deployed model, whose
 outputs equal the unmerged layer's up to float rounding. A plain LoRA/QLoRA update (B A of shape
 (out, in)) varies inside a group and cannot be folded this way; it has to be added to the
 dequantized weight and re-quantized, which loses accuracy at low bit widths (``qlora_vs_qalora.py``).
 
 As for LoRA and QLoRA, the layer is a frozen base plus one adapter (``adapter.py``): the base is
-``GroupwiseLinear`` (dequantized on the fly in the forward and again in the backward), the
+``GroupwiseLinear`` (unpacked and dequantized on the fly in the forward and again in the backward), the
 adapter is LoRA's with ``pool`` = the group mean (``functional.group_mean_forward`` /
 ``group_mean_backward``). Backward (the frozen codes, scales, zeros and bias get no gradient):
 
@@ -49,7 +50,15 @@ from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
 from .lora import replace_targets
 from .nn import Buffer, Linear
-from .quant.groupwise import GroupwiseQuantized, dequantize_groupwise, quantize_groupwise
+from .quant.groupwise import (
+    GroupwiseLayout,
+    GroupwiseQuantized,
+    dequantize,
+    pack,
+    pack_codes,
+    quantize_groupwise,
+    unpack,
+)
 from .targets import TARGETS, resolve_targets
 
 __all__ = [
@@ -80,11 +89,23 @@ def check_group_size(group_size, in_features: int) -> int:
 class GroupwiseLinear(QuantizedLinear):
     """A frozen linear layer whose weight is stored group-wise INT-N: y = x W~^T + b.
 
-    ``GroupwiseLinear(q, bias=None)`` with ``q`` a ``GroupwiseQuantized``. Buffers: ``codes``
-    (out, in) uint8, ``scales`` and ``zeros`` (out, in / group_size) float (castable, like the
-    bias: they are the float part of the format). Made from a float weight with ``from_weight`` or
-    from an ``nn.Linear`` with ``from_linear``; it is what ``lora.merge_and_unload`` leaves of a
-    QA-LoRA layer and what the QLoRA deployment re-quantizes into.
+    ``GroupwiseLinear(q, bias=None)`` with ``q`` a ``GroupwiseQuantized``. It stores the layout of
+    ``quant.GroupwiseLayout`` (QA-LoRA's count: INT4 with groups of 32 is 4 + 16/32 + 16/32 = 5 bits
+    per weight), as buffers never cast by ``Module.astype``:
+
+    - ``packed`` (ceil(out * in * bits / 8),) uint8: the (out, in) codes as one bit stream
+      (``quant.pack_codes``: two 4-bit or four 2-bit codes per byte, 3-bit codes across byte bounds);
+    - ``scales`` (out, L) float16 (``from_weight`` rounds each scale up to a float16 before it
+      computes the codes; the dtype of ``q.scales`` otherwise);
+    - ``zeros`` (out, L): float16 while they are integers (float16 holds every integer up to 2048
+      exactly); in the computation dtype ``weight_dtype`` (float32) once a merge has made them
+      non-integer, since float16 would round a merged zero point (by up to 1/512 of a step below 8,
+      1/16 near 255) and the merge would no longer be exact.
+
+    It dequantizes to ``weight_dtype`` (float32, or float64 for a float64 weight): there every
+    float16 scale times an integer code difference is exact. Made from a float weight with
+    ``from_weight`` or from an ``nn.Linear`` with ``from_linear``; it is what ``lora.merge_and_unload``
+    leaves of a QA-LoRA layer and what the QLoRA deployment re-quantizes into.
     """
 
     merges_in_place = True  # a group-constant update moves the zero points, and can be moved back
@@ -95,23 +116,29 @@ class GroupwiseLinear(QuantizedLinear):
         if q.codes.ndim != 2:
             raise ValueError(f"codes must be 2-D (out, in), got shape {tuple(q.codes.shape)}")
         out_features, in_features = (int(s) for s in q.codes.shape)
-        super().__init__(in_features, out_features, bias)
-        self.bits = check_bits(q.bits)
-        self.group_size = check_group_size(q.group_size, in_features)
-        expected = (out_features, in_features // self.group_size)
-        if tuple(q.scales.shape) != expected or tuple(q.zeros.shape) != expected:
-            raise ValueError(f"scales and zeros must have shape {expected}, got {tuple(q.scales.shape)} "
+        L = in_features // check_group_size(q.group_size, in_features)
+        if tuple(q.scales.shape) != (out_features, L) or tuple(q.zeros.shape) != (out_features, L):
+            raise ValueError(f"scales and zeros must have shape {(out_features, L)}, got {tuple(q.scales.shape)} "
                              f"and {tuple(q.zeros.shape)}")
-        self.codes = Buffer(q.codes, castable=False)  # (out, in) uint8
-        self.scales = Buffer(q.scales)  # (out, L)
-        self.zeros = Buffer(q.zeros)  # (out, L)
+        packed = pack_codes(q.codes, check_bits(q.bits))  # (out, in) -> (ceil(out * in * bits / 8),), range checked
+        self._store(packed, q.scales, q.zeros, q.bits, q.group_size, q.dtype, bias)
+
+    def _store(self, packed, scales, zeros, bits: int, group_size: int, dtype: str, bias) -> None:
+        """Hold the packed codes, the scales and the zero points (float16 when they are integers) as buffers."""
+        QuantizedLinear.__init__(self, int(scales.shape[1]) * group_size, int(scales.shape[0]), bias)  # in, out
+        self.bits, self.group_size, self.weight_dtype = bits, group_size, str(dtype)
+        integer = bool((zeros.round() == zeros).all()) and bool((abs(zeros) <= 2048).all())
+        self.packed = Buffer(packed, castable=False)  # (ceil(out * in * bits / 8),) uint8
+        self.scales = Buffer(scales, castable=False)  # (out, L)
+        self.zeros = Buffer(zeros.astype("float16" if integer else self.weight_dtype), castable=False)  # (out, L)
 
     @classmethod
     def from_weight(cls, weight, bias=None, bits: int = 4, group_size: int = 32) -> GroupwiseLinear:
-        """Quantize a float weight (out, in) group-wise; the bias (out,) stays float."""
-        bits = check_bits(bits)
-        check_group_size(group_size, int(weight.shape[-1]))
-        return cls(quantize_groupwise(weight, bits=bits, group_size=group_size), bias)
+        """Quantize a float weight (out, in) group-wise with float16 scales; the bias (out,) stays float."""
+        q = quantize_groupwise(weight, bits=bits, group_size=group_size, scale_dtype="float16")  # checks its input
+        layer = cls.__new__(cls)  # the quantizer's codes need no second check
+        layer._store(pack(q.codes, q.bits), q.scales, q.zeros, q.bits, q.group_size, q.dtype, bias)
+        return layer
 
     @classmethod
     def from_linear(cls, linear: Linear, bits: int = 4, group_size: int = 32) -> GroupwiseLinear:
@@ -126,22 +153,37 @@ class GroupwiseLinear(QuantizedLinear):
         return self.in_features // self.group_size
 
     @property
+    def layout(self) -> GroupwiseLayout:
+        """The stored layout (``quant.GroupwiseLayout``): bits, group size, bytes per scale and per zero point."""
+        return GroupwiseLayout(self.bits, self.group_size, self.scales.data.itemsize, self.zeros.data.itemsize)
+
+    @property
+    def codes(self):
+        """The codes unpacked from the bit stream: a new (out, in) uint8 array."""
+        n = self.out_features * self.in_features
+        return unpack(self.packed.data, self.bits, n).reshape(self.out_features, self.in_features)
+
+    @property
     def quantized(self) -> GroupwiseQuantized:
-        return GroupwiseQuantized(self.codes.data, self.scales.data, self.zeros.data, self.bits, self.group_size)
+        return GroupwiseQuantized(self.codes, self.scales.data, self.zeros.data, self.bits, self.group_size,
+                                  self.weight_dtype)
 
     def dequantized_weight(self):
-        """W~ = scale * (codes - zero) per group: (out, in) in the scales' dtype."""
-        return dequantize_groupwise(self.codes.data, self.scales.data, self.zeros.data, self.group_size)
+        """W~ = scale * (codes - zero) per group: (out, in) in ``weight_dtype``, the codes unpacked on the fly."""
+        n = self.out_features * self.in_features
+        codes = unpack(self.packed.data, self.bits, n, self.weight_dtype)  # (out * in,) the codes, as floats
+        return dequantize(codes, self.scales.data, self.zeros.data, self.weight_dtype)  # (out, L * gs) = (out, in)
 
     def with_zeros(self, zeros) -> GroupwiseLinear:
         """A new GroupwiseLinear with the same codes, scales and bias and these zero points (out, L)."""
         if tuple(zeros.shape) != tuple(self.zeros.shape):
             raise ValueError(f"zero points of shape {tuple(zeros.shape)} do not fit {tuple(self.zeros.shape)}")
-        zeros = zeros.astype(self.zeros.dtype, copy=False)  # (out, L)
         if not bool(xp_of(zeros).isfinite(zeros).all()):
             raise ValueError("merge refused: the merged zero points contain NaN or inf")
-        q = GroupwiseQuantized(self.codes.data, self.scales.data, zeros, self.bits, self.group_size)
-        return GroupwiseLinear(q, self.bias.data if self.bias is not None else None)
+        new = GroupwiseLinear.__new__(GroupwiseLinear)  # the same packed codes and scales (shared, never copied)
+        new._store(self.packed.data, self.scales.data, zeros, self.bits, self.group_size, self.weight_dtype,
+                   self.bias.data if self.bias is not None else None)
+        return new
 
     def merged_copy(self, delta, requantize: bool = False) -> GroupwiseLinear:
         """A copy holding a full (out, in) update that is constant within each group, in its zero points.
@@ -166,7 +208,8 @@ class GroupwiseLinear(QuantizedLinear):
     def spec(self) -> dict:
         return {"kind": "GroupwiseLinear", "in": self.in_features, "out": self.out_features,
                 "bias": self.bias is not None, "bias_dtype": str(self.bias.dtype) if self.bias is not None else None,
-                "bits": self.bits, "group_size": self.group_size, "dtype": str(self.scales.dtype)}
+                "bits": self.bits, "group_size": self.group_size, "dtype": self.weight_dtype,
+                "scale_dtype": str(self.scales.dtype), "zero_dtype": str(self.zeros.dtype)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> GroupwiseLinear:
@@ -174,11 +217,13 @@ class GroupwiseLinear(QuantizedLinear):
         xp = get_xp()
         L = spec["in"] // spec["group_size"]
         q = GroupwiseQuantized(codes=xp.zeros((spec["out"], spec["in"]), dtype=xp.uint8),
-                               scales=xp.ones((spec["out"], L), dtype=spec["dtype"]),
-                               zeros=xp.zeros((spec["out"], L), dtype=spec["dtype"]),
-                               bits=spec["bits"], group_size=spec["group_size"])
+                               scales=xp.ones((spec["out"], L), dtype=spec["scale_dtype"]),
+                               zeros=xp.zeros((spec["out"], L), dtype=spec["scale_dtype"]),
+                               bits=spec["bits"], group_size=spec["group_size"], dtype=spec["dtype"])
         bias = xp.zeros(spec["out"], dtype=spec["bias_dtype"]) if spec["bias"] else None  # (out,)
-        return cls(q, bias)
+        layer = cls(q, bias)
+        layer.zeros.data = layer.zeros.data.astype(spec["zero_dtype"])  # (out, L) as stored (float32 once merged)
+        return layer
 
     def __repr__(self) -> str:
         return (f"GroupwiseLinear(in={self.in_features}, out={self.out_features}, bits={self.bits}, "
@@ -204,21 +249,20 @@ class QALoRALinear(AdaptedLinear):
 
     def __init__(self, base, r: int, alpha: float, bits: int = 4, group_size: int = 32, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
-        bits = check_bits(bits)
-        if isinstance(base, Linear):
-            check_group_size(group_size, base.in_features)
-            base = GroupwiseLinear.from_linear(base, bits, group_size)
+        if isinstance(base, Linear):  # quantize_groupwise checks bits and group size
+            bias = base.bias.data if base.bias is not None else None  # (out,) shared, as from_linear does
+            base = GroupwiseLinear.from_weight(base.weight.data, bias, bits, group_size)
         elif isinstance(base, GroupwiseLinear):
             if (base.bits, base.group_size) != (bits, group_size):
                 raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
-                                 f"got bits={bits}, group_size={group_size}")
+                                 f"got bits={bits!r}, group_size={group_size!r}")
         else:
             raise ValueError(f"QALoRALinear wraps an nn.Linear or a GroupwiseLinear, got {type(base).__name__}")
         check_qalora_args(r, alpha, dropout, init)
         rng = global_rng() if rng is None else rng
         adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,
                                         use_rslora=use_rslora, group_size=base.group_size, rng=rng,
-                                        like_array=base.scales.data)
+                                        like_array=xp_of(base.packed.data).zeros(1, dtype=base.weight_dtype))
         super().__init__(base, adapter, adapter_name)
 
     @property
@@ -231,7 +275,7 @@ class QALoRALinear(AdaptedLinear):
 
     @property
     def codes(self):
-        return self.base.codes.data  # (out, in) uint8
+        return self.base.codes  # (out, in) uint8, unpacked
 
     @property
     def scales(self):
@@ -242,14 +286,15 @@ class QALoRALinear(AdaptedLinear):
         return self.base.zeros.data  # (out, L)
 
     def merged_zeros(self):
-        """zero' = zero - s (B A) / (group_size * scale), per (row, group): (out, L). The base is not changed."""
-        return (self.zeros - self._zero_shift()).astype(self.zeros.dtype)  # (out, L)
+        """zero' = zero - s (B A) / (group_size * scale), per (row, group): (out, L) in the base's computation dtype
+        (float32: float16 would round a merged zero point, the merge would not be exact). The base is not changed."""
+        return self.zeros.astype(self.base.weight_dtype) - self._zero_shift()  # (out, L)
 
     def _zero_shift(self):
         """s (B A) / (group_size * scale): the active adapter's update in units of each group's step, (out, L)."""
         a = self.adapter
         BA = a.B.data @ a.A.data  # (out, r) @ (r, L) -> (out, L)
-        return BA * (a.scaling / self.group_size) / self.scales  # (out, L)
+        return BA * (a.scaling / self.group_size) / self.scales.astype(BA.dtype)  # (out, L)
 
     def merged_base(self, requantize: bool = False) -> GroupwiseLinear:
         """The base with the merged zero points (the paper's one line, ``merged_zeros``); self is not changed."""
@@ -258,9 +303,18 @@ class QALoRALinear(AdaptedLinear):
         return self.base.with_zeros(self.merged_zeros())  # (out, L)
 
     def unmerge(self):
-        """Take the merged adapter out of the zero points again: zero = zero' + shift, up to float rounding."""
+        """Take the merged adapter out of the zero points again: zero = zero' + shift.
+
+        The quantizer's zero points are integers, and the fold's float rounding moves them by far less
+        than 1/100 of a step: when every zero' + shift is that close to an integer, the integers come
+        back bit for bit (float16 again). Zero points that were not integers come back up to float rounding.
+        """
         if self.merged:
-            self.base = self.base.with_zeros(self.zeros + self._zero_shift())  # (out, L)
+            xp = xp_of(self.zeros)
+            zeros = self.zeros + self._zero_shift()  # (out, L)
+            if bool((xp.abs(zeros - xp.rint(zeros)) < 0.01).all()):
+                zeros = xp.rint(zeros)  # (out, L) the integers the merge started from
+            self.base = self.base.with_zeros(zeros)  # (out, L)
             self.merged, self._cache = False, None
         return self
 

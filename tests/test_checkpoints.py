@@ -98,8 +98,9 @@ def test_quantized_bases_are_stored_as_codes(kind, tmp_path):
         assert stored["packed"].dtype == np.uint8 and stored["packed"].size == out_in // 2  # two codes per byte
         assert stored["qabsmax"].dtype == np.uint8
     else:
-        assert sorted(stored) == ["bias", "codes", "scales", "zeros"]
-        assert stored["codes"].dtype == np.uint8 and stored["codes"].shape == (layer.out_features, layer.in_features)
+        assert sorted(stored) == ["bias", "packed", "scales", "zeros"]
+        assert stored["packed"].dtype == np.uint8 and stored["packed"].shape == (out_in * layer.bits // 8,)  # packed
+        assert stored["scales"].dtype == np.float16
     assert not any(v.dtype.kind == "f" and v.size == out_in for v in stored.values())  # no float W0 in the file
     size_plain = _file_size(make("plain"), tmp_path / "plain.safetensors")
     assert os.path.getsize(path) < size_plain

@@ -126,7 +126,7 @@ def train_and_deploy_qalora(s: dict, seed: int, bits: int, group_size: int, eval
     codes = {name: to_numpy(layer.codes).copy() for name, layer in lora_layers(model).items()}
     trained, logits = measure(model, evals)
     deployed_model = merge_and_unload(copy.deepcopy(model))
-    same_codes = all(np.array_equal(to_numpy(deployed_model.get_submodule(name).codes.data), c)
+    same_codes = all(np.array_equal(to_numpy(deployed_model.get_submodule(name).codes), c)
                      for name, c in codes.items())
     deployed, dep_logits = measure(deployed_model, evals, logits)
     fp16_model, fp16 = with_float16_zeros(deployed_model)

@@ -15,9 +15,13 @@ The LoRA paper reports for GPT-3 175B with r = 4 on Wq and Wv: trainable paramet
 10,000 times", training VRAM 1.2 TB -> 350 GB ("by 3 times"), checkpoints 350 GB -> 35 MB. The
 calculator reproduces the parameter ratio from the formula alone (about 9,250x) and the memory
 numbers to within the accuracy the accounting allows; see ``training_memory`` for the bytes per
-value and for what it leaves out. Sizes in bytes are decimal (1 GB = 10**9 B) where compared with
-the paper, whose "350GB" is 175e9 parameters x 2 bytes. What a model of ours *really* holds is
-measured by ``memory.measured``.
+value and for what it leaves out. A quantized base is counted from the layout its layer stores:
+NF4 with double quantization byte for byte (``nf4_bytes``: QLoRA, section 3), group-wise INT-N
+from ``quant.GroupwiseLayout`` (QA-LoRA, Xu et al., 2023, section 3.3: packed codes, a float16
+scale and zero point per group), so that at GPT-2 small what ``memory.measured`` finds held equals
+the calculation to the byte for full fine-tuning, LoRA, QLoRA and QA-LoRA. Sizes in bytes are
+decimal (1 GB = 10**9 B) where compared with the paper, whose "350GB" is 175e9 parameters x 2
+bytes. What a model of ours *really* holds is measured by ``memory.measured``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numbers
 from dataclasses import asdict, dataclass
 
 from ..functional import lm_head_chunk_rows
+from ..quant.groupwise import GroupwiseLayout
 from ..targets import TARGET_TABLE, TARGETS
 
 # ----------------------------------------------------------------------------------------------
@@ -130,22 +135,34 @@ def _check_rank(r) -> int:
     return check_int("the LoRA rank r", r, 1)
 
 
-def lora_trainable_parameters(cfg: TransformerSize, r: int, targets=("q", "v")) -> int:
+def lora_trainable_parameters(cfg: TransformerSize, r: int, targets=("q", "v"), group_size: int | None = None) -> int:
     """Number of LoRA parameters: n_layer * sum over targets of r * (d_in + d_out).
 
     Each adapted matrix W0 (d_out x d_in) gets B (d_out x r) and A (r x d_in).
     GPT-3 175B, r = 4 on Wq and Wv: 96 * 2 * 4 * (12288 + 12288) = 18,874,368
-    (the paper's "parameter budget of 18M", section 7.1).
+    (the paper's "parameter budget of 18M", section 7.1). With ``group_size`` (QA-LoRA) A sees
+    the group means, A (r x d_in / group_size), and r may exceed d_in / group_size.
     """
     r = _check_rank(r)
     shapes = target_shapes(cfg)
     per_layer = 0
     for t in _check_targets(targets):
         d_out, d_in = shapes[t]
-        if r > min(d_out, d_in):
+        if group_size is not None:
+            d_in = _groups(d_in, group_size, t)
+        elif r > min(d_out, d_in):
             raise ValueError(f"r={r} exceeds min(d_out, d_in)={min(d_out, d_in)} of target {t!r}")
         per_layer += r * (d_in + d_out)
     return cfg.n_layer * per_layer
+
+
+def _groups(d_in: int, group_size, target: str) -> int:
+    from ..checks import check_int
+
+    group_size = check_int("group_size", group_size, 1)
+    if d_in % group_size:
+        raise ValueError(f"group_size {group_size} does not divide d_in = {d_in} of target {target!r}")
+    return d_in // group_size
 
 
 def linear_parameters(cfg: TransformerSize) -> int:
@@ -195,18 +212,53 @@ def nf4_bits_per_parameter(block_size: int = 64, double_quant: bool = True, seco
 
 def groupwise_bits_per_parameter(bits: int = 4, group_size: int = 32, scale_bits: int = 16,
                                  zero_bits: int = 16) -> float:
-    """Bits per weight of group-wise INT-N storage (QA-LoRA): codes plus a scale and a zero per group."""
+    """Bits per weight of group-wise INT-N storage (QA-LoRA): codes plus a scale and a zero per group.
+
+    ``quant.GroupwiseLayout.bits_per_weight``, the layout ``qalora.GroupwiseLinear`` stores (float16
+    scale and zero: 4 + 16/32 + 16/32 = 5 bits at INT4 with groups of 32).
+    """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in [1, 8]; got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer; got {group_size!r}")
-    return bits + (scale_bits + zero_bits) / group_size
+    return GroupwiseLayout(bits, group_size, scale_bits / 8, zero_bits / 8).bits_per_weight()
+
+
+def nf4_bytes(n_weights: int, block_size: int = 64, double_quant: bool = True, second_block_size: int = 256) -> int:
+    """Bytes ``qlora.NF4Linear`` stores for ``n_weights`` weights (``nf4_bits_per_parameter`` counted exactly).
+
+    Two codes per byte; per block of ``block_size`` a float32 absmax, or with double quantization an
+    8-bit absmax code per block, a float32 scale per ``second_block_size`` of those and one float32
+    offset per matrix.
+    """
+    blocks = -(-n_weights // block_size)
+    if double_quant:
+        return -(-n_weights // 2) + blocks + 4 * -(-blocks // second_block_size) + 4
+    return -(-n_weights // 2) + 4 * blocks
+
+
+def base_bytes(cfg: TransformerSize, method: str, bits: int = 4, group_size: int = 32) -> int:
+    """Bytes of the six block matrices of every layer as ``method``'s frozen base stores them.
+
+    ``"qlora"``: NF4 with double quantization (``nf4_bytes``); ``"qalora"``: group-wise INT-``bits``
+    (``quant.GroupwiseLayout``: packed codes, float16 scale and zero per group); otherwise 0 (a float
+    base is counted with the other parameters).
+    """
+    layout = GroupwiseLayout(bits, group_size)
+    per_layer = 0
+    for t, (d_out, d_in) in target_shapes(cfg).items():
+        if method == "qlora":
+            per_layer += nf4_bytes(d_out * d_in)
+        elif method == "qalora":
+            _groups(d_in, group_size, t)
+            per_layer += layout.nbytes(d_out, d_in)
+    return cfg.n_layer * per_layer
 
 
 QLORA_BITS_PER_PARAMETER = nf4_bits_per_parameter()  # 4.127 (4 + 0.125 + 0.00195)
 
 _MOMENTS = {"adam": 2, "adamw": 2, "sgd": 0, "momentum": 1}
-_METHODS = ("full", "lora", "qlora")
+_METHODS = ("full", "lora", "qlora", "qalora")
 
 
 @dataclass(frozen=True)
@@ -244,7 +296,7 @@ def _check_bytes(name, v) -> float:
 def training_memory(cfg: TransformerSize, method: str = "full", r: int = 4, targets=("q", "v"),
                     weight_bytes: float = 2, optimizer: str = "adam", grad_bytes: float | None = None,
                     moment_bytes: float | None = None, master_bytes: float = 0,
-                    keep_gradients: bool = True) -> MemoryEstimate:
+                    keep_gradients: bool = True, bits: int = 4, group_size: int = 32) -> MemoryEstimate:
     """Bytes of the *state* of a training run: weights, gradients, optimizer moments (no activations).
 
     The accounting, in bytes per parameter value:
@@ -276,11 +328,15 @@ def training_memory(cfg: TransformerSize, method: str = "full", r: int = 4, targ
     2.8 TB, far above the reported figure.
 
     ``method``: ``"full"`` (every parameter trainable), ``"lora"`` (only A and
-    B of the ``targets`` in every block trainable, the model frozen) or
+    B of the ``targets`` in every block trainable, the model frozen),
     ``"qlora"`` (as LoRA, with the six block matrices stored in NF4 with
-    double quantization, ``QLORA_BITS_PER_PARAMETER`` bits each; embeddings,
-    biases and LayerNorms stay at ``weight_bytes``). ``optimizer``: ``"adam"``
-    / ``"adamw"`` (2 moments), ``"momentum"`` (1), ``"sgd"`` (0).
+    double quantization, ``QLORA_BITS_PER_PARAMETER`` bits each, counted
+    exactly by ``nf4_bytes``) or ``"qalora"`` (the six block matrices stored
+    group-wise INT-``bits`` with groups of ``group_size``, ``quant.GroupwiseLayout``
+    as ``qalora.GroupwiseLinear`` holds it; A sees group means, so it is
+    (r, d_in / group_size)); embeddings, biases and LayerNorms stay at
+    ``weight_bytes``. ``optimizer``: ``"adam"`` / ``"adamw"`` (2 moments),
+    ``"momentum"`` (1), ``"sgd"`` (0).
     """
     method = _check_method(method)
     if optimizer not in _MOMENTS:
@@ -295,12 +351,13 @@ def training_memory(cfg: TransformerSize, method: str = "full", r: int = 4, targ
         n_train, n_frozen = n_full, 0
         frozen_weight_bytes = 0.0
     else:
-        n_train, n_frozen = lora_trainable_parameters(cfg, r, targets), n_full
+        pooled = group_size if method == "qalora" else None
+        n_train, n_frozen = lora_trainable_parameters(cfg, r, targets, pooled), n_full
         if method == "lora":
             frozen_weight_bytes = n_frozen * weight_bytes
         else:
             n_quant = linear_parameters(cfg)
-            frozen_weight_bytes = n_quant * QLORA_BITS_PER_PARAMETER / 8 + (n_frozen - n_quant) * weight_bytes
+            frozen_weight_bytes = base_bytes(cfg, method, bits, group_size) + (n_frozen - n_quant) * weight_bytes
     return MemoryEstimate(
         method=method,
         trainable_parameters=n_train,
@@ -313,7 +370,7 @@ def training_memory(cfg: TransformerSize, method: str = "full", r: int = 4, targ
 
 
 def checkpoint_bytes(cfg: TransformerSize, method: str = "full", r: int = 4, targets=("q", "v"),
-                     weight_bytes: float = 2) -> float:
+                     weight_bytes: float = 2, group_size: int = 32) -> float:
     """Bytes of what must be saved per task: the whole model (full) or only the adapter (LoRA, QLoRA).
 
     GPT-3 175B in fp16: 174.6e9 x 2 B = 349 GB (paper: 350 GB); the r = 4
@@ -324,7 +381,7 @@ def checkpoint_bytes(cfg: TransformerSize, method: str = "full", r: int = 4, tar
     weight_bytes = _check_bytes("weight_bytes", weight_bytes)
     if method == "full":
         return full_parameters(cfg) * weight_bytes
-    return lora_trainable_parameters(cfg, r, targets) * weight_bytes
+    return lora_trainable_parameters(cfg, r, targets, group_size if method == "qalora" else None) * weight_bytes
 
 
 # What Hu et al. (2021) report for GPT-3 175B (abstract, section 4.2, section 7.1, Table 4).
@@ -378,7 +435,8 @@ BLOCK_VALUES_PER_TOKEN = 17
 
 
 def activation_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: float = 4,
-                     logits: bool = False, embedding_trains: bool = False) -> float:
+                     logits: bool = False, embedding_trains: bool = False, group_size: int | None = None,
+                     targets=TARGETS) -> float:
     """Bytes a training step keeps from its forward for its backward (the activations), for any method.
 
     Per block and token ``17 d + n_head * seq`` values (``BLOCK_VALUES_PER_TOKEN``; LoRA's rank-r
@@ -388,15 +446,33 @@ def activation_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: fl
     (ours runs the head in chunks, ``functional.lm_head_cross_entropy``, so by default they are
     not counted); ``embedding_trains`` adds the LM head's (vocab, d) gradient, formed with the
     loss (full fine-tuning).
+
+    ``group_size`` (QA-LoRA, on the matrices ``targets``): a quantized base keeps no input (only its
+    shape) and the pooled adapter keeps only the group means of its input, so the inputs that only
+    the adapted matrices kept are gone (``_kept_inputs``: ln_1's output once all of q, k, v are
+    adapted, the attention output, ln_2's output, the 4 d GELU output: 7 d with all six) and
+    d_in / group_size values per adapted matrix come instead. (QLoRA's adapter keeps its full
+    input, like LoRA's.)
     """
     tokens = batch * seq
     d = cfg.d_model
-    values = tokens * cfg.n_layer * (BLOCK_VALUES_PER_TOKEN * d + cfg.n_head * seq) + 3 * tokens * d
+    per_block = BLOCK_VALUES_PER_TOKEN * d + cfg.n_head * seq
+    if group_size is not None:
+        shapes = target_shapes(cfg)
+        targets = _check_targets(targets)
+        per_block += sum(_groups(shapes[t][1], group_size, t) for t in targets) - _kept_inputs(cfg, targets)
+    values = tokens * cfg.n_layer * per_block + 3 * tokens * d
     if logits:
         values += 2 * tokens * cfg.vocab_size
     if embedding_trains:
         values += cfg.vocab_size * d
     return values * value_bytes
+
+
+def _kept_inputs(cfg: TransformerSize, pooled) -> int:
+    """Values per token of the matrix inputs only the ``pooled`` matrices' caches kept (``activation_bytes``)."""
+    inputs = {("q", "k", "v"): cfg.d_model, ("o",): cfg.d_model, ("fc",): cfg.d_model, ("proj",): cfg.d_ff}
+    return sum(width for users, width in inputs.items() if set(users) <= set(pooled))
 
 
 def step_transient_bytes(cfg: TransformerSize, batch: int, seq: int, value_bytes: float = 4) -> float:

@@ -18,6 +18,7 @@ from lora_from_scratch.quant.blockwise import (
     unpack_nibbles,
 )
 from lora_from_scratch.quant.groupwise import (
+    GroupwiseLayout,
     GroupwiseQuantized,
     dequantize_groupwise,
     groupwise_bits_per_parameter,
@@ -44,6 +45,7 @@ __all__ = [
     "INT4_CODE",
     "NF4_CODE",
     "QUANT_TYPES",
+    "GroupwiseLayout",
     "GroupwiseQuantized",
     "Quantized4bit",
     "bits_per_parameter",

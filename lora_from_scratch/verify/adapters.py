@@ -4,6 +4,8 @@ differences (Hu et al., 2021, section 4.1; Dettmers et al., 2023, eq. 5-6; Xu et
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import asarray, rng, to_numpy
 from .torch_layers import _close, adapter_gradients
 
@@ -60,8 +62,9 @@ def _torch_weight(layer, td):
 
     base = layer.base
     if hasattr(base, "codes"):  # group-wise INT-N: (q - zero) * scale, groups of group_size channels
-        gs = layer.group_size
-        codes = torch.tensor(to_numpy(base.codes.data).astype("int64"))  # (out, in)
+        gs, bits, n = layer.group_size, base.bits, base.weight_count
+        stream = np.unpackbits(to_numpy(base.packed.data))[: n * bits].reshape(n, bits)  # (n, bits) read bit by bit
+        codes = torch.tensor(stream.astype("int64") @ (1 << np.arange(bits - 1, -1, -1))).reshape(base.codes.shape)
         scales = torch.tensor(to_numpy(base.scales.data), dtype=td)  # (out, L)
         zeros = torch.tensor(to_numpy(base.zeros.data), dtype=td)  # (out, L)
         return (codes.to(td) - zeros.repeat_interleave(gs, dim=1)) * scales.repeat_interleave(gs, dim=1)  # (out, in)
