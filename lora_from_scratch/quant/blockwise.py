@@ -61,8 +61,6 @@ import math
 import sys
 from dataclasses import dataclass
 
-import numpy as np
-
 from lora_from_scratch.backend import to_numpy, xp_of
 from lora_from_scratch.checks import check_int, check_power_of_two
 from lora_from_scratch.quant import tables
@@ -270,7 +268,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; valid quant types: {list(QUANT_TYPES)}")
     flat = x.reshape(-1).astype(xp.float32, copy=False)  # (...) -> (n,) row-major
-    if xp is np and flat.size >= FAST_QUANTIZE_FROM and sys.byteorder == "little":
+    if xp.__name__ == "numpy" and flat.size >= FAST_QUANTIZE_FROM and sys.byteorder == "little":
         packed, absmax = _quantize_4bit_fast(flat, blocksize, quant_type)  # the same bytes, faster: skip it
     else:
         packed, absmax = _quantize_blocks(flat, blocksize, quant_type)  # (ceil(n/2),) uint8, (nblocks,) float32
@@ -303,7 +301,7 @@ def _quantize_blocks(flat, blocksize: int, quant_type: str):
     scaled = xp.pad(scaled, (0, scaled.size % 2))  # (n,) -> (n + 1,) padded with 0.0 when n is odd
     order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
     position = sum((scaled > m).astype(xp.uint8) for m in midpoints)  # (n,) midpoints below: the nearest level
-    codes = xp.take(xp.asarray(order.astype(np.uint8)), position)  # (n,) sorted position -> code index
+    codes = xp.take(xp.asarray(order.astype(xp.uint8)), position)  # (n,) sorted position -> code index
     return (codes[0::2] << 4) | codes[1::2], absmax  # (n/2,) first code in the high nibble; (nblocks,)
 
 
@@ -325,37 +323,38 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
     - FP4 and INT4, whose code tables are not in ascending order, pack the two sorted positions
       and then translate each byte with one 256-entry table.
     """
+    xp = xp_of(flat)  # NumPy: only NumPy arrays take this route
     order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
-    code = order.astype(np.uint8)  # (16,) sorted position -> code index
-    byte = np.arange(256, dtype=np.uint8)  # (256,) every byte of two sorted positions
+    code = order.astype(xp.uint8)  # (16,) sorted position -> code index
+    byte = xp.arange(256, dtype=xp.uint8)  # (256,) every byte of two sorted positions
     translate = (code[byte >> 4] << 4) | code[byte & 15]  # (256,) -> the byte of their two code indices
-    identity = bool((code == np.arange(16)).all())  # NF4: the levels are in code order
+    identity = bool((code == xp.arange(16)).all())  # NF4: the levels are in code order
     nfull = flat.size // blocksize
     rows = max(1, _CHUNK_ELEMENTS // blocksize)  # blocks per chunk
-    absmax = np.empty(-(-flat.size // blocksize), dtype=np.float32)  # (nblocks,)
-    packed = np.empty((flat.size + 1) // 2, dtype=np.uint8)  # (ceil(n/2),)
-    position = np.empty(min(rows, nfull) * blocksize, dtype=np.uint8)  # (chunk,) reused for every chunk
-    hit = np.empty_like(position)  # (chunk,) the comparisons land here
+    absmax = xp.empty(-(-flat.size // blocksize), dtype=xp.float32)  # (nblocks,)
+    packed = xp.empty((flat.size + 1) // 2, dtype=xp.uint8)  # (ceil(n/2),)
+    position = xp.empty(min(rows, nfull) * blocksize, dtype=xp.uint8)  # (chunk,) reused for every chunk
+    hit = xp.empty_like(position)  # (chunk,) the comparisons land here
     for start in range(0, nfull, rows):
         stop = min(nfull, start + rows)
         block = flat[start * blocksize : stop * blocksize].reshape(-1, blocksize)  # (r, blocksize)
-        amax = np.abs(block).view(np.int32).max(axis=1).view(np.float32)  # (r,) max |x| through the bits
-        if not bool(np.isfinite(amax).all()):
-            _raise_not_finite(flat, np)
+        amax = xp.abs(block).view(xp.int32).max(axis=1).view(xp.float32)  # (r,) max |x| through the bits
+        if not bool(xp.isfinite(amax).all()):
+            _raise_not_finite(flat, xp)
         absmax[start:stop] = amax  # (r,)
-        scaled = (block * np.reciprocal(np.maximum(amax, _TINY))[:, None]).reshape(-1)  # (m,) = (r * blocksize,)
+        scaled = (block * xp.reciprocal(xp.maximum(amax, _TINY))[:, None]).reshape(-1)  # (m,) = (r * blocksize,)
         pos, flag = position[: scaled.size], hit[: scaled.size]  # (m,) views of the buffers
         pos[...] = 0
         for m in midpoints:
-            np.greater(scaled, m, out=flag.view(np.bool_))  # (m,) 1 where the value is above the midpoint
+            xp.greater(scaled, m, out=flag.view(xp.bool_))  # (m,) 1 where the value is above the midpoint
             pos += flag  # (m,) sorted position of the nearest level
-        pairs = pos.view(np.uint16)  # (m,) uint8 -> (m/2,) uint16, the first code in the low byte (little-endian)
-        both = ((pairs << 4) | (pairs >> 8)).astype(np.uint8)  # (m/2,) low byte: first << 4 | second
+        pairs = pos.view(xp.uint16)  # (m,) uint8 -> (m/2,) uint16, the first code in the low byte (little-endian)
+        both = ((pairs << 4) | (pairs >> 8)).astype(xp.uint8)  # (m/2,) low byte: first << 4 | second
         packed[start * blocksize // 2 : stop * blocksize // 2] = both if identity else translate[both]  # (m/2,)
     tail = flat[nfull * blocksize :]  # (rem,) the short last block, if any: the plain route
     if tail.size:
-        if not bool(np.isfinite(tail).all()):
-            _raise_not_finite(flat, np)
+        if not bool(xp.isfinite(tail).all()):
+            _raise_not_finite(flat, xp)
         packed[nfull * blocksize // 2 :], absmax[nfull:] = _quantize_blocks(tail, blocksize, quant_type)
     return packed, absmax  # (ceil(n/2),) uint8, (nblocks,) float32
 
@@ -417,9 +416,10 @@ def offset_mean(values):
     differently there); each half is summed by ``_torch_sum``; the total is divided by the count
     in float32. (Python's ``sum(items, start)`` adds left to right: ``start + items[0] + ...``.)
     """
-    x = to_numpy(values).astype(np.float32).reshape(-1)  # (m,) on the host, where torch's order is replayed
-    halves = np.array_split(x, 2 if x.size > _TORCH_GRAIN else 1)  # sizes ceil(m/2), floor(m/2): one per thread
-    return sum(map(_torch_sum, halves), np.float32(0.0)) / np.float32(x.size)  # float32 sum, float32 division
+    x = to_numpy(values).astype("float32").reshape(-1)  # (m,) on the host, where torch's order is replayed
+    xp = xp_of(x)  # NumPy: the replay runs on the host
+    halves = xp.array_split(x, 2 if x.size > _TORCH_GRAIN else 1)  # sizes ceil(m/2), floor(m/2): one per thread
+    return sum(map(_torch_sum, halves), xp.float32(0.0)) / xp.float32(x.size)  # float32 sum, float32 division
 
 
 def _torch_sum(x):
@@ -430,6 +430,7 @@ def _torch_sum(x):
     vectors after the last group of four go into running sum 0, then the four are added in order;
     finally, starting from 0, the values after the last vector and the 8 lanes, one by one.
     """
+    xp = xp_of(x)
     lanes = 8 if x.size >= 8 else 1
     nvec = x.size // lanes
     vectors = x[: nvec * lanes].reshape(nvec, lanes)  # (nvec, lanes)
@@ -437,7 +438,7 @@ def _torch_sum(x):
     acc = _cascade_sum(vectors[: groups * 4].reshape(groups, 4, lanes))  # (groups, 4, lanes) -> (4, lanes)
     acc[0] = sum(vectors[groups * 4 :], acc[0])  # (lanes,) plus the vectors after the last group of four
     lane_sums = acc[0] + acc[1] + acc[2] + acc[3]  # (lanes,) added left to right
-    return sum([*x[nvec * lanes :], *lane_sums], np.float32(0.0))  # float32 scalar
+    return sum([*x[nvec * lanes :], *lane_sums], xp.float32(0.0))  # float32 scalar
 
 
 def _cascade_sum(rows):
@@ -447,13 +448,14 @@ def _cascade_sum(rows):
     levels, the last without grouping). What is left over at each level (the rows after its last
     complete group) is summed in order, and these four leftover sums are added from the lowest level up.
     """
-    zeros = np.zeros(rows.shape[1:], dtype=np.float32)  # (...)
+    xp = xp_of(rows)
+    zeros = xp.zeros(rows.shape[1:], dtype=xp.float32)  # (...)
     leftovers = []
     for level in range(4):
         full = len(rows) // 16 * 16 if level < 3 else 0  # rows in complete groups of 16
         leftovers.append(sum(rows[full:], zeros))  # (...) the rows after the last group, in order
         groups = rows[:full].reshape(-1, 16, *rows.shape[1:])  # (full/16, 16, ...)
-        rows = sum(groups.swapaxes(0, 1), np.zeros_like(groups[:, 0]))  # (full/16, ...) each group in order
+        rows = sum(groups.swapaxes(0, 1), xp.zeros_like(groups[:, 0]))  # (full/16, ...) each group in order
     return leftovers[0] + leftovers[1] + leftovers[2] + leftovers[3]  # (...) added left to right
 
 

@@ -4,8 +4,6 @@ differences (Hu et al., 2021, section 4.1; Dettmers et al., 2023, eq. 5-6; Xu et
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import asarray, rng, to_numpy
 from .torch_layers import _close, adapter_gradients
 
@@ -63,8 +61,10 @@ def _torch_weight(layer, td):
     base = layer.base
     if hasattr(base, "codes"):  # group-wise INT-N: (q - zero) * scale, groups of group_size channels
         gs, bits, n = layer.group_size, base.bits, base.weight_count
-        stream = np.unpackbits(to_numpy(base.packed.data))[: n * bits].reshape(n, bits)  # (n, bits) read bit by bit
-        codes = torch.tensor(stream.astype("int64") @ (1 << np.arange(bits - 1, -1, -1))).reshape(base.codes.shape)
+        packed = torch.tensor(to_numpy(base.packed.data), dtype=torch.int64)  # (nbytes,) the stored bit stream
+        shifts = torch.arange(7, -1, -1)  # (8,) each byte's bits, the high bit first
+        stream = ((packed[:, None] >> shifts) & 1).reshape(-1)[: n * bits].reshape(n, bits)  # (n, bits) bit by bit
+        codes = (stream << torch.arange(bits - 1, -1, -1)).sum(dim=1).reshape(base.codes.shape)  # (out, in) ints
         scales = torch.tensor(to_numpy(base.scales.data), dtype=td)  # (out, L)
         zeros = torch.tensor(to_numpy(base.zeros.data), dtype=td)  # (out, L)
         return (codes.to(td) - zeros.repeat_interleave(gs, dim=1)) * scales.repeat_interleave(gs, dim=1)  # (out, in)
