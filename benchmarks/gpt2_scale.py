@@ -27,7 +27,7 @@ Printed:
    arrays) against what ``memory.paper`` calculates, and a step's traced peak against the
    calculator's activation term.
 
-    python benchmarks/gpt2_scale.py [--reps 3] [--quick]
+    python benchmarks/gpt2_scale.py [--reps 3] [--quick] [--timing | --memory]
 
 ``--quick`` runs the same at a reduced size (2 layers, width 128, vocabulary 2,048) in seconds.
 """
@@ -302,6 +302,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a reduced size, 1 repetition")
     ap.add_argument("--memory", action="store_true", help="only the memory account (measured against calculated)")
+    ap.add_argument("--timing", action="store_true", help="only the time ratios and the NF4 comparison (no memory)")
     ap.add_argument("--child", choices=OURS_KINDS + REF_KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -347,6 +348,8 @@ def main() -> None:
               f"{nf4['offset']} of {nf4['matrices']}; dequantized weights at most {nf4['max_dequant_diff']:.3g} "
               "apart")
 
+        if args.timing:
+            return
         b, t = plan["shapes"][0]
         peaks = rss_peaks(folder, b, t)
         print(f"\npeak RSS of a training step at {b} x {t}, each in its own process:")

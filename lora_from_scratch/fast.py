@@ -15,24 +15,31 @@ Two tricks, both standard in production kernels:
 - **causal attention by query blocks** (``causal_attention_heads``, ``causal_attention_heads_backward``):
   position t attends to positions 0..t only, so the scores above the diagonal are -inf and their
   probabilities 0. Cut the queries into blocks of ``ATTENTION_BLOCK`` rows; block [s, e) needs the
-  keys 0..e-1 only. That skips almost half of the matrix products and of the exponentials at
-  long T (the idea of FlashAttention's causal tiling, Dao et al., 2022, without its fused kernel).
-  Each softmax row is summed over the positions it can see rather than over all T, so the numbers
-  agree with the plain form to rounding (float32: about 1e-7 relative), not bit for bit.
+  keys 0..e-1 only. At T = 1,024 that skips 3/8 of the matrix products and of the exponentials
+  (the idea of FlashAttention's causal tiling, Dao et al., 2022, without its fused kernel); the
+  softmax of each block runs head by head on two threads. Each softmax row is summed over the
+  positions it can see rather than over all T, so the numbers agree with the plain form to
+  rounding (float32: about 1e-7 relative), not bit for bit.
+
+Where the thresholds come from: on two cores, two threads pay only for arrays of a few hundred
+thousand values (below that, starting a thread costs more than it saves); blocks of 256 queries
+were faster than blocks of 128 or 64 at T = 512 and 1,024 (fewer, larger matrix products), and at
+T = 256 one block is the whole matrix, so the plain form runs there.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from functools import partial
 
 from .backend import xp_of
 
 THREADS = 2  # the threads that share element-wise work (the calling thread and one more)
 ELEMENTWISE_MIN = 1 << 18  # values: below this an element-wise operation is as fast on one thread
 ELEMENTWISE_CHUNK = 1 << 14  # values per piece: a few arrays of it stay in a core's cache
-ATTENTION_MIN_T = 256  # sequence length from which the blocked causal attention is faster
-ATTENTION_BLOCK = 128  # query positions per block
+ATTENTION_MIN_T = 512  # sequence length from which the blocked causal attention is faster (two blocks or more)
+ATTENTION_BLOCK = 256  # query positions per block (128 measured slower at T = 512 and 1,024: more, smaller products)
 
 
 def run_threads(task, n: int) -> None:
@@ -86,11 +93,29 @@ def elementwise(fn, *arrays):
     return out.reshape(arrays[0].shape)  # (n,) -> the arrays' shape
 
 
-def _row_softmax(scores, np) -> None:
-    """Softmax of every row of ``scores`` (..., n), in place, shifted by the row max (as functional.softmax_forward)."""
-    scores -= scores.max(axis=-1, keepdims=True)  # (..., n)
-    np.exp(scores, out=scores)  # (..., n)
-    scores /= scores.sum(axis=-1, keepdims=True)  # (..., n)
+def _each_head(fn, *arrays) -> None:
+    """``fn`` on every head's slice ``a[b, h]`` of the (B, H, ...) ``arrays``, the heads shared by two threads."""
+    B, H = arrays[0].shape[:2]
+    run_threads(lambda i: fn(*(a[i // H, i % H] for a in arrays)), B * H)
+
+
+def _masked_softmax(scores, s: int, mask) -> None:
+    """The causal softmax of one head's block of queries s.. (n, e), in place (as functional.softmax_forward).
+
+    The keys s..e-1 are the diagonal block, masked by ``mask`` (-inf above its diagonal).
+    """
+    np = xp_of(scores)  # NumPy
+    n = scores.shape[0]
+    scores[:, s:] += mask[:n, :n]  # (n, n): position t sees only positions <= t
+    scores -= scores.max(axis=-1, keepdims=True)  # (n, e), every row's max is now 0
+    np.exp(scores, out=scores)  # (n, e)
+    scores /= scores.sum(axis=-1, keepdims=True)  # (n, e) rows sum to 1
+
+
+def _softmax_backward_rows(dp, p) -> None:
+    """d(scores) = p (dp - sum(dp p)) of one head's block, in place over dp (as functional.softmax_backward)."""
+    dp -= (dp * p).sum(axis=-1, keepdims=True)  # (n, e)
+    dp *= p  # (n, e)
 
 
 def causal_attention_heads(qs, kt, vh):
@@ -110,8 +135,7 @@ def causal_attention_heads(qs, kt, vh):
         e = min(T, s + n)
         scores = probs[:, :, s:e, :e]  # (B, H, e - s, e), a view: queries s..e-1, the keys they can see
         np.matmul(qs[:, :, s:e], kt[..., :e], out=scores)  # (B, H, e - s, hs) @ (B, H, hs, e)
-        scores[..., s:] += mask[: e - s, : e - s]  # (B, H, e - s, e - s): the diagonal block is masked
-        _row_softmax(scores, np)  # (B, H, e - s, e) probabilities, in place
+        _each_head(partial(_masked_softmax, s=s, mask=mask), scores)  # (B, H, e - s, e) probabilities, in place
         np.matmul(scores, vh[:, :, :e], out=yh[:, :, s:e])  # (B, H, e - s, e) @ (B, H, e, hs)
     return yh, probs
 
@@ -137,8 +161,7 @@ def causal_attention_heads_backward(dyh, qh, kh, vt, probs, scale: float):
         dvh[:, :, :e] += p.transpose(0, 1, 3, 2) @ dy  # (B, H, e, e - s) @ (B, H, e - s, hs)
         dp = buf[:, :, : e - s, :e]  # (B, H, e - s, e)
         np.matmul(dy, vt[..., :e], out=dp)  # (B, H, e - s, hs) @ (B, H, hs, e)
-        dp -= (dp * p).sum(axis=-1, keepdims=True)  # (B, H, e - s, e)
-        dp *= p  # (B, H, e - s, e): d(scores), as functional.softmax_backward
+        _each_head(_softmax_backward_rows, dp, p)  # (B, H, e - s, e): d(scores), in place
         np.matmul(dp, kh[:, :, :e], out=dqh[:, :, s:e])  # (B, H, e - s, e) @ (B, H, e, hs)
         dkh[:, :, :e] += dp.transpose(0, 1, 3, 2) @ qh[:, :, s:e]  # (B, H, e, e - s) @ (B, H, e - s, hs)
     dqh *= scale  # (B, H, T, hs)
