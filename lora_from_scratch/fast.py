@@ -73,12 +73,14 @@ def run_threads(task, n: int) -> None:
 def elementwise(fn, *arrays):
     """``fn(*arrays)`` for an element-wise ``fn``, computed in cache-sized pieces on two threads.
 
-    The arrays have one shape; ``fn`` takes pieces of them and returns one array of that shape,
-    each element computed from the same elements of the inputs alone (GELU, its derivative). The
-    pieces are flat runs of ``ELEMENTWISE_CHUNK`` values: every temporary ``fn`` makes stays in a
-    core's cache, and the result is ``fn(*arrays)``, bit for bit.
+    The arrays have one shape (if not, ``fn`` runs on them whole); ``fn`` takes pieces of them and
+    returns one array of that shape, each element computed from the same elements of the inputs
+    alone (GELU, its derivative). The pieces are flat runs of ``ELEMENTWISE_CHUNK`` values: every
+    temporary ``fn`` makes stays in a core's cache, and the result is ``fn(*arrays)``, bit for bit.
     """
     np = xp_of(*arrays)  # NumPy: only host arrays come here
+    if any(a.shape != arrays[0].shape for a in arrays):  # broadcasting: no pieces to cut alike
+        return fn(*arrays)
     flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]  # (n,) each, views when contiguous
     n, step = flat[0].size, ELEMENTWISE_CHUNK
     first = fn(*(a[:step] for a in flat))  # (step,): the first piece also gives the result's dtype

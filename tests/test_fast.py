@@ -128,3 +128,10 @@ def test_on_cupy_the_plain_forms_run(monkeypatch):
     F.gelu_backward(x, F.gelu_forward(x)[1])
     w = quantize_4bit(cupy.asarray(rng.standard_normal(1 << 17).astype(np.float32)))
     assert is_cupy_array(dequantize_4bit(w))
+
+
+def test_elementwise_with_arrays_of_different_shapes_runs_the_function_whole():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, fast.ELEMENTWISE_MIN))
+    dy = rng.standard_normal((1, fast.ELEMENTWISE_MIN))  # broadcast over the rows
+    assert np.array_equal(F.gelu_backward(dy, x), F._gelu_grad(dy, x))
