@@ -24,18 +24,30 @@ Two tricks, both standard in production kernels:
 Where the thresholds come from: on two cores, two threads pay only for arrays of a few hundred
 thousand values (below that, starting a thread costs more than it saves); blocks of 256 queries
 were faster than blocks of 128 or 64 at T = 512 and 1,024 (fewer, larger matrix products), and at
-T = 256 one block is the whole matrix, so the plain form runs there.
+T = 256 one block is the whole matrix, so the plain form runs there. On cores that other programs
+keep busy a second thread gains nothing and can wait on a descheduled partner: ``LFS_THREADS=1``
+keeps everything on the calling thread (the same numbers).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from functools import partial
 
 from .backend import xp_of
 
-THREADS = 2  # the threads that share element-wise work (the calling thread and one more)
+
+def _threads_from_env() -> int:
+    """``LFS_THREADS`` (a positive integer; 2 when unset): how many threads share the work here."""
+    value = os.environ.get("LFS_THREADS", "2").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LFS_THREADS must be a positive integer (the threads fast.py may use), got {value!r}")
+    return int(value)
+
+
+THREADS = _threads_from_env()  # the calling thread and THREADS - 1 more (LFS_THREADS=1 on a busy machine)
 ELEMENTWISE_MIN = 1 << 18  # values: below this an element-wise operation is as fast on one thread
 ELEMENTWISE_CHUNK = 1 << 14  # values per piece: a few arrays of it stay in a core's cache
 ATTENTION_MIN_T = 512  # sequence length from which the blocked causal attention is faster (two blocks or more)

@@ -135,3 +135,27 @@ def test_elementwise_with_arrays_of_different_shapes_runs_the_function_whole():
     x = rng.standard_normal((3, fast.ELEMENTWISE_MIN))
     dy = rng.standard_normal((1, fast.ELEMENTWISE_MIN))  # broadcast over the rows
     assert np.array_equal(F.gelu_backward(dy, x), F._gelu_grad(dy, x))
+
+
+def test_lfs_threads_sets_the_thread_count_and_a_bad_value_is_named(monkeypatch):
+    monkeypatch.setenv("LFS_THREADS", "1")
+    assert fast._threads_from_env() == 1
+    monkeypatch.delenv("LFS_THREADS")
+    assert fast._threads_from_env() == 2
+    for bad in ("0", "two", "-1", ""):
+        monkeypatch.setenv("LFS_THREADS", bad)
+        with pytest.raises(ValueError, match="LFS_THREADS must be a positive integer"):
+            fast._threads_from_env()
+
+
+def test_one_thread_gives_the_same_numbers(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(fast.ELEMENTWISE_MIN + 3).astype(np.float32)
+    q, k, v = (rng.standard_normal((1, fast.ATTENTION_MIN_T, 16)).astype(np.float32) for _ in range(3))
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(fast, "THREADS", threads)
+        y, cache = F.causal_attention_forward(q, k, v, 2)
+        results.append((F.gelu_forward(x)[0], y, *F.causal_attention_backward(y, cache)))
+    for one, two in zip(*results):
+        assert np.array_equal(one, two)
