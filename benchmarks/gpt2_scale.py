@@ -27,7 +27,7 @@ Printed:
    arrays) against what ``memory.paper`` calculates, and a step's traced peak against the
    calculator's activation term.
 
-    python benchmarks/gpt2_scale.py [--reps 3] [--quick]
+    python benchmarks/gpt2_scale.py [--reps 3] [--quick] [--timing | --memory]
 
 ``--quick`` runs the same at a reduced size (2 layers, width 128, vocabulary 2,048) in seconds.
 """
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 from lora_step import peft_step as torch_step  # noqa: E402  (a torch training step, any model)
-from timing import alternate  # noqa: E402
+from timing import alternate, alternate_rounds, load_average, ratio_spread  # noqa: E402
 
 from lora_from_scratch.hf_io import load_hf_gpt2  # noqa: E402
 from lora_from_scratch.lora import apply_lora  # noqa: E402
@@ -56,6 +56,7 @@ from lora_from_scratch.targets import TARGETS  # noqa: E402
 from lora_from_scratch.train import train_step  # noqa: E402
 
 RANK, ALPHA, BITS, GROUP = 8, 16, 4, 32
+DEQUANT_ROUNDS = 9  # rounds of the NF4 dequantize timing (at least): bitsandbytes' time moves from round to round
 FULL = dict(sizes=dict(), shapes=((4, 128), (1, 512)), long_t=1024)  # GPT2Config() defaults: GPT-2 small
 QUICK = dict(sizes=dict(n_layer=2, n_embd=128, n_head=4, vocab_size=2048, n_positions=256),
              shapes=((2, 64), (1, 128)), long_t=256)
@@ -213,10 +214,13 @@ def nf4_parity_and_dequantize(folder: str, reps: int) -> dict:
         counts["max_dequant_diff"] = max(counts["max_dequant_diff"], float(diff))
         qs.append(q)
         bs.append((packed, st))
-    med = alternate({"ours": lambda: [dequantize_4bit(q) for q in qs],
-                     "bnb": lambda: [bnbf.dequantize_4bit(p, s) for p, s in bs]}, reps)
+    # bitsandbytes' CPU dequantize varies from run to run (its threads): more rounds, and the spread
+    times = alternate_rounds({"ours": lambda: [dequantize_4bit(q) for q in qs],
+                              "bnb": lambda: [bnbf.dequantize_4bit(p, s) for p, s in bs]}, max(reps, DEQUANT_ROUNDS))
+    med = {name: float(np.median(v)) for name, v in times.items()}
     counts["dequantize ours / bitsandbytes"] = med["ours"] / med["bnb"]
     counts["dequantize seconds ours, bnb"] = (med["ours"], med["bnb"])
+    counts["dequantize per-round ratio spread"] = ratio_spread(times, "ours", "bnb")
     return counts
 
 
@@ -295,6 +299,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a reduced size, 1 repetition")
     ap.add_argument("--memory", action="store_true", help="only the memory account (measured against calculated)")
+    ap.add_argument("--timing", action="store_true", help="only the time ratios and the NF4 comparison (no memory)")
     ap.add_argument("--child", choices=OURS_KINDS + REF_KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -313,7 +318,8 @@ def main() -> None:
         vocab = ours("full", folder)[0].config.vocab_size
         cfg = ours("full", folder)[0].config
         print(f"GPT-2 shape: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, vocabulary {vocab}; "
-              f"float32, {os.cpu_count()} cores; medians of {reps} alternating rounds after a warm-up")
+              f"float32, {os.cpu_count()} cores; medians of {reps} alternating rounds after a warm-up; "
+              f"{load_average()}")
         table, secs = {}, {}
         for b, t in plan["shapes"]:
             table[(b, t)], secs[(b, t)] = time_shape(folder, vocab, b, t, reps)
@@ -326,8 +332,10 @@ def main() -> None:
         long_ratio = time_long_forward(folder, vocab, plan["long_t"], reps)
         print(f"| forward at T = {plan['long_t']}, ours / torch no_grad | {long_ratio:.2f} | |")
         nf4 = nf4_parity_and_dequantize(folder, reps)
+        lo, mid, hi = nf4["dequantize per-round ratio spread"]
         print(f"| NF4 dequantize of all {nf4['matrices']} matrices, ours / bitsandbytes | "
-              f"{nf4['dequantize ours / bitsandbytes']:.2f} | |")
+              f"{nf4['dequantize ours / bitsandbytes']:.2f} (per round {lo:.2f} to {hi:.2f}, median {mid:.2f}) | |")
+        print(load_average())
         for shape, s in secs.items():
             print(f"seconds per step at {shape[0]} x {shape[1]}: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
@@ -337,6 +345,8 @@ def main() -> None:
               f"{nf4['offset']} of {nf4['matrices']}; dequantized weights at most {nf4['max_dequant_diff']:.3g} "
               "apart")
 
+        if args.timing:
+            return
         b, t = plan["shapes"][0]
         peaks = rss_peaks(folder, b, t)
         print(f"\npeak RSS of a training step at {b} x {t}, each in its own process:")

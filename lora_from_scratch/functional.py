@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .backend import scatter_add, xp_of
+from . import fast
+from .backend import is_cupy_array, scatter_add, xp_of
 from .checks import check_int
 
 IGNORE_INDEX = -100
@@ -137,47 +138,40 @@ def layernorm_backward(dy, cache, need_params=True):
 
 # ----------------------------------------------------------------------- GELU
 def _gelu_tanh(x):
-    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU, in one new array."""
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU."""
     xp = xp_of(x)
-    # in-place steps, so that only t itself is allocated
-    t = x * x  # (...) x^2
-    t *= GELU_C * 0.044715
-    t += GELU_C
-    t *= x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
-    xp.tanh(t, out=t)  # (...) t = tanh(...)
-    return t
+    return xp.tanh((x * x * (GELU_C * 0.044715) + GELU_C) * x)  # (...) sqrt(2/pi) (x + 0.044715 x^3), then tanh
+
+
+def _gelu(x):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return (_gelu_tanh(x) + 1.0) * x * 0.5  # (...)
+
+
+def _gelu_grad(dy, x):
+    """dy times d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    t = _gelu_tanh(x)  # (...) recomputed from x
+    xdu = (x * x * (GELU_C * 3 * 0.044715) + GELU_C) * x  # (...) x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    d = (xdu * (t * t - 1.0) - t - 1.0) * -0.5  # (...) 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (...)
+    return d * dy  # (...) chain rule
 
 
 def gelu_forward(x):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    """GPT-2's GELU; the cache is x alone.
 
-    The cache is x alone: the backward recomputes the tanh (one cheap elementwise pass) instead
-    of keeping a second (..., 4C) array per block alive from the forward to the backward.
+    The backward recomputes the tanh (one cheap elementwise pass) instead of keeping a second
+    (..., 4C) array per block alive from the forward to the backward.
     """
-    y = _gelu_tanh(x)  # (...) t
-    y += 1.0
-    y *= x
-    y *= 0.5  # (...) 0.5 x (1 + t)
-    return y, x
+    if x.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(x):  # a large host array: two cores, same numbers
+        return fast.elementwise(_gelu, x), x
+    return _gelu(x), x
 
 
 def gelu_backward(dy, cache):
-    """d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
-    x = cache
-    t = _gelu_tanh(x)  # (...) recomputed from x
-    d = x * x  # (...) x^2
-    d *= GELU_C * 3 * 0.044715
-    d += GELU_C  # (...) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    d *= x
-    s = t * t  # (...) t^2
-    s -= 1.0
-    d *= s  # (...) -x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    del s
-    d -= t
-    d -= 1.0  # (...) -(1 + t) - x (1 - t^2) ...
-    d *= -0.5  # (...) the derivative
-    d *= dy  # (...) chain rule
-    return d
+    """d/dx GELU times the upstream gradient dy (``_gelu_grad``)."""
+    if dy.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(dy):  # a large host array: two cores, same numbers
+        return fast.elementwise(_gelu_grad, dy, cache)
+    return _gelu_grad(dy, cache)
 
 
 # -------------------------------------------------------------------- dropout
@@ -210,11 +204,8 @@ def dropout_backward(dy, cache):
 def softmax_forward(x, inplace=False):
     """Softmax over the last axis, shifted by the row max for stability (``inplace`` reuses x's memory)."""
     xp = xp_of(x)
-    if inplace:
-        e = x
-        e -= x.max(axis=-1, keepdims=True)  # (..., N), every row's max is now 0
-    else:
-        e = x - x.max(axis=-1, keepdims=True)  # (..., N), every row's max is now 0
+    e = x if inplace else x.copy()  # (..., N)
+    e -= e.max(axis=-1, keepdims=True)  # (..., N), every row's max is now 0
     xp.exp(e, out=e)  # (..., N) in place
     e /= e.sum(axis=-1, keepdims=True)  # (..., N) rows sum to 1
     return e, e
@@ -224,11 +215,8 @@ def softmax_backward(dy, cache, inplace=False):
     """dx = y * (dy - sum(dy * y)) : the Jacobian-vector product of the softmax (``inplace`` reuses dy)."""
     y = cache
     row = (dy * y).sum(axis=-1, keepdims=True)  # (..., 1)
-    if inplace:
-        dx = dy
-        dx -= row  # (..., N)
-    else:
-        dx = dy - row  # (..., N)
+    dx = dy if inplace else dy.copy()  # (..., N)
+    dx -= row  # (..., N)
     dx *= y  # (..., N)
     return dx
 
@@ -266,11 +254,14 @@ def causal_attention_forward(q, k, v, n_head):
     vh = xp.ascontiguousarray(v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
     kt = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))  # (B, H, T, hs) -> (B, H, hs, T)
     scale = 1.0 / math.sqrt(hs)
-    att = (qh * scale) @ kt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T): q k^T / sqrt(hs)
-    mask = xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)  # (T, T): -inf above the diagonal, else 0
-    att += mask  # (B, H, T, T), broadcast: position t sees only positions <= t
-    p, _ = softmax_forward(att, inplace=True)  # (B, H, T, T), overwriting the scores
-    yh = p @ vh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+    if T >= fast.ATTENTION_MIN_T and not is_cupy_array(q):  # long sequences on the CPU: the masked scores skipped
+        yh, p = fast.causal_attention_heads(qh * scale, kt, vh)
+    else:
+        att = (qh * scale) @ kt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T): q k^T / sqrt(hs)
+        mask = xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)  # (T, T): -inf above the diagonal, else 0
+        att += mask  # (B, H, T, T), broadcast: position t sees only positions <= t
+        p, _ = softmax_forward(att, inplace=True)  # (B, H, T, T), overwriting the scores
+        yh = p @ vh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, hs) -> (B, T, C)
     return y, AttentionCache(qh, kh, vh, p, scale)
 
@@ -282,13 +273,16 @@ def causal_attention_backward(dy, cache):
     B, H, T, hs = qh.shape
     dyh = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, T, C) -> (B, H, T, hs)
     vt = xp.ascontiguousarray(vh.transpose(0, 1, 3, 2))  # (B, H, T, hs) -> (B, H, hs, T)
-    dp = dyh @ vt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
-    dvh = p.transpose(0, 1, 3, 2) @ dyh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
-    datt = softmax_backward(dp, p, inplace=True)  # (B, H, T, T); masked entries have p = 0, so 0 here
-    dqh = datt @ kh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
-    dqh *= scale  # (B, H, T, hs): the 1/sqrt(hs) of the scores, applied on the smaller array
-    dkh = datt.transpose(0, 1, 3, 2) @ qh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
-    dkh *= scale  # (B, H, T, hs)
+    if T >= fast.ATTENTION_MIN_T and not is_cupy_array(dy):  # long sequences on the CPU: the masked scores skipped
+        dqh, dkh, dvh = fast.causal_attention_heads_backward(dyh, qh, kh, vt, p, scale)
+    else:
+        dp = dyh @ vt  # (B, H, T, hs) @ (B, H, hs, T) -> (B, H, T, T)
+        dvh = p.transpose(0, 1, 3, 2) @ dyh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+        datt = softmax_backward(dp, p, inplace=True)  # (B, H, T, T); masked entries have p = 0, so 0 here
+        dqh = datt @ kh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+        dqh *= scale  # (B, H, T, hs): the 1/sqrt(hs) of the scores, applied on the smaller array
+        dkh = datt.transpose(0, 1, 3, 2) @ qh  # (B, H, T, T) @ (B, H, T, hs) -> (B, H, T, hs)
+        dkh *= scale  # (B, H, T, hs)
 
     def merge(a):
         return a.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # (B, H, T, hs) -> (B, T, C)
