@@ -379,9 +379,9 @@ def dequantize_4bit(q: Quantized4bit):
     if q.numel >= _DEQUANTIZE_FAST_MIN and xp.__name__ == "numpy":  # a large host matrix: the same bits, faster
         return _dequantize_4bit_fast(q, absmax)
     levels = xp.asarray(tables.CODES[q.quant_type])  # (16,) float32, the levels of the code
-    codes = unpack_nibbles(q.packed, q.numel)  # (ceil(n/2),) -> (n,) uint8, one 4-bit index per value
-    scale = xp.repeat(absmax, q.blocksize)[: q.numel]  # (nblocks,) -> (n,): each value's block constant
-    return (xp.take(levels, codes) * scale).reshape(q.shape)  # (n,) level[code] * c -> the original shape
+    values = xp.take(levels, unpack_nibbles(q.packed, q.numel))  # (ceil(n/2),) -> (n,) codes -> level[code]
+    values *= xp.repeat(absmax, q.blocksize)[: q.numel]  # (n,) times each value's block constant c, in place
+    return values.reshape(q.shape)  # (n,) -> the original shape
 
 
 # --------------------------------------------------------------------------------------------
