@@ -48,7 +48,9 @@ def _threads_from_env() -> int:
 
 
 THREADS = _threads_from_env()  # the calling thread and THREADS - 1 more (LFS_THREADS=1 on a busy machine)
-ELEMENTWISE_MIN = 1 << 18  # values: below this an element-wise operation is as fast on one thread
+# values from which GELU runs in pieces on two threads: it pays from about 2^18, but the classroom's sizes
+# (the demo's largest, 32 x 32 x 512 = 2^19) run the plain form; GPT-2 small's 4 x 128 x 3,072 take this one
+ELEMENTWISE_MIN = 1 << 20
 ELEMENTWISE_CHUNK = 1 << 14  # values per piece: a few arrays of it stay in a core's cache
 ATTENTION_MIN_T = 512  # sequence length from which the blocked causal attention is faster (two blocks or more)
 ATTENTION_BLOCK = 256  # query positions per block (128 measured slower at T = 512 and 1,024: more, smaller products)
