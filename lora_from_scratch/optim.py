@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+from . import fast
 from .backend import asarray, get_backend_name, get_xp, is_cupy_array, like, set_backend, xp_of
 
 
@@ -174,11 +175,10 @@ def _adamw_update(p, gr, m, v, t: int, g: dict) -> None:
 # Over a whole model (full fine-tuning of GPT-2 small: 124M parameters) AdamW is memory-bound:
 # the plain form above makes several full-size temporaries. Here every parameter is cut into
 # cache-sized chunks, each chunk is updated with in-place operations on one reused scratch
-# buffer, and two threads take half of the chunks each (NumPy releases the GIL inside its
-# element-wise loops, so both cores work).
+# buffer, and the threads of ``fast.run_threads`` (two unless LFS_THREADS says otherwise) take a
+# share of the chunks each (NumPy releases the GIL inside its element-wise loops, so both cores work).
 _THREADED_ELEMENTS = 1 << 20  # below this many values in all, the plain loop is as fast
 _CHUNK = 1 << 15  # values per chunk: a few arrays of it stay in the L2 cache
-_THREADS = 2
 
 
 def _threadable(work) -> bool:
@@ -212,23 +212,15 @@ def _adamw_chunks(items, scratch) -> None:
 
 
 def _adamw_threaded(work) -> None:
-    import threading
-
     np = xp_of(work[0][0].data)  # NumPy: only host arrays are threaded
     items = []
     for p, st, g in work:
         flat = [a.reshape(-1) for a in (p.data, p.grad, st["exp_avg"], st["exp_avg_sq"])]  # 4 x (n,) views
         for start in range(0, flat[0].size, _CHUNK):
             items.append((*(a[start : start + _CHUNK] for a in flat), st["step"], g))
-    share = [items[i::_THREADS] for i in range(_THREADS)]  # interleaved: both threads get big and small chunks
+    share = [items[i :: fast.THREADS] for i in range(fast.THREADS)]  # interleaved: each gets big and small chunks
     dtype = work[0][0].data.dtype
-    threads = [threading.Thread(target=_adamw_chunks, args=(mine, np.empty(_CHUNK, dtype=dtype)))
-               for mine in share[1:]]
-    for th in threads:
-        th.start()
-    _adamw_chunks(share[0], np.empty(_CHUNK, dtype=dtype))
-    for th in threads:
-        th.join()
+    fast.run_threads(lambda i: _adamw_chunks(share[i], np.empty(_CHUNK, dtype=dtype)), len(share))  # own scratch
 
 
 def _global_norm(grads):
