@@ -250,8 +250,7 @@ class QALoRALinear(AdaptedLinear):
     def __init__(self, base, r: int, alpha: float, bits: int = 4, group_size: int = 32, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
         if isinstance(base, Linear):  # quantize_groupwise checks bits and group size
-            bias = base.bias.data if base.bias is not None else None  # (out,) shared, as from_linear does
-            base = GroupwiseLinear.from_weight(base.weight.data, bias, bits, group_size)
+            base = GroupwiseLinear.from_linear(base, bits, group_size)
         elif isinstance(base, GroupwiseLinear):
             if (base.bits, base.group_size) != (bits, group_size):
                 raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
