@@ -170,8 +170,7 @@ class QLoRALinear(AdaptedLinear):
         if isinstance(base, Linear):
             check_qlora_args(r, alpha, dropout, init, blocksize, base.in_features, base.out_features)
             ref = base.weight.data  # (out, in), the float weight: its dtype and backend go to A and B
-            q = quantize_4bit(ref, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)  # W0 -> NF4
-            nf4 = NF4Linear(q, base.bias.data if base.bias is not None else None)  # the bias (out,) stays float
+            nf4 = NF4Linear.from_linear(base, blocksize, double_quant, quant_type)  # W0 -> NF4; the bias stays float
         elif isinstance(base, NF4Linear):
             check_qlora_args(r, alpha, dropout, init, base.blocksize, base.in_features, base.out_features)
             ref, nf4 = xp_of(base.packed.data).zeros(1, dtype="float32"), base  # (1,) float32 on the base's backend
