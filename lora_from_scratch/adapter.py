@@ -16,10 +16,10 @@ and this file is that sentence as code:
 - ``base``: any frozen linear layer. ``nn.Linear`` (LoRA: the float W0), ``qlora.NF4Linear``
   (QLoRA) or ``qalora.GroupwiseLinear`` (QA-LoRA). The two quantized ones derive from
   ``QuantizedLinear`` below: their arrays are ``Buffer``s, and they dequantize W0 on the fly in
-  the forward *and again* in the backward, so no float W0 is ever kept between the two. Each
-  base takes an update its own way (``merged_copy``): a float weight adds it; an NF4 weight is
-  dequantized, added to and (on request) re-quantized; a group-wise weight folds an update that
-  is constant within each group into its zero points and refuses any other.
+  the forward *and again* in the backward, so no float W0 is ever kept between the two. The
+  layers only compute; how each takes an update is written here (``merged_copy``): a float weight
+  adds it; an NF4 weight is dequantized, added to and (on request) re-quantized; a group-wise
+  weight folds an update that is constant within each group into its zero points and refuses any other.
 - ``LowRankAdapter``: A (r, k'), B (d, r), the scaling s = alpha / r (rsLoRA, Kalajdzievski 2023:
   alpha / sqrt(r)), dropout on its input (PEFT's ``lora_dropout``), and ``pool``: the identity,
   or the mean over groups of ``group_size`` input channels (then k' = k / group_size). Its
@@ -62,6 +62,8 @@ from . import functional as F
 from .backend import get_xp, global_rng, xp_of
 from .backend import rng as host_rng
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
+from .quant.blockwise import Quantized4bit
+from .quant.groupwise import GroupwiseLayout
 
 INITS = ("kaiming", "gaussian", "pissa")
 RANDOM_INITS = ("kaiming", "gaussian")
@@ -212,11 +214,6 @@ class QuantizedLinear(Module):
         self.dequantizations = 0
         self._cache = None
 
-    # True when the stored form can take an update exactly and give it back (QA-LoRA's zero points), so an
-    # adapter merges into it in place; False when an update forces the weight out of its format (NF4: float,
-    # or re-quantized with a loss), so a merge replaces the layer
-    merges_in_place = False
-
     def dequantized_weight(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -251,6 +248,102 @@ class QuantizedLinear(Module):
         if db is not None:
             self.bias.accumulate(db)
         return dx  # (..., in) = dy W0
+
+
+# ---------------------------------------------------------------- merging: each base takes an update its own way
+# LoRA, section 4.1 ("No Additional Inference Latency"): after training, W = W0 + s B A is stored and
+# used like any weight. How W0 is stored decides how it takes the update: the three bases below.
+def merged_float_copy(base: Linear, delta) -> Linear:
+    """A new frozen Linear computing x (W + delta)^T + b: how an update merges into a float weight.
+
+    The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes).
+    """
+    W = base.weight.data  # (out, in)
+    if tuple(delta.shape) != tuple(W.shape):
+        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight {tuple(W.shape)}")
+    merged = W + delta.astype(W.dtype, copy=False)  # (out, in)
+    if not bool(xp_of(merged).isfinite(merged).all()):
+        raise ValueError("merge refused: W + update has NaN or inf entries; the weight is left unchanged")
+    return Linear.from_weight(merged, base.bias.data if base.bias is not None else None, trainable=False)
+
+
+def merged_nf4_copy(base, delta, requantize: bool = False):
+    """dequant(W0) + delta as a frozen float ``Linear``, or re-quantized (``requantize=True``) as an NF4Linear.
+
+    ``base`` is a ``qlora.NF4Linear``: its 4 bits cannot hold the update, so the merged layer leaves
+    the 4-bit format (float), or is rounded onto the NF4 grid again and loses part of the update
+    (QLoRA's deployment weakness). The sum is formed in delta's dtype. ValueError if it is not finite.
+    """
+    if tuple(delta.shape) != (base.out_features, base.in_features):
+        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
+                         f"{(base.out_features, base.in_features)}")
+    W = base.dequantized_weight().astype(delta.dtype, copy=False) + delta  # (out, in)
+    if not bool(xp_of(W).isfinite(W).all()):
+        raise ValueError("merge refused: dequant(W0) + update has NaN or inf entries")
+    bias = base.bias.data if base.bias is not None else None
+    if requantize:  # the same block size, constants and levels as the base
+        return type(base).from_weight(W, bias, base.blocksize, base.double_quant, base.quant_type)
+    return Linear.from_weight(W, bias, trainable=False)
+
+
+def merged_groupwise_copy(base, delta):
+    """A copy of a group-wise base holding a full (out, in) update that is constant within each group, in its zeros.
+
+    ``base`` is a ``qalora.GroupwiseLinear``: zero'[o, g] = zero[o, g] - delta[o, g] / scale[o, g], the same
+    codes and scales (``GroupwiseLinear.with_zeros``). Any other update cannot be held by this format without
+    re-quantizing: ValueError. A QA-LoRA layer does not come this way: it folds its (out, L) update
+    directly (``QALoRALinear.merged_zeros``).
+    """
+    out_features, L, gs = base.out_features, base.n_groups, base.group_size
+    if tuple(delta.shape) != (out_features, base.in_features):
+        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
+                         f"{(out_features, base.in_features)}")
+    grouped = delta.reshape(out_features, L, gs)  # (out, in) -> (out, L, gs)
+    if not bool((grouped.max(axis=2) == grouped.min(axis=2)).all()):
+        raise ValueError("a group-wise weight can only absorb an update that is constant within each group "
+                         f"of {gs} input channels (a QA-LoRA update); this one is not: merge in float and "
+                         "re-quantize instead (qalora.quantize_model_groupwise)")
+    return base.with_zeros(base.zeros.data - grouped[:, :, 0] / base.scales.data)  # (out, L)
+
+
+def base_format(base) -> str:
+    """How ``base`` stores W0: "float" (``nn.Linear``), "nf4" (``qlora.NF4Linear``) or "groupwise"
+    (``qalora.GroupwiseLinear``), told by what it holds (those two modules build on this one, so it
+    cannot name their classes); ValueError for any other layer."""
+    if isinstance(base, Linear):
+        return "float"
+    if isinstance(base, QuantizedLinear) and isinstance(getattr(base, "layout", None), GroupwiseLayout):
+        return "groupwise"
+    if isinstance(base, QuantizedLinear) and isinstance(getattr(base, "quantized", None), Quantized4bit):
+        return "nf4"
+    raise ValueError(f"no merge is known for a {type(base).__name__} base: an adapter merges into an nn.Linear, "
+                     "an NF4Linear or a GroupwiseLinear")
+
+
+def merged_copy(base, delta, requantize: bool = False):
+    """A new frozen layer computing base + the (out, in) update ``delta``; ``base`` is not changed.
+
+    Float base: a Linear holding W0 + delta. NF4 base: a float Linear of dequant(W0) + delta, or with
+    ``requantize=True`` that sum quantized to NF4 again. Group-wise base: the same codes and scales
+    with merged zero points, for an update constant within each group (``requantize`` matters only
+    to an NF4 base; the others ignore it). ValueError if the result would not be finite.
+    """
+    kind = base_format(base)
+    if kind == "float":
+        return merged_float_copy(base, delta)
+    if kind == "nf4":
+        return merged_nf4_copy(base, delta, requantize)
+    return merged_groupwise_copy(base, delta)
+
+
+def base_merges_in_place(base) -> bool:
+    """Whether ``base`` can take an update exactly and give it back, so an adapter merges into it in place.
+
+    True for a float weight (W0 + s B A, then - s B A) and a group-wise one (QA-LoRA: the group-constant
+    update moves the zero points, and can be moved back); False for NF4, where an update forces the
+    weight out of its format (float, or re-quantized with a loss), so a merge replaces the layer.
+    """
+    return base_format(base) != "nf4"
 
 
 # ---------------------------------------------------------------- the adapted layer
@@ -379,21 +472,19 @@ class AdaptedLinear(Module):
 
     # ------------------------------------------------------------ merge / unmerge
     def merged_base(self, requantize: bool = False):
-        """A new frozen layer that computes base + the active adapter's update (self is not changed).
+        """A new frozen layer that computes base + the active adapter's update s B A (self is not changed).
 
-        Float base: a Linear holding W0 + s B A. NF4 base: a float Linear of dequant(W0) + s B A, or
-        with ``requantize=True`` that sum quantized to NF4 again. Group-wise base: the same codes and
-        scales with merged zero points (``requantize`` matters only to an NF4 base; the others ignore
-        it). ValueError if the result would not be finite.
+        ``merged_copy`` of the base: W0 + s B A in float, dequant(W0) + s B A for NF4 (re-quantized with
+        ``requantize=True``), merged zero points for a group-wise base. ValueError if it would not be finite.
         """
         if self.merged:
             raise ValueError("the layer is already merged: its base is the merged layer")
-        return self.base.merged_copy(self.delta_weight(), requantize=requantize)  # delta (out, in)
+        return merged_copy(self.base, self.delta_weight(), requantize=requantize)  # delta (out, in)
 
     @property
     def merges_in_place(self) -> bool:
         """Whether the base can hold the update and give it back: a float weight, or QA-LoRA's zero points."""
-        return self.base.merges_in_place
+        return base_merges_in_place(self.base)
 
     def merge(self):
         """Fold the active adapter into the base, in place (where the base allows it). A no-op when merged."""
@@ -421,7 +512,7 @@ class AdaptedLinear(Module):
         if not self.merged:
             return self
         delta = self.adapter.delta_weight()  # (out, in), the same A, B and s as the merge (they cannot change)
-        self.base = self.base.merged_copy(-delta)  # (out, in) update taken out again
+        self.base = merged_copy(self.base, -delta)  # (out, in) update taken out again
         self.merged, self._cache = False, None
         return self
 

@@ -414,10 +414,6 @@ def _need_cache(cache, name):
 class Linear(Module):
     """y = x W^T + b with W of shape (out_features, in_features), as in the LoRA paper's W0 (d x k)."""
 
-    # a float weight holds an update exactly and gives it back (``merged_copy(delta)``, then ``-delta``),
-    # so an adapter merges into it in place (``adapter.QuantizedLinear.merges_in_place``)
-    merges_in_place = True
-
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, std=None,
                  rng=None, dtype="float32"):
         if in_features <= 0 or out_features <= 0:
@@ -465,22 +461,6 @@ class Linear(Module):
         lin.bias = Parameter(bias, trainable) if bias is not None else None  # (out,)
         lin._cache = None
         return lin
-
-    def merged_copy(self, delta, requantize: bool = False) -> Linear:
-        """A new frozen Linear computing x (W + delta)^T + b: how an update merges into a float weight.
-
-        The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes).
-        (``requantize`` has no meaning here: a float weight is not quantized. It is accepted, and
-        ignored, so that every base takes ``merged_copy(delta, requantize=...)``.)
-        """
-        W = self.weight.data  # (out, in)
-        if tuple(delta.shape) != tuple(W.shape):
-            raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight {tuple(W.shape)}")
-        merged = W + delta.astype(W.dtype, copy=False)  # (out, in)
-        if not bool(xp_of(merged).isfinite(merged).all()):
-            raise ValueError("merge refused: W + update has NaN or inf entries; the weight is left unchanged")
-        return Linear.from_weight(merged, self.bias.data if self.bias is not None else None, trainable=False)
-
 
     def spec(self) -> dict:
         """What a checkpoint needs to rebuild this layer's structure (the arrays are stored apart)."""

@@ -108,8 +108,6 @@ class GroupwiseLinear(QuantizedLinear):
     leaves of a QA-LoRA layer and what the QLoRA deployment re-quantizes into.
     """
 
-    merges_in_place = True  # a group-constant update moves the zero points, and can be moved back
-
     def __init__(self, q: GroupwiseQuantized, bias=None):
         if not isinstance(q, GroupwiseQuantized):
             raise ValueError(f"GroupwiseLinear needs a GroupwiseQuantized weight, got {type(q).__name__}")
@@ -184,26 +182,6 @@ class GroupwiseLinear(QuantizedLinear):
         new._store(self.packed.data, self.scales.data, zeros, self.bits, self.group_size, self.weight_dtype,
                    self.bias.data if self.bias is not None else None)
         return new
-
-    def merged_copy(self, delta, requantize: bool = False) -> GroupwiseLinear:
-        """A copy holding a full (out, in) update that is constant within each group, in its zero points.
-
-        zero'[o, g] = zero[o, g] - delta[o, g] / scale[o, g]. Any other update cannot be held by this
-        format without re-quantizing: ValueError. (``requantize`` has no meaning here: the fold is exact.)
-        A QA-LoRA layer does not come this way: it folds its (out, L) update directly
-        (``QALoRALinear.merged_zeros``).
-        """
-        out_features, L, gs = self.out_features, self.n_groups, self.group_size
-        if tuple(delta.shape) != (out_features, self.in_features):
-            raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
-                             f"{(out_features, self.in_features)}")
-        grouped = delta.reshape(out_features, L, gs)  # (out, in) -> (out, L, gs)
-        if not bool((grouped.max(axis=2) == grouped.min(axis=2)).all()):
-            raise ValueError("a group-wise weight can only absorb an update that is constant within each group "
-                             f"of {gs} input channels (a QA-LoRA update); this one is not: merge in float and "
-                             "re-quantize instead (qalora.quantize_model_groupwise)")
-        return self.with_zeros(self.zeros.data - grouped[:, :, 0] / self.scales.data)  # (out, L)
-
 
     def spec(self) -> dict:
         return {"kind": "GroupwiseLinear", "in": self.in_features, "out": self.out_features,

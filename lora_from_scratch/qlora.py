@@ -57,8 +57,6 @@ class NF4Linear(QuantizedLinear):
     ``offset`` (1,) float32 and ``absmax2`` (nblocks / 256,) float32. The bias stays float and frozen.
     """
 
-    merges_in_place = False  # an update forces the weight out of NF4: a float Linear, or re-quantized with a loss
-
     def __init__(self, q: Quantized4bit, bias=None):
         if not isinstance(q, Quantized4bit):
             raise ValueError(f"NF4Linear needs a Quantized4bit weight, got {type(q).__name__}")
@@ -105,23 +103,6 @@ class NF4Linear(QuantizedLinear):
     def dequantized_weight(self):
         """dequant(W0_NF4) as float32 (out, in): a new array each call (QLoRA Eq. 6)."""
         return dequantize_4bit(self.quantized)  # packed -> (out, in) float32
-
-    def merged_copy(self, delta, requantize: bool = False):
-        """dequant(W0) + delta as a frozen float ``Linear``, or re-quantized (``requantize=True``) as an NF4Linear.
-
-        The sum is formed in delta's dtype. ValueError if it is not finite.
-        """
-        if tuple(delta.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
-                             f"{(self.out_features, self.in_features)}")
-        W = self.dequantized_weight().astype(delta.dtype, copy=False) + delta  # (out, in)
-        if not bool(xp_of(W).isfinite(W).all()):
-            raise ValueError("merge refused: dequant(W0) + update has NaN or inf entries")
-        bias = self.bias.data if self.bias is not None else None
-        if requantize:
-            return NF4Linear.from_weight(W, bias, self.blocksize, self.double_quant, self.quant_type)
-        return Linear.from_weight(W, bias, trainable=False)
-
 
     def spec(self) -> dict:
         return {"kind": "NF4Linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None,

@@ -18,7 +18,7 @@ from conftest import rel
 from lora_from_scratch import functional as F
 from lora_from_scratch import io as lio
 from lora_from_scratch import lora
-from lora_from_scratch.adapter import AdaptedLinear, QuantizedLinear
+from lora_from_scratch.adapter import AdaptedLinear, QuantizedLinear, base_merges_in_place, merged_copy
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.nn import Buffer, Linear
@@ -253,7 +253,14 @@ def test_group_wise_base_refuses_an_update_that_varies_within_a_group():
     delta = asarray(np.random.default_rng(0).standard_normal((layer.out_features, layer.in_features)),
                     dtype="float32")
     with pytest.raises(ValueError, match="constant within each group"):
-        layer.base.merged_copy(delta)
+        merged_copy(layer.base, delta)
+
+
+def test_a_merge_into_a_base_of_no_known_format_is_refused_by_name():
+    from lora_from_scratch.nn import Embedding
+
+    with pytest.raises(ValueError, match="no merge is known for a Embedding base"):
+        merged_copy(Embedding(8, 4), asarray(np.zeros((8, 4)), dtype="float32"))
 
 
 # ----------------------------------------------------------------- disabling and named adapters
@@ -461,7 +468,7 @@ def test_merges_in_place_is_the_bases_and_says_what_merge_does(kind):
     zero points); then ``merge`` keeps the layer and ``set_merged_base`` commits; else ``merge`` refuses."""
     model = randomize_B(adapt(kind))
     layer = next(iter(lora.lora_layers(model).values()))
-    assert layer.merges_in_place is BASE_CLASS[kind].merges_in_place is (kind != "qlora")
+    assert layer.merges_in_place is base_merges_in_place(layer.base) is (kind != "qlora")
     if layer.merges_in_place:
         base = layer.base
         assert layer.merge() is layer and layer.merged and layer.base is not base
