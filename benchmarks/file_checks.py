@@ -24,8 +24,10 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lora_from_scratch import files  # noqa: E402
-from lora_from_scratch import io as lio  # noqa: E402
+from lora_from_scratch import (
+    checkpoint,  # noqa: E402
+    files,  # noqa: E402
+)
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402
 from lora_from_scratch.qlora import apply_qlora  # noqa: E402
 
@@ -34,11 +36,11 @@ def tiny_file(folder: str) -> None:
     path = os.path.join(folder, "tiny.safetensors")
     config = {"vocab_size": 50257, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
     save_file({"wte.weight": np.zeros((1, 1), np.float32)}, path,
-              metadata={"format": lio.FORMAT, "config": json.dumps(config)})
+              metadata={"format": checkpoint.FORMAT, "config": json.dumps(config)})
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
-        lio.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
         raise AssertionError("a file claiming GPT-2 small over a 1 x 1 tensor was loaded")
     except ValueError:
         seconds = time.perf_counter() - t0
@@ -52,7 +54,7 @@ def flips(folder: str, n: int) -> None:
     model = apply_qlora(GPT(GPTConfig(vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=32), seed=0),
                         4, 8, ["q", "k"], seed=1)
     good = os.path.join(folder, "good.safetensors")
-    lio.save_checkpoint(model, good)
+    checkpoint.save_checkpoint(model, good)
     raw = open(good, "rb").read()
     start = 8 + struct.unpack("<Q", raw[:8])[0]  # the data section follows the 8-byte length and the header
     rng = np.random.default_rng(90)
@@ -64,7 +66,7 @@ def flips(folder: str, n: int) -> None:
         with open(bad, "wb") as f:
             f.write(bytes(damaged))
         try:
-            lio.load_checkpoint(bad)
+            checkpoint.load_checkpoint(bad)
         except ValueError:
             refused += 1
     print(f"flipped data bytes: {refused} of {n} refused")
@@ -74,15 +76,15 @@ def flips(folder: str, n: int) -> None:
 def checksum_cost(folder: str, config: GPTConfig, repeats: int) -> None:
     model = GPT(config, seed=0)
     with_sum, without = os.path.join(folder, "with.safetensors"), os.path.join(folder, "without.safetensors")
-    lio.save_checkpoint(model, with_sum)
-    tensors, meta = lio.read_checkpoint(with_sum)
+    checkpoint.save_checkpoint(model, with_sum)
+    tensors, meta = checkpoint.read_checkpoint(with_sum)
     meta.pop(files.CHECKSUM_KEY)
     save_file(tensors, without, metadata=meta)  # the same file as written before the checksum existed
     times = {with_sum: [], without: []}
     for _ in range(repeats):
         for path in (with_sum, without):  # alternating, so both see the same machine
             t0 = time.perf_counter()
-            lio.load_checkpoint(path)
+            checkpoint.load_checkpoint(path)
             times[path].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     files.tensors_checksum(tensors, meta)

@@ -2,7 +2,7 @@
 
 GPT-2 small's shape (Radford et al., 2019: 12 layers, width 768, 12 heads, vocabulary 50,257,
 context 1,024), random weights from transformers' ``GPT2Config()`` default, loaded into our GPT
-with ``io.load_hf_gpt2``. Measured, side by side in one run:
+with ``checkpoint.load_hf_gpt2``. Measured, side by side in one run:
 
 - tokens/s of greedy decoding, 32 new tokens after an 8-token prompt, batch 1, timed alternately
   (medians): ours (``GPT.generate``, KV cache) against transformers' ``generate(use_cache=True,
@@ -50,7 +50,7 @@ from timing import alternate  # noqa: E402
 
 from lora_from_scratch import no_grad  # noqa: E402
 from lora_from_scratch.backend import asarray, get_xp, to_numpy  # noqa: E402
-from lora_from_scratch.io import load_hf_gpt2  # noqa: E402
+from lora_from_scratch.checkpoint import load_hf_gpt2  # noqa: E402
 from lora_from_scratch.lora import apply_lora, lora_layers, merge_lora  # noqa: E402
 from lora_from_scratch.memory import format_bytes, traced_peak  # noqa: E402
 

@@ -18,8 +18,8 @@ r = 8 (alpha 16) on all six matrices of every block:
   the forward and again in the backward) / ours LoRA (target <= 1.2);
 - the trainable state (gradients + AdamW moments) of LoRA as a fraction of full fine-tuning's.
 
-PEFT's model is GPT-2 built from our weights (``io.to_hf_gpt2_state_dict``) with the adapter
-layout ``io.save_peft_adapter`` writes: rank 24 on the fused c_attn (our q, k, v at 8 each,
+PEFT's model is GPT-2 built from our weights (``checkpoint.to_hf_gpt2_state_dict``) with the adapter
+layout ``checkpoint.save_peft_adapter`` writes: rank 24 on the fused c_attn (our q, k, v at 8 each,
 alpha scaled so s = 2 everywhere) and rank 8 on c_proj, c_fc and mlp.c_proj. Both sides train
 the same number of adapters with the same products; PEFT's c_attn B is dense where ours is
 block-diagonal (3 x 8 columns), which costs it nothing measurable.
@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from lora_from_scratch.backend import get_xp, to_numpy  # noqa: E402
+from lora_from_scratch.checkpoint import to_hf_gpt2_state_dict  # noqa: E402
 from lora_from_scratch.hf_io import hf_gpt2_config_dict  # noqa: E402
-from lora_from_scratch.io import to_hf_gpt2_state_dict  # noqa: E402
 from lora_from_scratch.lora import apply_lora, count_parameters, lora_layers  # noqa: E402
 from lora_from_scratch.memory import format_bytes, step_memory, trainable_state_bytes  # noqa: E402
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402

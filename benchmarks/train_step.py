@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from lora_from_scratch.checkpoint import to_hf_gpt2_state_dict  # noqa: E402
 from lora_from_scratch.functional import cross_entropy  # noqa: E402
-from lora_from_scratch.io import to_hf_gpt2_state_dict  # noqa: E402
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402
 from lora_from_scratch.optim import AdamW  # noqa: E402
 

@@ -3,7 +3,7 @@
 Start with ``python -m lora_from_scratch demo`` or the notebooks in ``notebooks/``.
 
 Modules, in the order the tutorial meets them: backend, functional, nn, model, optim,
-gradcheck, data, train, io (and peft_io), rank, lora, memory, quant, qlora, qalora,
+gradcheck, data, train, checkpoint (and hf_io, peft_io), rank, lora, memory, quant, qlora, qalora,
 qlora_vs_qalora, plots, demo; for real text: tokenizer (GPT-2's byte-level BPE), generation.
 """
 

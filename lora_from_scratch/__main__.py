@@ -7,7 +7,7 @@
 - ``pretrain``: re-train the small base model (4 layers, 4 heads, width 128, block 32) on the
   uniform mix of copy / reverse / sort / upper and save it as safetensors, by default to
   ``runs/base.safetensors`` under the current folder (never over the shipped model,
-  ``io.BASE_CHECKPOINT``, unless ``--out`` names it and ``--force`` is given);
+  ``checkpoint.BASE_CHECKPOINT``, unless ``--out`` names it and ``--force`` is given);
 - ``figures``: regenerate the figures in ``figures/`` that need no training;
 - ``student-notebooks``: write the student copies of the tutorial (solutions taken out);
 - ``bench``: run the benchmark scripts.
@@ -26,7 +26,7 @@ import json
 import os
 import sys
 
-from .io import BASE_CHECKPOINT  # noqa: F401  (re-exported: the shipped base model)
+from .checkpoint import BASE_CHECKPOINT  # noqa: F401  (re-exported: the shipped base model)
 
 BASE_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=32)
 PRETRAIN_SEED = 0
@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def pretrain(out: str, steps: int, seed: int, batch_size: int, progress: bool = True) -> dict:
     """Train the base model from scratch with the documented recipe and save it to ``out`` (replacing a file)."""
     from . import data
-    from .io import save_checkpoint
+    from .checkpoint import save_checkpoint
     from .model import GPT, GPTConfig
     from .outputs import write_set
     from .train import TrainConfig, train

@@ -1,4 +1,4 @@
-"""Files on disk, below the three formats that use them: our checkpoints and adapter files (``io``),
+"""Files on disk, below the three formats that use them: our checkpoints and adapter files (``checkpoint``),
 Hugging Face GPT-2 folders (``hf_io``) and PEFT adapter folders (``peft_io``).
 
 Nothing here builds a model; this module knows how to write a file so that it is never half

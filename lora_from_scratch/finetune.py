@@ -12,7 +12,7 @@ and scored before and after (mean cross-entropy per token, and its exponential, 
 - ``sample``: a continuation of a prompt (``GPT.generate``), cut at the end-of-text token (an id the
   tokenizer lacks is shown as U+FFFD);
 - ``attach_adapter``: put a fine-tuned adapter back on its base model, from our adapter file
-  (``io.save_adapter``: LoRA, QLoRA or QA-LoRA; the base is quantized the way ``methods.adapt``
+  (``checkpoint.save_adapter``: LoRA, QLoRA or QA-LoRA; the base is quantized the way ``methods.adapt``
   does with its defaults) or from a PEFT folder (``peft_io``, applied over the float base as
   PEFT applies it over transformers' GPT-2).
 """
@@ -32,7 +32,7 @@ from .optim import warmup_cosine
 from .train import TrainConfig, TrainingDiverged, make_optimizer, train_step
 
 HELD_OUT_FRACTION = 0.1
-ADAPTER_FILE = "adapter.safetensors"  # what ``finetune`` writes: our adapter file (io.save_adapter)
+ADAPTER_FILE = "adapter.safetensors"  # what ``finetune`` writes: our adapter file (checkpoint.save_adapter)
 PEFT_FOLDER = "peft"  # and, for LoRA and QLoRA, PEFT's adapter folder
 SUMMARY_FILE = "finetune.json"
 
@@ -184,7 +184,7 @@ def adapter_file(path: str) -> str:
 
 def _adapter_plan(path: str) -> tuple[str, int, float, list]:
     """(method, rank, alpha, layer paths) of our adapter file, from its metadata."""
-    from .io import ADAPTER_FORMAT, read_checkpoint
+    from .checkpoint import ADAPTER_FORMAT, read_checkpoint
 
     _, meta = read_checkpoint(path)
     if meta.get("format") != ADAPTER_FORMAT:
@@ -206,10 +206,10 @@ def attach_adapter(model, path: str) -> str:
 
     Our adapter file (or a ``finetune`` folder): the base is adapted with that file's method, rank
     and layers (``methods.adapt`` with its default quantization, as ``finetune`` trains), then the
-    file's A and B are loaded (``io.load_adapter``). A PEFT folder: ``peft_io.load_peft_adapter``
+    file's A and B are loaded (``checkpoint.load_adapter``). A PEFT folder: ``peft_io.load_peft_adapter``
     (LoRA over the float base). Every adapter parameter is left frozen.
     """
-    from .io import load_adapter
+    from .checkpoint import load_adapter
     from .methods import adapt
     from .peft_io import load_peft_adapter
     from .targets import parse_path

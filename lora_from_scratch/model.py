@@ -13,7 +13,7 @@ The attention projections are four separate ``Linear`` layers named
 ``q, k, v, o`` and the MLP's two matrices are ``fc`` (up) and ``proj``
 (down): these are the six matrices that LoRA adapts (Hu et al., 2021,
 section 4.2). GPT-2 itself stores q, k, v fused in one
-``c_attn`` Conv1D; ``io.load_hf_gpt2`` splits it.
+``c_attn`` Conv1D; ``hf_io.load_hf_gpt2`` splits it.
 
 Randomness: the weights of ``GPT(config, seed)`` are drawn from
 ``backend.rng(seed)`` alone, in definition order, exactly as without

@@ -27,7 +27,7 @@ import signal
 import tempfile
 import threading
 
-from .io import usual_mode
+from .checkpoint import usual_mode
 
 _WRITTEN: list[str] = []  # every file this process put in place, in order
 

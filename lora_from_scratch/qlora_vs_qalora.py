@@ -34,8 +34,8 @@ from numbers import Integral
 
 from . import data
 from .backend import to_numpy
+from .checkpoint import BASE_CHECKPOINT, load_checkpoint
 from .experiments.common import finetune, measure, percent
-from .io import BASE_CHECKPOINT, load_checkpoint
 from .lora import TARGETS, lora_layers, merge_and_unload, merge_lora
 from .methods import NAMES
 from .qalora import quantize_model_groupwise

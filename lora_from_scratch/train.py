@@ -116,7 +116,7 @@ def train(model, cfg: TrainConfig, progress: bool = True, eval_sets: dict | None
     """
     from tqdm.auto import tqdm
 
-    from .io import save_checkpoint
+    from .checkpoint import save_checkpoint
 
     if cfg.checkpoint:  # a path that cannot be written fails now, not at the first evaluation
         from .outputs import check_output_path

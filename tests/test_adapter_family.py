@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from conftest import rel
 
+from lora_from_scratch import checkpoint, lora
 from lora_from_scratch import functional as F
-from lora_from_scratch import io as lio
-from lora_from_scratch import lora
 from lora_from_scratch.adapter import AdaptedLinear, QuantizedLinear, base_merges_in_place, merged_copy
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
@@ -162,16 +161,16 @@ def test_lora_state_dict_round_trip(kind):
 def test_adapter_file_round_trip(kind, tmp_path):
     a = randomize_B(adapt(kind))
     path = str(tmp_path / "task.safetensors")
-    lio.save_adapter(a, path)
+    checkpoint.save_adapter(a, path)
     b = adapt(kind, seed=9)
-    name = lio.load_adapter(b, path, name="task")
+    name = checkpoint.load_adapter(b, path, name="task")
     idx, _ = batch(1)
     assert name == "task" and lora.active_adapter(b) == "task"
     assert np.array_equal(logits(a, idx), logits(b, idx))
     trainable = {n for n, p in b.named_parameters() if p.trainable}
     assert trainable and all(".adapters.task." in n for n in trainable)
     with pytest.raises(ValueError, match="not a lora_from_scratch adapter file"):
-        lio.load_adapter(b, lio.BASE_CHECKPOINT)
+        checkpoint.load_adapter(b, checkpoint.BASE_CHECKPOINT)
 
 
 # ----------------------------------------------------------------- merging
@@ -402,8 +401,8 @@ def _load_adapter_inside(m):
     """Save adapter "b" to a file and load it back as "c": load_adapter would add and switch adapters."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "b.safetensors")
-        lio.save_adapter(m, path, adapter="b")
-        lio.load_adapter(m, path, name="c")
+        checkpoint.save_adapter(m, path, adapter="b")
+        checkpoint.load_adapter(m, path, name="c")
 
 
 INSIDE_DISABLED = {

@@ -25,8 +25,8 @@ from lora_from_scratch.backend import get_backend_name, set_backend, to_numpy, x
 
 PACKAGE = pathlib.Path(lora_from_scratch.__file__).parent
 REPO = PACKAGE.parent
-HOST_SIDE = {"backend.py", "files.py", "hf_folder.py", "finetune.py", "io.py", "hf_io.py", "peft_io.py", "data.py",
-             "plots/__init__.py", "train.py", "__main__.py", "gradcheck.py", "demo.py", "quant/tables.py"}
+HOST_SIDE = {"backend.py", "files.py", "hf_folder.py", "finetune.py", "checkpoint.py", "hf_io.py", "peft_io.py",
+             "data.py", "plots/__init__.py", "train.py", "__main__.py", "gradcheck.py", "demo.py", "quant/tables.py"}
 
 
 HOST_SIDE_FOLDERS = ("experiments/", "exercises/", "plots/")  # orchestration and checking: host-side by nature
@@ -79,7 +79,7 @@ def test_source_scan_catches_violations(tmp_path):
         "lora.py": "import math\nimport numpy as np\n",
         "rank.py": "from numpy.linalg import svd\n",
         "qlora.py": "def f():\n    import numpy\n",
-        "io.py": "import numpy as np\nimport cupy\n",
+        "checkpoint.py": "import numpy as np\nimport cupy\n",
         "quant/nf4.py": "if True:\n    import cupyx.scatter_add\n",
         "quant/tables.py": "import numpy as np\ndef f():\n    import cupy\n",  # allowed: host-side, lazy cupy
         "functional.py": "from .backend import xp_of\ndef g():\n    import cupy\n",  # allowed
@@ -91,7 +91,7 @@ def test_source_scan_catches_violations(tmp_path):
         "lora_from_scratch/lora.py:2: computational module imports numpy",
         "lora_from_scratch/rank.py:1: computational module imports numpy",
         "lora_from_scratch/qlora.py:2: computational module imports numpy",
-        "lora_from_scratch/io.py:2: imports cupy at module level",
+        "lora_from_scratch/checkpoint.py:2: imports cupy at module level",
         "lora_from_scratch/quant/nf4.py:2: imports cupyx at module level",
     ])
 

@@ -1,6 +1,6 @@
 """Checkpoints of every model kind: plain, LoRA, QLoRA, QA-LoRA, merged, several adapters.
 
-``io.save_checkpoint`` / ``io.load_checkpoint`` must give back the same layer kinds, the quantized
+``checkpoint.save_checkpoint`` / ``checkpoint.load_checkpoint`` must give back the same layer kinds, the quantized
 bases as their stored codes and constants (not float, not re-quantized), the trainable flags, and
 logits identical bit for bit. A missing, truncated or corrupt file gets an error that names it.
 """
@@ -11,8 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from lora_from_scratch import io as lio
-from lora_from_scratch import lora
+from lora_from_scratch import checkpoint, lora
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.qalora import apply_qalora
@@ -71,8 +70,8 @@ def _structure(model):
 def test_round_trip_is_exact(kind, tmp_path):
     model = make(kind)
     path = str(tmp_path / f"{kind}.safetensors")
-    lio.save_checkpoint(model, path, metadata={"note": kind})
-    back = lio.load_checkpoint(path)
+    checkpoint.save_checkpoint(model, path, metadata={"note": kind})
+    back = checkpoint.load_checkpoint(path)
     assert _structure(back) == _structure(model)
     assert {n: p.trainable for n, p in back.named_parameters()} == {n: p.trainable for n, p in model.named_parameters()}
     ours, theirs = model.state_dict(), back.state_dict()
@@ -81,15 +80,15 @@ def test_round_trip_is_exact(kind, tmp_path):
         assert ours[k].dtype == theirs[k].dtype and np.array_equal(to_numpy(ours[k]), to_numpy(theirs[k])), k
     model.eval(), back.eval()
     assert np.array_equal(to_numpy(model(IDX)), to_numpy(back(IDX)))  # bit for bit
-    assert lio.checkpoint_metadata(path)["note"] == kind
+    assert checkpoint.checkpoint_metadata(path)["note"] == kind
 
 
 @pytest.mark.parametrize("kind", ["qlora", "qalora"])
 def test_quantized_bases_are_stored_as_codes(kind, tmp_path):
     model = make(kind)
     path = str(tmp_path / "q.safetensors")
-    lio.save_checkpoint(model, path)
-    tensors, _ = lio.read_checkpoint(path)
+    checkpoint.save_checkpoint(model, path)
+    tensors, _ = checkpoint.read_checkpoint(path)
     layer = model.get_submodule("blocks.0.attn.q")
     out_in = layer.out_features * layer.in_features
     stored = {k[len("blocks.0.attn.q.base."):]: v for k, v in tensors.items() if k.startswith("blocks.0.attn.q.base.")}
@@ -107,35 +106,35 @@ def test_quantized_bases_are_stored_as_codes(kind, tmp_path):
 
 
 def _file_size(model, path):
-    lio.save_checkpoint(model, str(path))
+    checkpoint.save_checkpoint(model, str(path))
     return os.path.getsize(path)
 
 
 def test_float64_model_round_trip(tmp_path):
     model = make("qalora").astype("float64")
     path = str(tmp_path / "f64.safetensors")
-    lio.save_checkpoint(model, path)
-    back = lio.load_checkpoint(path)
+    checkpoint.save_checkpoint(model, path)
+    back = checkpoint.load_checkpoint(path)
     assert back.wte.weight.dtype == np.float64 and back.blocks[0].attn.q.lora_A.dtype == np.float64
     assert np.array_equal(to_numpy(model(IDX)), to_numpy(back(IDX)))
-    cast = lio.load_checkpoint(path, dtype="float32")
+    cast = checkpoint.load_checkpoint(path, dtype="float32")
     assert cast.wte.weight.dtype == np.float32
 
 
 def test_truncated_and_corrupt_files_name_the_file(tmp_path):
     path = tmp_path / "good.safetensors"
-    lio.save_checkpoint(make("qlora"), str(path))
+    checkpoint.save_checkpoint(make("qlora"), str(path))
     raw = path.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=r"truncated\.safetensors.*not a readable safetensors file"):
-        lio.load_checkpoint(str(truncated))
+        checkpoint.load_checkpoint(str(truncated))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01not a checkpoint at all" * 10)
     with pytest.raises(ValueError, match=r"garbage\.safetensors.*not a readable"):
-        lio.load_checkpoint(str(garbage))
+        checkpoint.load_checkpoint(str(garbage))
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        lio.load_checkpoint(str(tmp_path / "missing.safetensors"))
+        checkpoint.load_checkpoint(str(tmp_path / "missing.safetensors"))
 
 
 def test_a_file_whose_structure_does_not_match_its_tensors(tmp_path):
@@ -143,22 +142,23 @@ def test_a_file_whose_structure_does_not_match_its_tensors(tmp_path):
 
     model = make("qlora")
     tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in model.state_dict().items()}
-    meta = {"format": lio.FORMAT, "config": json.dumps(CFG.to_dict()), "layers": json.dumps(lio.layer_specs(model))}
+    meta = {"format": checkpoint.FORMAT, "config": json.dumps(CFG.to_dict()),
+            "layers": json.dumps(checkpoint.layer_specs(model))}
     del tensors["blocks.0.attn.q.base.packed"]
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ValueError, match=r"bad\.safetensors.*missing keys \['blocks\.0\.attn\.q\.base\.packed'\]"):
-        lio.load_checkpoint(str(bad))
+        checkpoint.load_checkpoint(str(bad))
     meta["layers"] = "{not json"
     worse = tmp_path / "worse.safetensors"
     save_file(tensors, str(worse), metadata=meta)
     with pytest.raises(ValueError, match=r"worse\.safetensors.*'layers'.*not valid JSON"):
-        lio.load_checkpoint(str(worse))
+        checkpoint.load_checkpoint(str(worse))
     meta["layers"] = json.dumps({"blocks.0.attn.q": {"kind": "Mystery"}})
     odd = tmp_path / "odd.safetensors"
     save_file(tensors, str(odd), metadata=meta)
     with pytest.raises(ValueError, match=r"odd\.safetensors.*unknown layer kind 'Mystery'"):
-        lio.load_checkpoint(str(odd))
+        checkpoint.load_checkpoint(str(odd))
 
 
 def test_non_finite_buffer_is_refused_and_nothing_is_written(tmp_path):
@@ -166,13 +166,13 @@ def test_non_finite_buffer_is_refused_and_nothing_is_written(tmp_path):
     model.get_submodule("blocks.0.attn.q").base.zeros.data[0, 0] = np.nan
     path = tmp_path / "nan.safetensors"
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q\.base\.zeros.*NaN"):
-        lio.save_checkpoint(model, str(path))
+        checkpoint.save_checkpoint(model, str(path))
     assert not path.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
 def test_reserved_metadata_keys_are_refused(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
-        lio.save_checkpoint(make("plain"), str(tmp_path / "x.safetensors"), metadata={"layers": "mine"})
+        checkpoint.save_checkpoint(make("plain"), str(tmp_path / "x.safetensors"), metadata={"layers": "mine"})
 
 
 # ----------------------------------------------------------------- adapter files: what load_adapter refuses
@@ -181,8 +181,8 @@ def _adapter_file(tmp_path, plant=None):
     from safetensors.numpy import save_file
 
     path = str(tmp_path / "task.safetensors")
-    lio.save_adapter(make("lora"), path)
-    tensors, meta = lio.read_checkpoint(path)
+    checkpoint.save_adapter(make("lora"), path)
+    tensors, meta = checkpoint.read_checkpoint(path)
     if plant is not None:
         plant(tensors)
         save_file(tensors, path, metadata=meta)
@@ -201,7 +201,7 @@ def test_load_adapter_refuses_non_finite_or_non_float_arrays(tmp_path, what, pla
     trainable = {n: p.trainable for n, p in target.named_parameters()}
     with pytest.raises(ValueError, match=r"task\.safetensors.*'blocks\.1\.attn\.v\.lora_B'.*expected finite "
                                          r"floating-point values"):
-        lio.load_adapter(target, path, name="task")
+        checkpoint.load_adapter(target, path, name="task")
     assert all("task" not in layer.adapters for layer in lora.lora_layers(target).values())  # nothing changed
     assert {n: p.trainable for n, p in target.named_parameters()} == trainable
     after = target.state_dict()
@@ -211,8 +211,8 @@ def test_load_adapter_refuses_non_finite_or_non_float_arrays(tmp_path, what, pla
 def test_load_adapter_activates_like_set_adapter(tmp_path):
     path = _adapter_file(tmp_path)
     a, b = make("lora"), make("lora")
-    assert lio.load_adapter(a, path, name="task") == "task"
-    lio.load_adapter(b, path, name="task", activate=False)
+    assert checkpoint.load_adapter(a, path, name="task") == "task"
+    checkpoint.load_adapter(b, path, name="task", activate=False)
     assert lora.active_adapter(b) == "default"
     lora.set_adapter(b, "task")
     assert {n: p.trainable for n, p in a.named_parameters()} == {n: p.trainable for n, p in b.named_parameters()}
@@ -224,7 +224,7 @@ def test_save_adapter_refuses_layers_with_different_active_adapters(tmp_path):
     lora.lora_layers(model)["blocks.0.attn.q"].active = "default"  # the others use task2
     path = tmp_path / "mixed.safetensors"
     with pytest.raises(ValueError, match="different active adapters"):
-        lio.save_adapter(model, str(path))
+        checkpoint.save_adapter(model, str(path))
     assert not path.exists()
 
 
@@ -232,14 +232,14 @@ def test_save_adapter_refuses_layers_with_different_active_adapters(tmp_path):
 def test_write_json_bytes_folders_and_nan(tmp_path):
     obj = {"b": [1, 2.5, {"z": None, "a": "x"}], "a": float("nan"), "c": float("inf"), "é": "ü"}
     path = tmp_path / "new" / "folder" / "result.json"
-    lio.write_json(str(path), obj)
+    checkpoint.write_json(str(path), obj)
     expected = json.dumps(obj, indent=1, sort_keys=True) + "\n"
     assert path.read_bytes() == expected.encode("ascii")  # ensure_ascii: \u escapes, whatever the locale
     assert '"a": NaN' in expected and '"c": Infinity' in expected
-    assert os.stat(path).st_mode & 0o777 == lio.usual_mode()
+    assert os.stat(path).st_mode & 0o777 == checkpoint.usual_mode()
     assert os.listdir(path.parent) == ["result.json"]
     with pytest.raises(TypeError):
-        lio.write_json(str(tmp_path / "other" / "bad.json"), {"x": object()})
+        checkpoint.write_json(str(tmp_path / "other" / "bad.json"), {"x": object()})
     assert not (tmp_path / "other").exists()  # refused before any folder or file was made
 
 
@@ -247,7 +247,7 @@ def test_written_files_get_the_mode_open_gives(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     path = tmp_path / "ckpt.safetensors"
-    lio.save_checkpoint(make("plain"), str(path))
-    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == lio.usual_mode()
+    checkpoint.save_checkpoint(make("plain"), str(path))
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == checkpoint.usual_mode()
     os.makedirs(tmp_path / "d")
-    assert os.stat(tmp_path / "d").st_mode & 0o777 == lio.usual_mode(folder=True)
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == checkpoint.usual_mode(folder=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lora_from_scratch import data, demo
-from lora_from_scratch.io import BASE_CHECKPOINT, load_checkpoint, save_checkpoint
+from lora_from_scratch.checkpoint import BASE_CHECKPOINT, load_checkpoint, save_checkpoint
 from lora_from_scratch.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""What a checkpoint or adapter file may claim, and what writing one refuses (``files``, ``io``).
+"""What a checkpoint or adapter file may claim, and what writing one refuses (``files``, ``checkpoint``).
 
 Each test edits or damages a file the way a user (or a disk) might and checks that loading refuses
 it with one ValueError naming the file and the field or tensor, before anything is built from the
@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lora_from_scratch import files, lora
-from lora_from_scratch import io as lio
+from lora_from_scratch import checkpoint, files, lora
 from lora_from_scratch.backend import to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.qalora import apply_qalora
@@ -44,13 +43,13 @@ def make(kind="plain"):
 
 def saved(tmp_path, kind="plain", name="model.safetensors"):
     path = str(tmp_path / name)
-    lio.save_checkpoint(make(kind), path)
+    checkpoint.save_checkpoint(make(kind), path)
     return path
 
 
 def rewrite(path, out, meta_edit=None, tensor_edit=None, checksum="fresh"):
     """``path`` rewritten to ``out`` with its metadata / tensors edited; checksum "fresh", "kept" or "dropped"."""
-    tensors, meta = lio.read_checkpoint(path)
+    tensors, meta = checkpoint.read_checkpoint(path)
     if meta_edit is not None:
         meta_edit(meta)
     if tensor_edit is not None:
@@ -91,7 +90,7 @@ def test_non_float_dtypes_are_refused_everywhere(tmp_path, dtype):
         GPT(CFG, dtype=dtype)
     path = saved(tmp_path)
     with pytest.raises(ValueError, match=rf"dtype {name}.*not a floating-point"):
-        lio.load_checkpoint(path, dtype=dtype)
+        checkpoint.load_checkpoint(path, dtype=dtype)
     model = make()
     with pytest.raises(ValueError, match=rf"dtype {name}"):
         model.astype(dtype)
@@ -101,7 +100,7 @@ def test_non_float_dtypes_are_refused_everywhere(tmp_path, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_float_dtypes_still_load(tmp_path, dtype):
     path = saved(tmp_path, "lora")
-    m = lio.load_checkpoint(path, dtype=dtype)
+    m = checkpoint.load_checkpoint(path, dtype=dtype)
     assert m.wte.weight.dtype == np.dtype(dtype)
     assert GPT(CFG, dtype=dtype).wte.weight.dtype == np.dtype(dtype)
 
@@ -117,7 +116,7 @@ def test_non_finite_tensors_are_refused(tmp_path, key, value):
 
     bad = rewrite(saved(tmp_path, kind), tmp_path / "nan.safetensors", tensor_edit=plant)
     with pytest.raises(ValueError, match=rf"nan\.safetensors: tensor '{key}': holds NaN or inf"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_qalora_packed_codes_of_another_bit_width_are_refused(tmp_path):
@@ -125,12 +124,12 @@ def test_qalora_packed_codes_of_another_bit_width_are_refused(tmp_path):
     length (codes one byte each, from before the packed layout: ``test_qalora_packed.py``)."""
     path = saved(tmp_path, "qalora")
     key = "blocks.0.mlp.fc.base.packed"
-    assert lio.read_checkpoint(path)[0][key].shape == (128 * 32 * 4 // 8,)  # (out * in * bits / 8,) bytes
+    assert checkpoint.read_checkpoint(path)[0][key].shape == (128 * 32 * 4 // 8,)  # (out * in * bits / 8,) bytes
     two_bits = rewrite(path, tmp_path / "bits.safetensors",
                        meta_edit=edit_json("layers", set_spec("blocks.0.mlp.fc", "base.bits", 2)))
     with pytest.raises(ValueError, match=rf"bits\.safetensors: tensor '{key}': the file holds shape \(2048,\), the "
                                          r"model it describes has \(1024,\)"):
-        lio.load_checkpoint(two_bits)
+        checkpoint.load_checkpoint(two_bits)
 
 
 @pytest.mark.parametrize("alpha", [-5, 0, float("nan"), float("inf"), "8", None, True])
@@ -139,7 +138,7 @@ def test_bad_adapter_alpha_in_a_checkpoint_is_refused(tmp_path, alpha):
     bad = rewrite(saved(tmp_path, "lora"), tmp_path / "alpha.safetensors",
                   meta_edit=edit_json("layers", set_spec("blocks.0.attn.q", "adapters.default.alpha", alpha)))
     with pytest.raises(ValueError, match=rf"alpha\.safetensors: field '{field}': expected a finite number > 0"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_quant_type_that_does_not_match_the_stored_tables_is_refused(tmp_path):
@@ -148,11 +147,11 @@ def test_quant_type_that_does_not_match_the_stored_tables_is_refused(tmp_path):
     bad = rewrite(path, tmp_path / "fp4.safetensors", meta_edit=to_fp4)
     with pytest.raises(ValueError, match=r"fp4\.safetensors: field 'quant_tables': a layer is quantized as 'fp4', "
                                          r"but the file's codes were made with \['nf4'\]"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
     tables = rewrite(path, tmp_path / "tables.safetensors",
                      meta_edit=edit_json("quant_tables", lambda t: {"nf4": t["nf4"][::-1]}))
     with pytest.raises(ValueError, match=r"tables\.safetensors: field 'quant_tables\.nf4'"):
-        lio.load_checkpoint(tables)
+        checkpoint.load_checkpoint(tables)
 
 
 # ----------------------------------------------------------------- item: checksum
@@ -175,14 +174,14 @@ def test_every_flipped_data_byte_is_refused(tmp_path, kind):
         with open(bad, "wb") as f:
             f.write(bytes(damaged))
         with pytest.raises(ValueError, match=r"flipped\.safetensors: (field 'lora_from_scratch\.sha256'|tensor )"):
-            lio.load_checkpoint(bad)
+            checkpoint.load_checkpoint(bad)
         refused += 1
     assert refused == len(positions) == 120
 
 
 def test_every_flipped_byte_of_an_adapter_file_is_refused(tmp_path):
     path = str(tmp_path / "task.safetensors")
-    lio.save_adapter(make("lora"), path)
+    checkpoint.save_adapter(make("lora"), path)
     raw, start = _data_section(path)
     rng = np.random.default_rng(15)
     bad = str(tmp_path / "flipped.safetensors")
@@ -193,7 +192,7 @@ def test_every_flipped_byte_of_an_adapter_file_is_refused(tmp_path):
             f.write(bytes(damaged))
         target = make("lora")
         with pytest.raises(ValueError, match=r"flipped\.safetensors: (field 'lora_from_scratch\.sha256'|tensor )"):
-            lio.load_adapter(target, bad, name="task")
+            checkpoint.load_adapter(target, bad, name="task")
         assert all("task" not in layer.adapters for layer in lora.lora_layers(target).values())
 
 
@@ -202,20 +201,20 @@ def test_a_valid_looking_metadata_edit_is_caught_by_the_checksum(tmp_path):
                   meta_edit=edit_json("layers", set_spec("blocks.0.attn.q", "adapters.default.alpha", 32)))
     with pytest.raises(ValueError, match=r"edited\.safetensors: field 'lora_from_scratch\.sha256': .*damaged or "
                                          r"was edited"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_files_without_a_checksum_still_load(tmp_path):
     model = make("qlora")
     path = str(tmp_path / "new.safetensors")
-    lio.save_checkpoint(model, path)
-    assert files.CHECKSUM_KEY in lio.read_checkpoint(path)[1]
+    checkpoint.save_checkpoint(model, path)
+    assert files.CHECKSUM_KEY in checkpoint.read_checkpoint(path)[1]
     old = rewrite(path, tmp_path / "old.safetensors", checksum="dropped")
-    np.testing.assert_array_equal(to_numpy(lio.load_checkpoint(old)(IDX)), to_numpy(model(IDX)))
+    np.testing.assert_array_equal(to_numpy(checkpoint.load_checkpoint(old)(IDX)), to_numpy(model(IDX)))
     adapter = str(tmp_path / "task.safetensors")
-    lio.save_adapter(make("lora"), adapter)
+    checkpoint.save_adapter(make("lora"), adapter)
     old_adapter = rewrite(adapter, tmp_path / "old_task.safetensors", checksum="dropped")
-    assert lio.load_adapter(make("lora"), old_adapter, name="task") == "task"
+    assert checkpoint.load_adapter(make("lora"), old_adapter, name="task") == "task"
 
 
 # ----------------------------------------------------------------- item: the config and sizes, before building
@@ -248,7 +247,7 @@ METADATA_EDITS = [
 def test_edited_checkpoint_metadata_is_refused_by_name(tmp_path, what, edit, message):
     bad = rewrite(saved(tmp_path, "qlora"), tmp_path / "edited.safetensors", meta_edit=edit)
     with pytest.raises(ValueError, match=r"edited\.safetensors: " + message):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_group_size_zero_is_refused_by_name(tmp_path):
@@ -256,7 +255,7 @@ def test_group_size_zero_is_refused_by_name(tmp_path):
                   meta_edit=edit_json("layers", set_spec("blocks.1.mlp.fc", "base.group_size", 0)))
     with pytest.raises(ValueError, match=r"edited\.safetensors: field 'layers\.blocks\.1\.mlp\.fc\.base\.group_size': "
                                          r"group_size must be a positive integer, got 0"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_a_tiny_file_claiming_a_huge_model_is_refused_without_allocating(tmp_path):
@@ -264,13 +263,13 @@ def test_a_tiny_file_claiming_a_huge_model_is_refused_without_allocating(tmp_pat
     path = tmp_path / "tiny.safetensors"
     config = {"vocab_size": 50257, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768}
     save_file({"wte.weight": np.zeros((1, 1), np.float32)}, str(path),
-              metadata={"format": lio.FORMAT, "config": json.dumps(config)})
+              metadata={"format": checkpoint.FORMAT, "config": json.dumps(config)})
     assert os.path.getsize(path) < 300
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match=r"tiny\.safetensors: field 'config': the config gives wte\.weight the "
                                              r"shape \(50257, 768\).*the file holds \(1, 1\)"):
-            lio.load_checkpoint(str(path))
+            checkpoint.load_checkpoint(str(path))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -282,22 +281,22 @@ def test_config_errors_name_the_file(tmp_path):
     bad = rewrite(saved(tmp_path), tmp_path / "heads.safetensors",
                   meta_edit=edit_json("config", lambda c: dict(c, n_head=3)))
     with pytest.raises(ValueError, match=r"heads\.safetensors: field 'config': n_embd=32 is not divisible by n_head=3"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_adapter_file_claims_are_checked_before_loading(tmp_path):
     path = str(tmp_path / "task.safetensors")
-    lio.save_adapter(make("lora"), path)
+    checkpoint.save_adapter(make("lora"), path)
     bad = rewrite(path, tmp_path / "alpha.safetensors",
                   meta_edit=edit_json("layers", set_spec("blocks.1.mlp.fc", "alpha", -5)))
     with pytest.raises(ValueError, match=r"alpha\.safetensors: field 'layers\.blocks\.1\.mlp\.fc\.alpha': expected a "
                                          r"finite number > 0, got -5"):
-        lio.load_adapter(make("lora"), bad)
+        checkpoint.load_adapter(make("lora"), bad)
     huge = rewrite(path, tmp_path / "rank.safetensors",
                    meta_edit=edit_json("layers", set_spec("blocks.1.mlp.fc", "r", 16)))
     with pytest.raises(ValueError, match=r"rank\.safetensors: tensor 'blocks\.1\.mlp\.fc\.lora_A': shape \(4, 32\) "
                                          r"does not match the stored rank 16"):
-        lio.load_adapter(make("lora"), huge)
+        checkpoint.load_adapter(make("lora"), huge)
 
 
 # ----------------------------------------------------------------- items: paths (empty, a folder, unwritable)
@@ -306,8 +305,8 @@ def test_an_empty_path_is_refused_before_anything(tmp_path):
     from lora_from_scratch.peft_io import save_peft_adapter
 
     model = make("lora")
-    for call in (lambda: lio.save_checkpoint(model, ""), lambda: lio.save_adapter(model, ""),
-                 lambda: lio.write_json("", {}), lambda: save_peft_adapter(model, ""),
+    for call in (lambda: checkpoint.save_checkpoint(model, ""), lambda: checkpoint.save_adapter(model, ""),
+                 lambda: checkpoint.write_json("", {}), lambda: save_peft_adapter(model, ""),
                  lambda: save_hf_gpt2(model, "", base_only=True)):
         with pytest.raises(ValueError, match="empty path"):
             call()
@@ -317,7 +316,7 @@ def test_a_folder_given_as_the_file_names_the_folder(tmp_path):
     target = tmp_path / "existing.safetensors"
     os.makedirs(target)
     with pytest.raises(IsADirectoryError, match=rf"{target} is a directory") as err:
-        lio.save_checkpoint(make(), str(target))
+        checkpoint.save_checkpoint(make(), str(target))
     assert ".tmp-" not in str(err.value)
     assert os.listdir(tmp_path) == ["existing.safetensors"] and os.listdir(target) == []
 
@@ -332,7 +331,7 @@ def test_an_unwritable_folder_names_the_users_path(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     target = tmp_path / "ro" / "existing.safetensors"
     with pytest.raises(PermissionError, match=rf"cannot write {target}: Permission denied") as err:
-        lio.save_checkpoint(make(), str(target))
+        checkpoint.save_checkpoint(make(), str(target))
     assert ".tmp-" not in str(err.value) and err.value.filename == str(target)
     monkeypatch.setattr(tempfile, "mkstemp", real)
 
@@ -344,7 +343,7 @@ def test_a_read_only_folder_names_the_users_path(tmp_path):
     os.chmod(folder, 0o555)
     try:
         with pytest.raises(PermissionError, match=rf"cannot write {folder / 'm.safetensors'}") as err:
-            lio.save_checkpoint(make(), str(folder / "m.safetensors"))
+            checkpoint.save_checkpoint(make(), str(folder / "m.safetensors"))
         assert ".tmp-" not in str(err.value)
     finally:
         os.chmod(folder, 0o755)

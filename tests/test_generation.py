@@ -1,7 +1,7 @@
 """``GPT.generate``: greedy tokens equal transformers' and PEFT's, the KV cache changes no token, sampling.
 
 - Greedy decoding against ``GPT2LMHeadModel.generate(do_sample=False)`` (KV cache on in
-  transformers too) on tiny random GPT2Configs, loaded into our GPT with ``io.load_hf_gpt2``, up to
+  transformers too) on tiny random GPT2Configs, loaded into our GPT with ``checkpoint.load_hf_gpt2``, up to
   the full context: the tokens are identical.
 - LoRA on every matrix against PEFT's ``PeftModel.generate`` over the same weights (our adapter
   saved with ``save_peft_adapter``): identical tokens.
@@ -22,8 +22,8 @@ from conftest import rel
 
 from lora_from_scratch import verify
 from lora_from_scratch.backend import asarray, to_numpy
+from lora_from_scratch.checkpoint import load_hf_gpt2, to_hf_gpt2_state_dict
 from lora_from_scratch.generation import KVCache, forward_cached, next_token
-from lora_from_scratch.io import load_hf_gpt2, to_hf_gpt2_state_dict
 from lora_from_scratch.lora import apply_lora, lora_layers, merge_lora
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.qalora import apply_qalora

@@ -3,7 +3,7 @@
 Tiny random GPT2Configs are built in memory (nothing is downloaded), their
 weights are randomized (biases and layer-norm parameters included, so a
 mis-mapped bias cannot hide behind zeros) and loaded into our GPT with
-``io.load_hf_gpt2``. Checked: the logits (float32, max abs diff < 1e-4), the
+``checkpoint.load_hf_gpt2``. Checked: the logits (float32, max abs diff < 1e-4), the
 language-model loss with ignored labels (HF shifts the labels inside), and
 every parameter's gradient in float64 (rel < 1e-8), mapped by name: our
 q, k, v are column blocks of HF's fused c_attn, HF's Conv1D weights are
@@ -20,7 +20,7 @@ from conftest import rel
 
 from lora_from_scratch import verify
 from lora_from_scratch.backend import asarray, to_numpy
-from lora_from_scratch.io import load_hf_gpt2
+from lora_from_scratch.checkpoint import load_hf_gpt2
 
 CONFIGS = list(verify.HF_CONFIGS)
 IDS = pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['n_layer']}H{c['n_head']}C{c['n_embd']}")

@@ -26,7 +26,7 @@ import pytest
 
 from lora_from_scratch import __main__ as cli
 from lora_from_scratch import backend, data, demo, lora, optim, outputs, train
-from lora_from_scratch.io import BASE_CHECKPOINT
+from lora_from_scratch.checkpoint import BASE_CHECKPOINT
 from lora_from_scratch.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

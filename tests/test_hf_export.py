@@ -32,7 +32,7 @@ from peft import PeftModel  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from lora_from_scratch import hf_io, io  # noqa: E402
+from lora_from_scratch import checkpoint, hf_io  # noqa: E402
 from lora_from_scratch.backend import asarray, to_numpy  # noqa: E402
 from lora_from_scratch.lora import apply_lora, disable_adapters, lora_layers, merge_and_unload, merge_lora  # noqa: E402
 from lora_from_scratch.peft_io import load_peft_adapter, save_peft_adapter  # noqa: E402
@@ -65,12 +65,12 @@ def base_sd():
 def float_dir(base_sd, tmp_path_factory):
     """The float base model written by save_hf_gpt2 (what bitsandbytes quantizes for reference)."""
     path = tmp_path_factory.mktemp("float") / "gpt2"
-    io.save_hf_gpt2(io.load_hf_gpt2(base_sd, N_HEAD), str(path))
+    checkpoint.save_hf_gpt2(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(path))
     return str(path)
 
 
 def ours_of(base_sd):
-    return io.load_hf_gpt2(base_sd, N_HEAD)
+    return checkpoint.load_hf_gpt2(base_sd, N_HEAD)
 
 
 def ids(seed=0, shape=(3, 12)):
@@ -114,7 +114,7 @@ def safetensors_layout(path):
 # ----------------------------------------------------------------- float models
 def test_plain_model_round_trip(tmp_path, base_sd):
     ours = ours_of(base_sd)
-    io.save_hf_gpt2(ours, str(tmp_path / "m"))
+    checkpoint.save_hf_gpt2(ours, str(tmp_path / "m"))
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary folder left
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -126,7 +126,7 @@ def test_plain_model_round_trip(tmp_path, base_sd):
     hf = load(str(tmp_path / "m"))
     idx = ids()
     assert np.abs(logits_of(hf, idx) - logits_of(ours, idx)).max() < 1e-4
-    io.save_hf_gpt2(ours, str(tmp_path / "m"))  # over an existing folder
+    checkpoint.save_hf_gpt2(ours, str(tmp_path / "m"))  # over an existing folder
 
 
 @pytest.mark.parametrize("how", ["merge_lora", "merge_and_unload"])
@@ -138,7 +138,7 @@ def test_merged_lora_round_trip(tmp_path, base_sd, how):
     with disable_adapters(ours):
         base = logits_of(ours, idx)
     (merge_lora if how == "merge_lora" else merge_and_unload)(ours)
-    io.save_hf_gpt2(ours, str(tmp_path))
+    checkpoint.save_hf_gpt2(ours, str(tmp_path))
     got = logits_of(load(str(tmp_path)), idx)
     assert np.abs(got - ref).max() < 1e-4
     assert np.abs(base - ref).max() > 1e-2  # the merged update is really in the file
@@ -148,9 +148,9 @@ def test_unmerged_adapters_need_base_only(tmp_path, base_sd):
     ours = apply_lora(ours_of(base_sd), 4, 8, ["q", "fc"], seed=3)
     randomize_B(ours)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q has unmerged adapters.*base_only=True"):
-        io.save_hf_gpt2(ours, str(tmp_path / "x"))
+        checkpoint.save_hf_gpt2(ours, str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
-    io.save_hf_gpt2(ours, str(tmp_path / "x"), base_only=True)
+    checkpoint.save_hf_gpt2(ours, str(tmp_path / "x"), base_only=True)
     idx = ids(2)
     with disable_adapters(ours):
         base = logits_of(ours, idx)
@@ -160,7 +160,7 @@ def test_unmerged_adapters_need_base_only(tmp_path, base_sd):
 def test_existing_file_is_refused(tmp_path, base_sd):
     (tmp_path / "f").write_text("not a folder")
     with pytest.raises(ValueError, match="exists and is not a directory"):
-        io.save_hf_gpt2(ours_of(base_sd), str(tmp_path / "f"))
+        checkpoint.save_hf_gpt2(ours_of(base_sd), str(tmp_path / "f"))
     assert (tmp_path / "f").read_text() == "not a folder" and sorted(os.listdir(tmp_path)) == ["f"]
 
 
@@ -176,7 +176,7 @@ def qlora_case(request, base_sd, float_dir, tmp_path_factory):
     quant_logits = logits_of(ours, idx)  # B = 0: the quantized base alone
     randomize_B(ours, scale=0.1)
     root = tmp_path_factory.mktemp("qlora")
-    io.save_hf_gpt2(ours, str(root / "base"), base_only=True)
+    checkpoint.save_hf_gpt2(ours, str(root / "base"), base_only=True)
     save_peft_adapter(ours, str(root / "adapter"))
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=dq)
     theirs = load(float_dir, quantization_config=bnb_cfg)
@@ -262,7 +262,7 @@ def test_qlora_adapter_reads_back_into_qlora(qlora_case, base_sd):
 
 def test_partial_qlora_quantizes_the_float_layers_as_bitsandbytes(tmp_path, base_sd, float_dir):
     ours = apply_qlora(ours_of(base_sd), 4, 8, ["q", "v"], double_quant=False, seed=2)
-    io.save_hf_gpt2(ours, str(tmp_path), base_only=True)
+    checkpoint.save_hf_gpt2(ours, str(tmp_path), base_only=True)
     hf = load(str(tmp_path))
     theirs = load(float_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     for name in MODULES:  # c_attn is q (NF4), k (float, quantized on export), v (NF4); c_proj etc. float
@@ -275,7 +275,7 @@ def test_requantized_merge_exports_4bit(tmp_path, base_sd):
     ours = apply_qlora(ours_of(base_sd), 4, 8, ALL, double_quant=False, seed=2)
     randomize_B(ours, scale=0.1)
     merge_and_unload(ours, requantize=True)
-    io.save_hf_gpt2(ours, str(tmp_path))  # no adapters left: no base_only needed
+    checkpoint.save_hf_gpt2(ours, str(tmp_path))  # no adapters left: no base_only needed
     hf = load(str(tmp_path))
     assert float32_path(hf) == 4 * N_LAYER
     idx = ids(4)
@@ -289,10 +289,10 @@ def test_qalora_to_peft_over_the_dequantized_base(tmp_path, base_sd):
     idx = ids(5)
     ref = logits_of(ours, idx)
     with pytest.raises(ValueError, match=r"group-wise quantized.*dequantize=True"):
-        io.save_hf_gpt2(ours, str(tmp_path / "base"), base_only=True)
+        checkpoint.save_hf_gpt2(ours, str(tmp_path / "base"), base_only=True)
     with pytest.raises(ValueError, match="unmerged adapters"):
-        io.save_hf_gpt2(ours, str(tmp_path / "base"), dequantize=True)
-    io.save_hf_gpt2(ours, str(tmp_path / "base"), base_only=True, dequantize=True)
+        checkpoint.save_hf_gpt2(ours, str(tmp_path / "base"), dequantize=True)
+    checkpoint.save_hf_gpt2(ours, str(tmp_path / "base"), base_only=True, dequantize=True)
     save_peft_adapter(ours, str(tmp_path / "adapter"))
     hf = load(str(tmp_path / "base"))
     with disable_adapters(ours):
@@ -305,8 +305,8 @@ def test_qalora_to_peft_over_the_dequantized_base(tmp_path, base_sd):
     assert np.array_equal(logits_of(fresh, idx), ref)
     merge_lora(ours)  # merged QA-LoRA (zero points moved): still group-wise, still needs dequantize
     with pytest.raises(ValueError, match="group-wise"):
-        io.save_hf_gpt2(ours, str(tmp_path / "merged"))
-    io.save_hf_gpt2(ours, str(tmp_path / "merged"), dequantize=True)
+        checkpoint.save_hf_gpt2(ours, str(tmp_path / "merged"))
+    checkpoint.save_hf_gpt2(ours, str(tmp_path / "merged"), dequantize=True)
     assert np.abs(logits_of(load(str(tmp_path / "merged")), idx) - ref).max() < 1e-4
 
 
@@ -326,5 +326,5 @@ def test_fused_blocks_that_straddle_q_k_v_are_refused(tmp_path):
     model = GPT(GPTConfig(vocab_size=V, block_size=P, n_layer=1, n_head=4, n_embd=20), seed=0)
     apply_qlora(model, 2, 4, ["q", "k", "v"], seed=0)  # 20 * 20 = 400 weights: not whole blocks of 64
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn: a part of 400 weights does not fill"):
-        io.save_hf_gpt2(model, str(tmp_path / "x"), base_only=True)
+        checkpoint.save_hf_gpt2(model, str(tmp_path / "x"), base_only=True)
     assert not os.path.exists(tmp_path / "x")

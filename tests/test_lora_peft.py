@@ -1,7 +1,7 @@
 """LoRA against Hugging Face PEFT: the layer, PiSSA, adapter files both ways, merging, bad files.
 
 The base models are tiny random GPT-2s (no downloads): a ``GPT2LMHeadModel`` and our GPT built from its
-state dict with ``io.load_hf_gpt2``, so both hold the same weights. The comparisons with PEFT are
+state dict with ``checkpoint.load_hf_gpt2``, so both hold the same weights. The comparisons with PEFT are
 ``lora_from_scratch.verify``'s (``peft_layer``, ``peft_pissa``, ``ours_to_peft``, ``peft_to_ours``,
 ``peft_gradients``, ``peft_merge``), the same that ``python -m lora_from_scratch verify`` prints.
 """
@@ -15,7 +15,7 @@ from conftest import rel
 
 pytest.importorskip("peft")
 
-from lora_from_scratch import io, verify  # noqa: E402
+from lora_from_scratch import checkpoint, verify  # noqa: E402
 from lora_from_scratch.backend import asarray, to_numpy  # noqa: E402
 from lora_from_scratch.lora import apply_lora, lora_layers, merge_lora  # noqa: E402
 from lora_from_scratch.model import GPT, GPTConfig  # noqa: E402
@@ -71,7 +71,7 @@ def test_ours_to_peft(tmp_path, base_sd, targets, use_rslora, init):
 
 def test_mixed_ranks_and_scalings_round_trip(tmp_path, base_sd):
     """q, v and proj with different r, alpha and rsLoRA flags: still one config that PEFT reads exactly."""
-    ours = io.load_hf_gpt2(base_sd, N_HEAD)
+    ours = checkpoint.load_hf_gpt2(base_sd, N_HEAD)
     apply_lora(ours, 4, 8, ["q"], seed=1)
     apply_lora(ours, 2, 8, ["v"], use_rslora=True, seed=2)
     apply_lora(ours, 3, 5, ["proj"], seed=3)
@@ -80,7 +80,7 @@ def test_mixed_ranks_and_scalings_round_trip(tmp_path, base_sd):
     ref = to_numpy(ours(asarray(idx)))
     save_peft_adapter(ours, str(tmp_path))
     verify.assert_ok([verify.peft_load_error(str(tmp_path), make_hf(base_sd), idx, ref)])
-    again = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))
+    again = load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))
     layers, orig = lora_layers(again), lora_layers(ours)
     assert {n: m.r for n, m in layers.items()} == {n: m.r for n, m in orig.items()}
     for n, m in layers.items():  # the same update s B A in every layer (v's scaling folded into its B)
@@ -91,7 +91,7 @@ def test_mixed_ranks_and_scalings_round_trip(tmp_path, base_sd):
 def test_fused_attention_adapter_layout(tmp_path, base_sd):
     from safetensors.numpy import load_file
 
-    ours = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 12, ["q", "v", "fc"], seed=5)
+    ours = apply_lora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 4, 12, ["q", "v", "fc"], seed=5)
     randomize_B(ours)
     save_peft_adapter(ours, str(tmp_path))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -123,7 +123,7 @@ def peft_saved(request, base_sd, tmp_path_factory):
 def test_peft_adapter_to_ours(peft_saved, base_sd):
     pm, path, use_rslora = peft_saved
     verify.assert_ok(verify.peft_to_ours(pm, path, base_sd))  # PeftModel's logits, float32 on both sides
-    ours = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), path)
+    ours = load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), path)
     layers = lora_layers(ours)
     assert sorted(layers) == sorted(f"blocks.{i}.{m}" for i in range(N_LAYER)
                                     for m in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj"))
@@ -151,7 +151,7 @@ def test_merge_matches_peft_merge(peft_saved, base_sd):
 
 # ----------------------------------------------------------------- bad files
 def _saved_small(tmp_path, base_sd, r=4):
-    ours = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), r, 8, ALL, seed=0)
+    ours = apply_lora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), r, 8, ALL, seed=0)
     save_peft_adapter(ours, str(tmp_path))
     return str(tmp_path)
 
@@ -172,7 +172,7 @@ def test_adapter_for_another_base_is_refused(tmp_path, base_sd):
 
 def test_rank_mismatch_with_existing_adapter_is_refused(tmp_path, base_sd):
     path = _saved_small(tmp_path, base_sd, r=4)
-    model = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 2, 8, ["o"], seed=0)
+    model = apply_lora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 2, 8, ["o"], seed=0)
     with pytest.raises(ValueError) as e:
         load_peft_adapter(model, path)
     msg = str(e.value)
@@ -188,12 +188,12 @@ def test_config_and_tensors_must_agree(tmp_path, base_sd):
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ValueError, match=r"attn\.c_proj\.lora_A\.weight.*\(4, 32\).*\(3, 32\)"):
-        load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), path)
+        load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), path)
     cfg["r"], cfg["use_dora"] = 4, True
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ValueError, match="use_dora"):
-        load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), path)
+        load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), path)
 
 
 def test_unknown_key_is_refused(tmp_path, base_sd):
@@ -205,29 +205,29 @@ def test_unknown_key_is_refused(tmp_path, base_sd):
     t["base_model.model.transformer.wte.lora_A.weight"] = np.zeros((4, V), dtype="float32")
     save_file(t, wpath)
     with pytest.raises(ValueError, match=r"transformer\.wte\.lora_A\.weight"):
-        load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), path)
+        load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), path)
 
 
 def test_save_replaces_files_and_io_reexports(tmp_path, base_sd):
     (tmp_path / "notes.txt").write_text("kept")
-    ours = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 2, 4, ["q"], seed=0)
+    ours = apply_lora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 2, 4, ["q"], seed=0)
     randomize_B(ours)
-    io.save_peft_adapter(ours, str(tmp_path))
-    io.save_peft_adapter(ours, str(tmp_path))  # over an existing adapter
+    checkpoint.save_peft_adapter(ours, str(tmp_path))
+    checkpoint.save_peft_adapter(ours, str(tmp_path))  # over an existing adapter
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
-    again = io.load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))
+    again = checkpoint.load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))
     idx = asarray(ids())
     assert np.array_equal(to_numpy(again(idx)), to_numpy(ours(idx)))
     with pytest.raises(ValueError, match="no LoRA layers"):
-        save_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path / "x"))
+        save_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path / "x"))
 
 
 # ----------------------------------------------------------------- layers the loader creates, merged layers, QA-LoRA
 def test_created_layers_draw_their_own_dropout_masks(tmp_path, base_sd):
     """Every layer load_peft_adapter creates gets its own dropout seed (q, k and v once shared one)."""
-    src = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ALL, dropout=0.25, seed=0)
+    src = apply_lora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ALL, dropout=0.25, seed=0)
     save_peft_adapter(src, str(tmp_path))
-    model = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path), seed=7)
+    model = load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path), seed=7)
     layers = lora_layers(model)
     seeds = [layer.dropout.seed for layer in layers.values()]
     assert all(layer.dropout.p == 0.25 for layer in layers.values())
@@ -235,7 +235,7 @@ def test_created_layers_draw_their_own_dropout_masks(tmp_path, base_sd):
     x = asarray(np.ones((2, 5, C), dtype="float32"))  # (2, 5, C)
     q, k = layers["blocks.0.attn.q"].dropout.train(), layers["blocks.0.attn.k"].dropout.train()
     assert not np.array_equal(to_numpy(q(x)), to_numpy(k(x)))  # different masks for the same input
-    again = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path), seed=7)
+    again = load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path), seed=7)
     assert [layer.dropout.seed for layer in lora_layers(again).values()] == seeds  # reproducible from seed
 
 
@@ -243,7 +243,7 @@ def test_loading_into_a_merged_layer_is_refused_and_unmerge_restores_W0(tmp_path
     from lora_from_scratch.lora import unmerge_lora
 
     path = _saved_small(tmp_path, base_sd, r=4)
-    model = apply_lora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ALL, seed=1)
+    model = apply_lora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ALL, seed=1)
     randomize_B(model)
     W0 = {n: to_numpy(m.base.weight.data).copy() for n, m in lora_layers(model).items()}
     AB = {n: (to_numpy(m.lora_A.data).copy(), to_numpy(m.lora_B.data).copy()) for n, m in lora_layers(model).items()}
@@ -261,15 +261,15 @@ def test_loading_into_a_merged_layer_is_refused_and_unmerge_restores_W0(tmp_path
 def test_qlora_adapter_is_a_lora_adapter(tmp_path, base_sd):
     from lora_from_scratch.qlora import apply_qlora
 
-    ours = apply_qlora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ["q", "v", "proj"], seed=2)
+    ours = apply_qlora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ["q", "v", "proj"], seed=2)
     randomize_B(ours)
     save_peft_adapter(ours, str(tmp_path))
-    plain = load_peft_adapter(io.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))  # float bases: LoRA layers made
+    plain = load_peft_adapter(checkpoint.load_hf_gpt2(base_sd, N_HEAD), str(tmp_path))  # float bases: LoRA layers made
     assert {type(m).__name__ for m in lora_layers(plain).values()} == {"LoRALinear"}
     for n, m in lora_layers(ours).items():
         assert rel(lora_layers(plain)[n].delta_weight(), m.delta_weight()) < 1e-7, n
     idx = asarray(ids(6))
-    fresh = apply_qlora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ["q", "v", "proj"], seed=3)
+    fresh = apply_qlora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 4, 8, ["q", "v", "proj"], seed=3)
     load_peft_adapter(fresh, str(tmp_path))
     assert np.array_equal(to_numpy(fresh(idx)), to_numpy(ours(idx)))
 
@@ -279,7 +279,7 @@ def test_qalora_factors_expand_and_fold(tmp_path, base_sd, peft_saved):
 
     from lora_from_scratch.qalora import apply_qalora
 
-    ours = apply_qalora(io.load_hf_gpt2(base_sd, N_HEAD), 3, 6, ["v", "fc"], group_size=8, seed=4)
+    ours = apply_qalora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 3, 6, ["v", "fc"], group_size=8, seed=4)
     randomize_B(ours)
     save_peft_adapter(ours, str(tmp_path))
     t = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -288,13 +288,13 @@ def test_qalora_factors_expand_and_fold(tmp_path, base_sd, peft_saved):
     assert A_fc.shape == (3, C) and np.array_equal(A_fc, np.repeat(pooled / 8, 8, axis=1))
     x = np.random.default_rng(0).standard_normal((5, C)).astype("float32")  # (5, C)
     assert rel(x @ A_fc.T, x.reshape(5, C // 8, 8).mean(axis=2) @ pooled.T) < 1e-6  # x A_full^T = pool(x) A^T
-    fresh = apply_qalora(io.load_hf_gpt2(base_sd, N_HEAD), 3, 6, ["v", "fc"], group_size=8, seed=5)
+    fresh = apply_qalora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 3, 6, ["v", "fc"], group_size=8, seed=5)
     load_peft_adapter(fresh, str(tmp_path))
     idx = asarray(ids(7))
     assert np.array_equal(to_numpy(fresh(idx)), to_numpy(ours(idx)))
     # a PEFT-trained A varies within groups: no pooled adapter computes it
     _, path, _ = peft_saved
-    target = apply_qalora(io.load_hf_gpt2(base_sd, N_HEAD), 4, 16, ALL, group_size=8, seed=5)
+    target = apply_qalora(checkpoint.load_hf_gpt2(base_sd, N_HEAD), 4, 16, ALL, group_size=8, seed=5)
     before = {n: to_numpy(m.lora_A.data).copy() for n, m in lora_layers(target).items()}
     with pytest.raises(ValueError, match=r"lora_A\.weight: this A varies within groups of 8"):
         load_peft_adapter(target, path)

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lora_from_scratch import data, gradcheck, io, lora, memory, rank, train  # noqa: E402
+from lora_from_scratch import checkpoint, data, gradcheck, lora, memory, rank, train  # noqa: E402
 from lora_from_scratch.lora import LoRALinear  # noqa: E402
 from lora_from_scratch.nn import Linear  # noqa: E402
 from lora_from_scratch.optim import AdamW  # noqa: E402
@@ -53,7 +53,7 @@ def test_gpt3_full_memory_brackets_the_paper():
 
 
 def _strategy_model(strategy):
-    m = io.load_checkpoint(io.BASE_CHECKPOINT)
+    m = checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT)
     if strategy == "last block":
         for name, p in m.named_parameters():
             p.trainable = name.startswith(f"blocks.{m.config.n_layer - 1}.")
@@ -74,8 +74,8 @@ def test_freezing_removes_gradients_and_moments_but_not_activations():
         steps[strategy] = memory.step_memory(m, AdamW(m.trainable_parameters(), lr=1e-3), batch)
     n_params = memory.full_parameters(OURS)
     assert counts["full"] == n_params
-    assert counts["biases"] == sum(p.size for name, p in io.load_checkpoint(io.BASE_CHECKPOINT).named_parameters()
-                                   if name.endswith(".bias"))
+    base = checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT)
+    assert counts["biases"] == sum(p.size for name, p in base.named_parameters() if name.endswith(".bias"))
     assert counts["lora"] == memory.lora_trainable_parameters(OURS, 8, ("q", "v"))
     for strategy, step in steps.items():  # float32: one gradient and two moments per trainable value
         assert step["gradients"] == 4 * counts[strategy] and step["optimizer"] == 8 * counts[strategy]
@@ -96,7 +96,7 @@ def test_plot_training_state_refuses_rows_without_the_parts():
 @pytest.fixture(scope="module")
 def full_finetune():
     """The base model fine-tuned on desc, every weight trainable (10 steps): (W before, W after) per matrix."""
-    model = io.load_checkpoint(io.BASE_CHECKPOINT)
+    model = checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT)
     before = {name: p.data.astype(np.float64) for name, p in model.named_parameters()}  # copies, float64
     cfg = train.TrainConfig(steps=10, batch_size=16, lr=2e-3, warmup_steps=3, weight_decay=0.0, eval_every=0,
                             tasks=("desc",), seed=0)
@@ -138,7 +138,7 @@ def test_the_update_correlates_with_w0_without_following_its_top_directions(full
 def test_two_lora_seeds_share_top_directions():
     runs = {}
     for seed in (0, 1):
-        m = io.load_checkpoint(io.BASE_CHECKPOINT)
+        m = checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT)
         lora.apply_lora(m, r=8, alpha=16, targets=("q", "v"), seed=seed)
         cfg = train.TrainConfig(steps=20, batch_size=16, lr=5e-3, warmup_steps=3, eval_every=0, tasks=("desc",),
                                 seed=seed)
@@ -165,7 +165,7 @@ def test_rank_r_error_figure_and_its_checks():
 
 # ---------------------------------------------------------------- notebook 3
 def _pretrained_wq(dtype):
-    lin = io.load_checkpoint(io.BASE_CHECKPOINT).blocks[0].attn.q
+    lin = checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT).blocks[0].attn.q
     new = Linear(lin.in_features, lin.out_features, dtype=dtype)
     new.load_state_dict({name: p.astype(dtype) for name, p in lin.state_dict().items()})
     return new
@@ -195,7 +195,7 @@ def test_the_merged_matrix_agrees_with_the_two_path_forward(dtype, low, high):
 @pytest.mark.parametrize("r", [1, 4, 8])
 def test_lora_parameter_count_is_r_d_plus_k_on_every_target(r):
     for targets in (("q", "v"), ("fc",), ("proj",), lora.TARGETS):
-        m = io.load_checkpoint(io.BASE_CHECKPOINT)
+        m = checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT)
         lora.apply_lora(m, r=r, alpha=2 * r, targets=targets, seed=0)
         trainable, total = lora.count_parameters(m)
         shapes = memory.target_shapes(OURS)

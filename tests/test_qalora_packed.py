@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from conftest import rel
 
-from lora_from_scratch import io as lio
-from lora_from_scratch import memory
+from lora_from_scratch import checkpoint, memory
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.files import with_checksum
 from lora_from_scratch.lora import apply_lora, lora_layers, merge_and_unload
@@ -170,8 +169,8 @@ def _qalora_model(merged=False):
 def test_checkpoint_round_trip_keeps_the_layout_and_the_logits(tmp_path, merged):
     model = _qalora_model(merged)
     path = str(tmp_path / "qalora.safetensors")
-    lio.save_checkpoint(model, path)
-    loaded = lio.load_checkpoint(path)
+    checkpoint.save_checkpoint(model, path)
+    loaded = checkpoint.load_checkpoint(path)
     for (n, a), (n2, b) in zip(model.named_buffers(), loaded.named_buffers(), strict=True):
         assert n == n2 and a.dtype == b.dtype and np.array_equal(to_numpy(a.data), to_numpy(b.data)), n
     assert {str(m.zeros.dtype) for m in lora_layers(loaded).values()} == {"float32" if merged else "float16"}
@@ -189,7 +188,7 @@ def _as_one_byte_per_code(path, out, plant=None):
 
     from safetensors.numpy import save_file
 
-    tensors, meta = lio.read_checkpoint(path)
+    tensors, meta = checkpoint.read_checkpoint(path)
     specs = json.loads(meta["layers"])
     for p, spec in specs.items():
         base = spec["base"]
@@ -210,8 +209,8 @@ def _as_one_byte_per_code(path, out, plant=None):
 def test_a_file_with_one_byte_per_code_still_loads_and_bad_codes_are_refused(tmp_path):
     model = _qalora_model()
     path = str(tmp_path / "new.safetensors")
-    lio.save_checkpoint(model, path)
-    old = lio.load_checkpoint(_as_one_byte_per_code(path, tmp_path / "old.safetensors"))
+    checkpoint.save_checkpoint(model, path)
+    old = checkpoint.load_checkpoint(_as_one_byte_per_code(path, tmp_path / "old.safetensors"))
     assert np.array_equal(to_numpy(old(IDX)), to_numpy(model(IDX)))  # float16 values held exactly in float32
     for n, layer in lora_layers(old).items():
         assert layer.scales.dtype == np.float32  # as the file holds them
@@ -225,13 +224,13 @@ def test_a_file_with_one_byte_per_code_still_loads_and_bad_codes_are_refused(tmp
     bad = _as_one_byte_per_code(path, tmp_path / "codes.safetensors", plant)
     with pytest.raises(ValueError, match=rf"codes\.safetensors: tensor '{key}': holds the code 9, beyond the 8 levels "
                                          "of 3-bit codes"):
-        lio.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
 
 
 def test_padding_bits_after_the_last_code_are_refused(tmp_path):
     path = str(tmp_path / "m.safetensors")
-    lio.save_checkpoint(_qalora_model(), path)
-    tensors, meta = lio.read_checkpoint(path)
+    checkpoint.save_checkpoint(_qalora_model(), path)
+    tensors, meta = checkpoint.read_checkpoint(path)
     key = "blocks.1.attn.o.base.packed"
     assert tensors[key].size == 31  # 81 codes x 3 bits = 243 bits: 5 zero bits pad the last byte
     tensors[key][-1] |= 1
@@ -239,13 +238,13 @@ def test_padding_bits_after_the_last_code_are_refused(tmp_path):
 
     save_file(tensors, str(tmp_path / "pad.safetensors"), metadata=with_checksum(tensors, meta))
     with pytest.raises(ValueError, match=rf"pad\.safetensors: tensor '{key}': holds bits after its last code"):
-        lio.load_checkpoint(str(tmp_path / "pad.safetensors"))
+        checkpoint.load_checkpoint(str(tmp_path / "pad.safetensors"))
 
 
 def test_scales_stored_in_another_dtype_than_the_structure_says_are_refused(tmp_path):
     path = str(tmp_path / "m.safetensors")
-    lio.save_checkpoint(_qalora_model(), path)
-    tensors, meta = lio.read_checkpoint(path)
+    checkpoint.save_checkpoint(_qalora_model(), path)
+    tensors, meta = checkpoint.read_checkpoint(path)
     key = "blocks.0.mlp.fc.base.scales"
     tensors[key] = tensors[key].astype(np.float32)
     from safetensors.numpy import save_file
@@ -253,7 +252,7 @@ def test_scales_stored_in_another_dtype_than_the_structure_says_are_refused(tmp_
     save_file(tensors, str(tmp_path / "dt.safetensors"), metadata=with_checksum(tensors, meta))
     with pytest.raises(ValueError, match=rf"dt\.safetensors: tensor '{key}': holds float32; the layer's structure "
                                          "says float16"):
-        lio.load_checkpoint(str(tmp_path / "dt.safetensors"))
+        checkpoint.load_checkpoint(str(tmp_path / "dt.safetensors"))
 
 
 def test_to_numpy_keeps_the_packed_layout():

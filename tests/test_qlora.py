@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import rel
 
-from lora_from_scratch import data, io, verify
+from lora_from_scratch import checkpoint, data, verify
 from lora_from_scratch import qlora as qlora_module
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.functional import cross_entropy
@@ -217,7 +217,7 @@ def pretrain_eval():
 
 
 def test_apply_qlora_on_base_model(pretrain_eval):
-    model = io.load_checkpoint(str(BASE))
+    model = checkpoint.load_checkpoint(str(BASE))
     floats = {name: to_numpy(m.weight.data).copy() for name, m in model.named_modules() if type(m) is Linear}
     float_scores = evaluate(model, pretrain_eval)
     apply_qlora(model, 8, 16, ALL, seed=0)
@@ -231,7 +231,7 @@ def test_apply_qlora_on_base_model(pretrain_eval):
         assert not any(n.startswith(name + ".") and p.shape == shape for n, p in named.items()), name
         assert not any(a.shape == shape for _, a in float_arrays(layer)), name
     # the reference: the float model with every targeted weight replaced by its NF4-dequantized values
-    ref = io.load_checkpoint(str(BASE))
+    ref = checkpoint.load_checkpoint(str(BASE))
     for name, m in ref.named_modules():
         if type(m) is Linear:
             m.weight.data = dequantize_4bit(quantize_4bit(asarray(floats[name]), 64, "nf4", double_quant=True))
@@ -253,7 +253,7 @@ def test_apply_qlora_on_base_model(pretrain_eval):
 
 
 def test_short_qlora_fine_tune_learns_desc():
-    model = apply_qlora(io.load_checkpoint(str(BASE)), 8, 16, ALL, seed=0)
+    model = apply_qlora(checkpoint.load_checkpoint(str(BASE)), 8, 16, ALL, seed=0)
     desc = data.eval_set((data.FINETUNE_TASK,), 128, seed=0)
     before = evaluate(model, desc)[data.FINETUNE_TASK]
     frozen = {n: to_numpy(p.data).copy() for n, p in model.named_parameters() if not p.trainable}
@@ -279,7 +279,7 @@ def test_bad_rank(r):
     with pytest.raises(ValueError, match="rank"):
         QLoRALinear(base, r, 8)
     assert base.weight.trainable  # nothing was frozen
-    model = io.load_checkpoint(str(BASE))
+    model = checkpoint.load_checkpoint(str(BASE))
     with pytest.raises(ValueError, match="rank"):
         apply_qlora(model, 200 if r == 17 else r, 8, ["fc"])  # 200 > min(128, 512)
     assert not lora_layers(model)
@@ -290,14 +290,14 @@ def test_bad_blocksize(blocksize):
     base = Linear(16, 64, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="blocksize"):
         QLoRALinear(base, 4, 8, blocksize=blocksize)
-    model = io.load_checkpoint(str(BASE))
+    model = checkpoint.load_checkpoint(str(BASE))
     with pytest.raises(ValueError, match="blocksize"):
         apply_qlora(model, 4, 8, ALL, blocksize=blocksize)
     assert not lora_layers(model) and all(p.trainable for p in model.parameters())
 
 
 def test_bad_arguments():
-    model = io.load_checkpoint(str(BASE))
+    model = checkpoint.load_checkpoint(str(BASE))
     with pytest.raises(ValueError) as e:
         apply_qlora(model, 4, 8, ["q", "foo"])
     assert str(e.value).startswith("unknown target 'foo'; valid targets: ['q', 'k', 'v', 'o', 'fc', 'proj']")
@@ -319,7 +319,7 @@ def test_bad_arguments():
     apply_qlora(model, 4, 8, ["q"], seed=0)
     with pytest.raises(ValueError, match=r"already has an adapter \(QLoRALinear\)"):
         apply_qlora(model, 4, 8, ["blocks.1.q"], seed=0)
-    lora_model = apply_lora(io.load_checkpoint(str(BASE)), 4, 8, ["v"], seed=0)
+    lora_model = apply_lora(checkpoint.load_checkpoint(str(BASE)), 4, 8, ["v"], seed=0)
     with pytest.raises(ValueError, match=r"already has an adapter \(LoRALinear\)"):
         apply_qlora(lora_model, 4, 8, ["v"])
     layer, x, _ = make_layer(dtype="float32")

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from conftest import rel
 
-from lora_from_scratch import data
-from lora_from_scratch import io as lio
+from lora_from_scratch import checkpoint, data
 from lora_from_scratch.__main__ import BASE_CHECKPOINT, BASE_CONFIG
 from lora_from_scratch.backend import to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
@@ -66,8 +65,8 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 10 .*last good checkpoint \(step 10\)"):
         train(model, tiny_cfg(steps=30, eval_every=10, checkpoint=path), progress=False, on_eval=poison)
-    back = lio.load_checkpoint(path)
-    assert lio.checkpoint_metadata(path)["step"] == saved["step"] == 10
+    back = checkpoint.load_checkpoint(path)
+    assert checkpoint.checkpoint_metadata(path)["step"] == saved["step"] == 10
     for k, v in back.state_dict().items():
         assert np.array_equal(to_numpy(v), saved["state"][k]), k
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
@@ -76,12 +75,12 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_checkpoint_round_trip_and_metadata(tmp_path):
     m = tiny_model(seed=5)
     path = str(tmp_path / "m.safetensors")
-    lio.save_checkpoint(m, path, metadata={"note": "hello", "scores": {"copy": 0.5}})
-    back = lio.load_checkpoint(path)
+    checkpoint.save_checkpoint(m, path, metadata={"note": "hello", "scores": {"copy": 0.5}})
+    back = checkpoint.load_checkpoint(path)
     assert back.config == m.config
     for (k, p), (k2, p2) in zip(m.named_parameters(), back.named_parameters()):
         assert k == k2 and np.array_equal(to_numpy(p.data), to_numpy(p2.data))
-    meta = lio.checkpoint_metadata(path)
+    meta = checkpoint.checkpoint_metadata(path)
     assert meta["note"] == "hello" and meta["scores"] == {"copy": 0.5}
     with open(path, "rb") as f:  # a safetensors file: 8-byte little-endian header length, then JSON
         n = int.from_bytes(f.read(8), "little")
@@ -93,7 +92,7 @@ def test_a_failed_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     import safetensors.numpy
 
     path = str(tmp_path / "m.safetensors")
-    lio.save_checkpoint(tiny_model(seed=1), path)
+    checkpoint.save_checkpoint(tiny_model(seed=1), path)
     before = open(path, "rb").read()
 
     def broken(tensors, filename, metadata=None):
@@ -103,7 +102,7 @@ def test_a_failed_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        lio.save_checkpoint(tiny_model(seed=2), path)
+        checkpoint.save_checkpoint(tiny_model(seed=2), path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
@@ -112,7 +111,7 @@ def test_saving_nan_weights_is_refused(tmp_path):
     m = tiny_model()
     m.blocks[0].mlp.fc.weight.data[0, 0] = np.inf
     with pytest.raises(ValueError, match="blocks.0.mlp.fc.weight"):
-        lio.save_checkpoint(m, str(tmp_path / "x.safetensors"))
+        checkpoint.save_checkpoint(m, str(tmp_path / "x.safetensors"))
     assert not os.path.exists(tmp_path / "x.safetensors")
 
 
@@ -121,39 +120,39 @@ def test_loading_a_checkpoint_with_a_missing_key_or_wrong_shape(tmp_path):
 
     m = tiny_model()
     tensors = {k: to_numpy(v) for k, v in m.state_dict().items()}
-    meta = {"format": lio.FORMAT, "config": json.dumps(m.config.to_dict())}
+    meta = {"format": checkpoint.FORMAT, "config": json.dumps(m.config.to_dict())}
     missing = dict(tensors)
     del missing["blocks.0.attn.k.bias"]
     save_file(missing, str(tmp_path / "a.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"a\.safetensors.*missing keys \['blocks\.0\.attn\.k\.bias'\]"):
-        lio.load_checkpoint(str(tmp_path / "a.safetensors"))
+        checkpoint.load_checkpoint(str(tmp_path / "a.safetensors"))
     wrong = dict(tensors)
     wrong["ln_f.weight"] = np.ones(17, dtype=np.float32)
     save_file(wrong, str(tmp_path / "b.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"'ln_f.weight'.*\(17,\).*\(16,\)"):
-        lio.load_checkpoint(str(tmp_path / "b.safetensors"))
+        checkpoint.load_checkpoint(str(tmp_path / "b.safetensors"))
     save_file(tensors, str(tmp_path / "c.safetensors"))  # no metadata: not one of ours
     with pytest.raises(ValueError, match="not a lora_from_scratch GPT checkpoint"):
-        lio.load_checkpoint(str(tmp_path / "c.safetensors"))
+        checkpoint.load_checkpoint(str(tmp_path / "c.safetensors"))
 
 
 def test_hf_state_dict_with_a_missing_key_or_wrong_shape():
-    sd = lio.to_hf_gpt2_state_dict(tiny_model())
-    ok = lio.load_hf_gpt2(sd, n_head=2)
+    sd = checkpoint.to_hf_gpt2_state_dict(tiny_model())
+    ok = checkpoint.load_hf_gpt2(sd, n_head=2)
     assert rel(ok.blocks[0].attn.v.weight.data, tiny_model().blocks[0].attn.v.weight.data) == 0.0
     bad = dict(sd)
     del bad["transformer.h.0.mlp.c_fc.bias"]
     with pytest.raises(KeyError, match="transformer.h.0.mlp.c_fc.bias"):
-        lio.load_hf_gpt2(bad, n_head=2)
+        checkpoint.load_hf_gpt2(bad, n_head=2)
     bad = dict(sd)
     bad["transformer.h.0.attn.c_attn.weight"] = np.zeros((16, 47), np.float32)
     with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn.weight'.*\(16, 47\).*\(16, 48\)"):
-        lio.load_hf_gpt2(bad, n_head=2)
+        checkpoint.load_hf_gpt2(bad, n_head=2)
 
 
 def test_the_shipped_base_model_scores_as_documented():
-    meta = lio.checkpoint_metadata(BASE_CHECKPOINT)
-    model = lio.load_checkpoint(BASE_CHECKPOINT)
+    meta = checkpoint.checkpoint_metadata(BASE_CHECKPOINT)
+    model = checkpoint.load_checkpoint(BASE_CHECKPOINT)
     cfg = model.config
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == tuple(
         BASE_CONFIG[k] for k in ("n_layer", "n_head", "n_embd", "block_size"))
@@ -176,5 +175,5 @@ def test_pretrain_command_runs_and_saves(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "exact match" in res.stdout
-    meta = lio.checkpoint_metadata(str(out))
+    meta = checkpoint.checkpoint_metadata(str(out))
     assert meta["seed"] == 7 and meta["steps"] == 4 and "--seed 7" in meta["command"]

@@ -12,7 +12,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from lora_from_scratch import experiments, io, lora, rank
+from lora_from_scratch import checkpoint, experiments, lora, rank
 from lora_from_scratch.exercises import nb06
 from lora_from_scratch.experiments import update_subspaces as us
 from lora_from_scratch.experiments import which_matrices as wm
@@ -94,7 +94,7 @@ def test_same_seed_would_make_the_small_rank_a_slice_of_the_large_one():
     # first 8 rows of A_64, and phi(A_8, A_64, 8, 64) is 1 before any training
     A = {}
     for r in (8, 64):
-        model = lora.apply_lora(io.load_checkpoint(io.BASE_CHECKPOINT), r, 16, ["q"], seed=0)
+        model = lora.apply_lora(checkpoint.load_checkpoint(checkpoint.BASE_CHECKPOINT), r, 16, ["q"], seed=0)
         A[r] = np.asarray(lora.lora_layers(model)["blocks.0.attn.q"].lora_A.data)  # (r, 128)
     assert np.array_equal(A[8], A[64][:8])
     assert rank.subspace_similarity(A[8], A[64], 8, 64) == pytest.approx(1.0, abs=1e-6)

@@ -68,7 +68,7 @@ def save_result(result: dict, out_dir: str = FIGURES) -> tuple[str, str]:
     """Write ``NAME.json`` and ``NAME.png`` into ``out_dir`` as one set (both or neither). Returns the two paths."""
     import matplotlib.pyplot as plt
 
-    from ..io import json_writer
+    from ..checkpoint import json_writer
     from ..outputs import write_set
 
     name = result["experiment"]
@@ -76,7 +76,7 @@ def save_result(result: dict, out_dir: str = FIGURES) -> tuple[str, str]:
     fig = get(name).plot(result)
     try:
         write_set({png_path: lambda tmp: fig.savefig(tmp, dpi=130, format="png"),
-                   json_path: json_writer(result, indent=1, end="\n")})  # the bytes io.write_json writes
+                   json_path: json_writer(result, indent=1, end="\n")})  # the bytes files.write_json writes
     finally:
         plt.close(fig)
     return json_path, png_path

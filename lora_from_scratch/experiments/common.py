@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import data, train
 from ..backend import to_numpy
+from ..checkpoint import BASE_CHECKPOINT, load_checkpoint
 from ..functional import cross_entropy
-from ..io import BASE_CHECKPOINT, load_checkpoint
 from ..methods import adapt
 from ..targets import TARGETS
 

@@ -103,7 +103,7 @@ def hf_gpt_float32(cfg: dict, attn: str = "eager") -> list:
     """Our GPT holding a GPT2LMHeadModel's weights: float32 logits (max abs diff) and the LM loss."""
     import torch
 
-    from ..io import load_hf_gpt2
+    from ..hf_io import load_hf_gpt2
 
     m = hf_model(cfg, seed=1, attn=attn)
     model = load_hf_gpt2(hf_state(m), cfg["n_head"])
@@ -120,7 +120,7 @@ def hf_gpt_float32(cfg: dict, attn: str = "eager") -> list:
 
 def hf_gpt_float64(cfg: dict) -> list:
     """float64: logits, the loss and every parameter's gradient by name against transformers' autograd."""
-    from ..io import load_hf_gpt2
+    from ..hf_io import load_hf_gpt2
 
     m = hf_model(cfg, seed=3)
     model = load_hf_gpt2(hf_state(m), cfg["n_head"]).astype("float64")  # same values, cast exactly
@@ -151,7 +151,7 @@ def hf_tied_head(cfg: dict) -> list:
     """wte's gradient has both parts, the lookup and the tied head (dlogits^T @ ln_f output), as transformers'."""
     import torch
 
-    from ..io import load_hf_gpt2
+    from ..hf_io import load_hf_gpt2
 
     m = hf_model(cfg, seed=5).double()
     model = load_hf_gpt2(hf_state(m), cfg["n_head"], dtype="float64")

@@ -175,17 +175,17 @@ def ours_to_peft(base_sd: dict, directory: str, targets, use_rslora: bool = Fals
     For PiSSA the base PEFT loads is our residual weights. The adapters must change the logits
     (else the check is vacuous).
     """
-    from .. import io
+    from ..hf_io import load_hf_gpt2, to_hf_gpt2_state_dict
     from ..lora import apply_lora, lora_layers
     from ..model import GPT
     from ..peft_io import load_peft_adapter, save_peft_adapter
 
-    ours = apply_lora(io.load_hf_gpt2(base_sd, PEFT_HEADS), 4, 12, targets, init=init, use_rslora=use_rslora, seed=5)
+    ours = apply_lora(load_hf_gpt2(base_sd, PEFT_HEADS), 4, 12, targets, init=init, use_rslora=use_rslora, seed=5)
     randomize_B(ours)
     idx = peft_ids()  # (3, 12)
     ref = to_numpy(ours(asarray(idx)))  # (3, 12, V)
     save_peft_adapter(ours, directory)
-    base_hf = peft_hf_model(io.to_hf_gpt2_state_dict(ours))  # for PiSSA: the residual weights
+    base_hf = peft_hf_model(to_hf_gpt2_state_dict(ours))  # for PiSSA: the residual weights
     require(_max_abs(torch_logits(base_hf, idx), ref) > 1e-2, "the adapters do not change the logits: vacuous check")
     out = [peft_load_error(directory, base_hf, idx, ref)]
     again = load_peft_adapter(GPT(ours.config, seed=9), directory)
@@ -221,10 +221,10 @@ def peft_to_ours(pm, directory: str, base_sd: dict) -> list:
     """A PEFT-saved adapter loaded into our GPT: the logits of PeftModel (float32 on both sides)."""
     import copy
 
-    from .. import io
+    from ..hf_io import load_hf_gpt2
     from ..peft_io import load_peft_adapter
 
-    ours = load_peft_adapter(io.load_hf_gpt2(base_sd, PEFT_HEADS), directory)
+    ours = load_peft_adapter(load_hf_gpt2(base_sd, PEFT_HEADS), directory)
     idx = peft_ids(1)  # (3, 12)
     expected = torch_logits(copy.deepcopy(pm).float(), idx)  # (3, 12, V)
     return [Measurement("logits (max abs diff)", _max_abs(ours(asarray(idx)), expected), 1e-4)]
@@ -235,11 +235,11 @@ def peft_gradients(pm, directory: str, base_sd: dict) -> list:
     gradient is the sum of q's, k's and v's, since each holds a copy of A; B's rows are theirs)."""
     import torch
 
-    from .. import io
+    from ..hf_io import load_hf_gpt2
     from ..lora import lora_layers
     from ..peft_io import load_peft_adapter
 
-    ours = load_peft_adapter(io.load_hf_gpt2(base_sd, PEFT_HEADS, dtype="float64"), directory)
+    ours = load_peft_adapter(load_hf_gpt2(base_sd, PEFT_HEADS, dtype="float64"), directory)
     idx, tgt = peft_ids(2, (2, 10)), peft_ids(3, (2, 10))  # (2, 10) each
     pm.zero_grad()
     logits_t = pm(torch.tensor(idx)).logits  # (2, 10, V)
@@ -272,11 +272,11 @@ def peft_merge(pm, directory: str, base_sd: dict) -> list:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from .. import io
+    from ..hf_io import load_hf_gpt2, to_hf_gpt2_state_dict
     from ..lora import merge_lora
     from ..peft_io import load_peft_adapter
 
-    ours = merge_lora(load_peft_adapter(io.load_hf_gpt2(base_sd, PEFT_HEADS, dtype="float64"), directory))
+    ours = merge_lora(load_peft_adapter(load_hf_gpt2(base_sd, PEFT_HEADS, dtype="float64"), directory))
     torch.manual_seed(0)
     config = pm.peft_config["default"]
     pm2 = get_peft_model(peft_hf_model(base_sd, torch.float64), LoraConfig(**{
@@ -284,4 +284,4 @@ def peft_merge(pm, directory: str, base_sd: dict) -> list:
         ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")}))
     pm2.load_state_dict(pm.state_dict())
     merged = {k: v.detach().numpy() for k, v in pm2.merge_and_unload().state_dict().items()}
-    return [Measurement(k, rel_error(v, merged[k]), 1e-12) for k, v in io.to_hf_gpt2_state_dict(ours).items()]
+    return [Measurement(k, rel_error(v, merged[k]), 1e-12) for k, v in to_hf_gpt2_state_dict(ours).items()]

@@ -24,7 +24,7 @@
   its values after reading (``files``: one place for every format's checks).
 - ``load_hf_gpt2`` / ``to_hf_gpt2_state_dict`` / ``save_hf_gpt2`` (written in ``hf_io``): Hugging Face
   GPT-2; ``save_peft_adapter`` / ``load_peft_adapter`` (written in ``peft_io``): PEFT's adapter files.
-  Both are imported here so that ``io`` offers every format; neither imports ``io``.
+  Both are imported here so that ``checkpoint`` offers every format; neither imports ``checkpoint``.
 """
 
 from __future__ import annotations
