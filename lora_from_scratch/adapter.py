@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 from . import functional as F
-from .backend import get_xp, global_rng, xp_of
+from .backend import global_rng, xp_of
 from .backend import rng as host_rng
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
 from .quant.blockwise import Quantized4bit
@@ -174,20 +174,6 @@ class LowRankAdapter(Module):
     def num_parameters(self) -> int:
         """The size of A plus B: r (k' + d)."""
         return self.A.size + self.B.size
-
-    def spec(self) -> dict:
-        return {"r": self.r, "k": int(self.A.shape[1]), "d": int(self.B.shape[0]), "alpha": self.alpha,
-                "use_rslora": self.use_rslora, "group_size": self.group_size, "init": self.init,
-                "dropout": float(self.dropout.p), "dropout_seed": self.dropout.seed, "dtype": str(self.A.dtype)}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> LowRankAdapter:
-        """An adapter of ``spec``'s shape holding zeros, ready for ``load_state_dict``."""
-        xp = get_xp()
-        A = xp.zeros((spec["r"], spec["k"]), dtype=spec["dtype"])  # (r, k')
-        B = xp.zeros((spec["d"], spec["r"]), dtype=spec["dtype"])  # (d, r)
-        return cls(A, B, spec["alpha"], dropout=spec["dropout"], use_rslora=spec["use_rslora"],
-                   group_size=spec["group_size"], init=spec["init"], dropout_seed=spec["dropout_seed"])
 
     def __repr__(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
@@ -516,11 +502,7 @@ class AdaptedLinear(Module):
         self.merged, self._cache = False, None
         return self
 
-    # ------------------------------------------------------------ checkpoints
-    def spec(self) -> dict:
-        return {"kind": self.kind, "base": self.base.spec(), "active": self.active, "merged": self.merged,
-                "adapters": {name: a.spec() for name, a in self.adapters.items()}}
-
+    # ------------------------------------------------------------ from parts (checkpoints)
     @classmethod
     def assemble(cls, base, adapters: dict, active: str | None, merged: bool = False) -> AdaptedLinear:
         """A layer from its parts (checkpoints): ``adapters`` maps names to LowRankAdapters.

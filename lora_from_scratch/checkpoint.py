@@ -9,7 +9,9 @@
   The metadata (JSON) holds the GPTConfig, the structure of every layer that is not a plain
   ``Linear`` (its kind, its base's format, its adapters, which one is active, whether it is
   merged) and the names of the trainable parameters, so the loaded model has the same layer
-  kinds and flags and computes bit for bit the same logits.
+  kinds and flags and computes bit for bit the same logits. That structure is written here, one
+  branch per layer kind (``layer_spec`` / ``layer_from_spec``, ``adapter_spec`` /
+  ``adapter_from_spec``): the layers compute and know nothing of files.
 - ``save_adapter`` / ``load_adapter``: one adapter of every adapted layer, the per-task file of
   the LoRA paper (Hu et al., 2021, section 4.2: only A and B differ between tasks).
 - Writing is atomic: a file goes to a temporary name in the same folder and is renamed over the
@@ -32,7 +34,8 @@ from __future__ import annotations
 import json
 import os
 
-from .backend import like_of
+from .adapter import AdaptedLinear, LoRALinear, LowRankAdapter
+from .backend import get_xp, like_of
 from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_writer: re-exported for callers)
     CHECKSUM_KEY,
     FileFormatError,
@@ -56,9 +59,12 @@ from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_
 from .files import read_safetensors as read_checkpoint
 from .hf_io import load_hf_gpt2, save_hf_gpt2, to_hf_gpt2_state_dict  # noqa: F401  (GPT-2, see ``hf_io``)
 from .model import GPT
-from .nn import check_float_dtype
+from .nn import Linear, check_float_dtype
 from .peft_io import load_peft_adapter, save_peft_adapter  # noqa: F401  (PEFT, see ``peft_io``)
-from .quant.groupwise import pack_codes
+from .qalora import GroupwiseLinear, QALoRALinear
+from .qlora import NF4Linear, QLoRALinear
+from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
+from .quant.groupwise import GroupwiseQuantized, pack_codes
 from .targets import TARGETS, resolve_targets
 
 FORMAT = "lora_from_scratch.gpt"
@@ -68,44 +74,122 @@ RESERVED = ("format", "config", "layers", "trainable", "quant_tables", CHECKSUM_
 BASE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
 
 
-# ------------------------------------------------------------ layer kinds
-def _layer_classes() -> dict:
-    from .lora import LoRALinear
-    from .nn import Linear
-    from .qalora import GroupwiseLinear, QALoRALinear
-    from .qlora import NF4Linear, QLoRALinear
+# ------------------------------------------------------------ layer structure (the metadata's "layers")
+# A checkpoint stores the arrays apart (safetensors tensors); what it needs besides them to rebuild a layer of
+# the same kind, shapes and dtypes is that layer's structure, a small JSON object. The layers hold no knowledge
+# of it: each kind has its branch in ``layer_spec`` (layer -> structure) and ``layer_from_spec`` (structure ->
+# an empty layer of zeros, which ``Module.load_state_dict`` then fills). ``files`` checks a stored one.
+def adapter_spec(adapter: LowRankAdapter) -> dict:
+    """One adapter's structure: rank r, A's columns k', B's rows d, its hyperparameters and dtype."""
+    return {"r": adapter.r, "k": int(adapter.A.shape[1]), "d": int(adapter.B.shape[0]), "alpha": adapter.alpha,
+            "use_rslora": adapter.use_rslora, "group_size": adapter.group_size, "init": adapter.init,
+            "dropout": float(adapter.dropout.p), "dropout_seed": adapter.dropout.seed, "dtype": str(adapter.A.dtype)}
 
-    return {"Linear": Linear, "NF4Linear": NF4Linear, "GroupwiseLinear": GroupwiseLinear,
-            "lora": LoRALinear, "qlora": QLoRALinear, "qalora": QALoRALinear}
+
+def adapter_from_spec(spec: dict) -> LowRankAdapter:
+    """An adapter of ``spec``'s shape holding zeros, ready for ``load_state_dict``."""
+    xp = get_xp()
+    A = xp.zeros((spec["r"], spec["k"]), dtype=spec["dtype"])  # (r, k')
+    B = xp.zeros((spec["d"], spec["r"]), dtype=spec["dtype"])  # (d, r)
+    return LowRankAdapter(A, B, spec["alpha"], dropout=spec["dropout"], use_rslora=spec["use_rslora"],
+                          group_size=spec["group_size"], init=spec["init"], dropout_seed=spec["dropout_seed"])
+
+
+def _size(layer) -> dict:
+    return {"in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None}
+
+
+def _bias_dtype(layer) -> str | None:
+    return str(layer.bias.dtype) if layer.bias is not None else None
+
+
+def layer_spec(layer) -> dict:
+    """The structure of a float, NF4, group-wise or adapted layer (its arrays are stored apart); ValueError for
+    any other layer."""
+    if isinstance(layer, AdaptedLinear):  # its kind ("lora", "qlora", "qalora"), its base and its named adapters
+        return {"kind": layer.kind, "base": layer_spec(layer.base), "active": layer.active, "merged": layer.merged,
+                "adapters": {name: adapter_spec(a) for name, a in layer.adapters.items()}}
+    if isinstance(layer, Linear):
+        return {"kind": "Linear", **_size(layer), "dtype": str(layer.weight.dtype)}
+    if isinstance(layer, NF4Linear):
+        return {"kind": "NF4Linear", **_size(layer), "bias_dtype": _bias_dtype(layer), "blocksize": layer.blocksize,
+                "quant_type": layer.quant_type, "double_quant": layer.double_quant, "weight_dtype": layer.weight_dtype}
+    if isinstance(layer, GroupwiseLinear):
+        return {"kind": "GroupwiseLinear", **_size(layer), "bias_dtype": _bias_dtype(layer), "bits": layer.bits,
+                "group_size": layer.group_size, "dtype": layer.weight_dtype, "scale_dtype": str(layer.scales.dtype),
+                "zero_dtype": str(layer.zeros.dtype)}
+    raise ValueError(f"a {type(layer).__name__} is not a layer a checkpoint can describe (a Linear, an NF4Linear, "
+                     "a GroupwiseLinear or an adapted layer)")
+
+
+ADAPTED_KINDS = {"lora": LoRALinear, "qlora": QLoRALinear, "qalora": QALoRALinear}
+BASE_KINDS = ("Linear", "NF4Linear", "GroupwiseLinear")
 
 
 def layer_from_spec(spec: dict):
     """An empty layer (zeros of the right shapes and dtypes) of the structure ``spec`` describes."""
-    from .adapter import AdaptedLinear, LowRankAdapter
-
-    classes = _layer_classes()
     kind = spec.get("kind") if isinstance(spec, dict) else None
-    if kind not in classes:
-        raise ValueError(f"unknown layer kind {kind!r}; known kinds: {sorted(classes)}")
-    cls = classes[kind]
-    if issubclass(cls, AdaptedLinear):
-        adapters = {name: LowRankAdapter.from_spec(a) for name, a in spec["adapters"].items()}
-        return cls.assemble(layer_from_spec(spec["base"]), adapters, spec["active"], spec["merged"])
-    return cls.from_spec(spec)
+    if kind in ADAPTED_KINDS:
+        adapters = {name: adapter_from_spec(a) for name, a in spec["adapters"].items()}
+        return ADAPTED_KINDS[kind].assemble(layer_from_spec(spec["base"]), adapters, spec["active"], spec["merged"])
+    if kind == "Linear":
+        return _linear_from_spec(spec)
+    if kind == "NF4Linear":
+        return _nf4_from_spec(spec)
+    if kind == "GroupwiseLinear":
+        return _groupwise_from_spec(spec)
+    raise ValueError(f"unknown layer kind {kind!r}; known kinds: {sorted([*BASE_KINDS, *ADAPTED_KINDS])}")
+
+
+def _linear_from_spec(spec: dict) -> Linear:
+    xp = get_xp()
+    W = xp.zeros((spec["out"], spec["in"]), dtype=spec["dtype"])  # (out, in)
+    b = xp.zeros((spec["out"],), dtype=spec["dtype"]) if spec["bias"] else None  # (out,)
+    return Linear.from_weight(W, b)
+
+
+def _nf4_from_spec(spec: dict) -> NF4Linear:
+    """Zeros in the stored layout of the 4-bit codes and block constants (no quantization)."""
+    xp = get_xp()
+    n = spec["out"] * spec["in"]
+    nblocks = -(-n // spec["blocksize"])
+    q = Quantized4bit(packed=xp.zeros((n + 1) // 2, dtype=xp.uint8), absmax=None, shape=(spec["out"], spec["in"]),
+                      dtype=spec["weight_dtype"], blocksize=spec["blocksize"], quant_type=spec["quant_type"])
+    if spec["double_quant"]:
+        q.qabsmax = xp.zeros(nblocks, dtype=xp.uint8)  # (nblocks,)
+        q.offset = xp.zeros(1, dtype=xp.float32)  # (1,)
+        q.absmax2 = xp.zeros(-(-nblocks // DOUBLE_QUANT_BLOCKSIZE), dtype=xp.float32)  # (nblocks / 256,)
+    else:
+        q.absmax = xp.zeros(nblocks, dtype=xp.float32)  # (nblocks,)
+    bias = xp.zeros(spec["out"], dtype=spec["bias_dtype"]) if spec["bias"] else None  # (out,)
+    return NF4Linear(q, bias)
+
+
+def _groupwise_from_spec(spec: dict) -> GroupwiseLinear:
+    """Zero codes, unit scales and zero points in the stored dtypes (float32 zero points once merged)."""
+    xp = get_xp()
+    L = spec["in"] // spec["group_size"]
+    q = GroupwiseQuantized(codes=xp.zeros((spec["out"], spec["in"]), dtype=xp.uint8),
+                           scales=xp.ones((spec["out"], L), dtype=spec["scale_dtype"]),
+                           zeros=xp.zeros((spec["out"], L), dtype=spec["scale_dtype"]),
+                           bits=spec["bits"], group_size=spec["group_size"], dtype=spec["dtype"])
+    bias = xp.zeros(spec["out"], dtype=spec["bias_dtype"]) if spec["bias"] else None  # (out,)
+    layer = GroupwiseLinear(q, bias)
+    layer.zeros.data = layer.zeros.data.astype(spec["zero_dtype"])  # (out, L) as stored (float32 once merged)
+    return layer
 
 
 def layer_specs(model) -> dict:
-    """dotted path -> structure, for every matrix of a GPT that is not a plain ``Linear`` (see ``layer_from_spec``)."""
-    from .nn import Linear
-
+    """dotted path -> structure, for every matrix of a GPT that is not a plain ``Linear`` (see ``layer_spec``)."""
     specs = {}
     for i, target in resolve_targets(model.config.n_layer, list(TARGETS)):
         path = target.path(i)
         layer = model.get_submodule(path)
         if type(layer) is not Linear:
-            if not callable(getattr(layer, "spec", None)):
-                raise ValueError(f"{path} is a {type(layer).__name__}, which a checkpoint cannot describe")
-            specs[path] = layer.spec()
+            try:
+                specs[path] = layer_spec(layer)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
     return specs
 
 
@@ -151,7 +235,7 @@ def load_checkpoint(path: str, dtype=None) -> GPT:
     model = GPT(config, seed=0, dtype=header["wte.weight"][1])
     for layer_path, spec in specs.items():
         model.set_submodule(layer_path, layer_from_spec(spec))
-    grouped = {n: m for n, m in model.named_modules() if isinstance(m, _layer_classes()["GroupwiseLinear"])}
+    grouped = {n: m for n, m in model.named_modules() if isinstance(m, GroupwiseLinear)}
     byte_codes = _byte_codes(grouped, header, path)
     arrays = dict(model.named_arrays())
     check_arrays({k: (a.shape, a.dtype) for k, a in arrays.items()}, header, path)
@@ -219,7 +303,7 @@ def save_adapter(model, path: str, adapter: str | None = None) -> None:
     state = lora_state_dict(model, adapter)
     layers = lora_layers(model)
     name = adapter if adapter is not None else active_adapter(model)
-    specs = {p: {"kind": layer.kind, **_adapter_of(p, layer, adapter).spec()} for p, layer in layers.items()}
+    specs = {p: {"kind": layer.kind, **adapter_spec(_adapter_of(p, layer, adapter))} for p, layer in layers.items()}
     tensors = host_tensors(state, "refusing to save the adapter")
     meta = with_checksum(tensors, {"format": ADAPTER_FORMAT, "name": str(name), "layers": json.dumps(specs)})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -233,7 +317,6 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
     is overwritten (same shapes required); ``activate`` makes it the active one. Everything is
     checked before the model changes.
     """
-    from .adapter import LowRankAdapter
     from .lora import lora_layers, refuse_while_disabled, set_adapter
 
     meta, header = read_header(path)
@@ -272,7 +355,7 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
     verify_checksum(tensors, meta, path)
     plan = []
     for p, spec in specs.items():
-        new = LowRankAdapter.from_spec(spec)
+        new = adapter_from_spec(spec)
         ref = next(iter(layers[p].adapters.values())).A.data
         new.A.data = like_of(ref, tensors[f"{p}.lora_A"])  # (r, k')
         new.B.data = like_of(ref, tensors[f"{p}.lora_B"])  # (d, r)

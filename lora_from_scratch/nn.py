@@ -462,19 +462,6 @@ class Linear(Module):
         lin._cache = None
         return lin
 
-    def spec(self) -> dict:
-        """What a checkpoint needs to rebuild this layer's structure (the arrays are stored apart)."""
-        return {"kind": "Linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
-                "dtype": str(self.weight.dtype)}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> Linear:
-        """A Linear of ``spec``'s shape holding zeros, ready for ``load_state_dict``."""
-        xp = get_xp()
-        W = xp.zeros((spec["out"], spec["in"]), dtype=spec["dtype"])  # (out, in)
-        b = xp.zeros((spec["out"],), dtype=spec["dtype"]) if spec["bias"] else None  # (out,)
-        return cls.from_weight(W, b)
-
     def __repr__(self) -> str:
         return f"Linear(in={self.in_features}, out={self.out_features}, bias={self.bias is not None})"
 

@@ -45,7 +45,7 @@ disabling, named adapters and files are ``lora``'s, the same for every kind.
 from __future__ import annotations
 
 from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
-from .backend import get_xp, global_rng, xp_of
+from .backend import global_rng, xp_of
 from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
 from .lora import replace_targets
@@ -182,26 +182,6 @@ class GroupwiseLinear(QuantizedLinear):
         new._store(self.packed.data, self.scales.data, zeros, self.bits, self.group_size, self.weight_dtype,
                    self.bias.data if self.bias is not None else None)
         return new
-
-    def spec(self) -> dict:
-        return {"kind": "GroupwiseLinear", "in": self.in_features, "out": self.out_features,
-                "bias": self.bias is not None, "bias_dtype": str(self.bias.dtype) if self.bias is not None else None,
-                "bits": self.bits, "group_size": self.group_size, "dtype": self.weight_dtype,
-                "scale_dtype": str(self.scales.dtype), "zero_dtype": str(self.zeros.dtype)}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> GroupwiseLinear:
-        """A GroupwiseLinear of ``spec``'s shape holding zeros, ready for ``load_state_dict``."""
-        xp = get_xp()
-        L = spec["in"] // spec["group_size"]
-        q = GroupwiseQuantized(codes=xp.zeros((spec["out"], spec["in"]), dtype=xp.uint8),
-                               scales=xp.ones((spec["out"], L), dtype=spec["scale_dtype"]),
-                               zeros=xp.zeros((spec["out"], L), dtype=spec["scale_dtype"]),
-                               bits=spec["bits"], group_size=spec["group_size"], dtype=spec["dtype"])
-        bias = xp.zeros(spec["out"], dtype=spec["bias_dtype"]) if spec["bias"] else None  # (out,)
-        layer = cls(q, bias)
-        layer.zeros.data = layer.zeros.data.astype(spec["zero_dtype"])  # (out, L) as stored (float32 once merged)
-        return layer
 
     def __repr__(self) -> str:
         return (f"GroupwiseLinear(in={self.in_features}, out={self.out_features}, bits={self.bits}, "

@@ -40,10 +40,10 @@ from .adapter import (
     check_adapter_args,
     replace_targets,
 )
-from .backend import get_xp, global_rng, xp_of
+from .backend import global_rng, xp_of
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
-from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE, check_blocksize
+from .quant.blockwise import check_blocksize
 
 QLORA_INITS = RANDOM_INITS
 
@@ -103,28 +103,6 @@ class NF4Linear(QuantizedLinear):
     def dequantized_weight(self):
         """dequant(W0_NF4) as float32 (out, in): a new array each call (QLoRA Eq. 6)."""
         return dequantize_4bit(self.quantized)  # packed -> (out, in) float32
-
-    def spec(self) -> dict:
-        return {"kind": "NF4Linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
-                "bias_dtype": str(self.bias.dtype) if self.bias is not None else None, "blocksize": self.blocksize,
-                "quant_type": self.quant_type, "double_quant": self.double_quant, "weight_dtype": self.weight_dtype}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> NF4Linear:
-        """An NF4Linear of ``spec``'s shape holding zeros, ready for ``load_state_dict`` (no quantization)."""
-        xp = get_xp()
-        n = spec["out"] * spec["in"]
-        nblocks = -(-n // spec["blocksize"])
-        q = Quantized4bit(packed=xp.zeros((n + 1) // 2, dtype=xp.uint8), absmax=None, shape=(spec["out"], spec["in"]),
-                          dtype=spec["weight_dtype"], blocksize=spec["blocksize"], quant_type=spec["quant_type"])
-        if spec["double_quant"]:
-            q.qabsmax = xp.zeros(nblocks, dtype=xp.uint8)  # (nblocks,)
-            q.offset = xp.zeros(1, dtype=xp.float32)  # (1,)
-            q.absmax2 = xp.zeros(-(-nblocks // DOUBLE_QUANT_BLOCKSIZE), dtype=xp.float32)  # (nblocks / 256,)
-        else:
-            q.absmax = xp.zeros(nblocks, dtype=xp.float32)  # (nblocks,)
-        bias = xp.zeros(spec["out"], dtype=spec["bias_dtype"]) if spec["bias"] else None  # (out,)
-        return cls(q, bias)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""

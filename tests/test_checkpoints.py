@@ -170,6 +170,17 @@ def test_non_finite_buffer_is_refused_and_nothing_is_written(tmp_path):
     assert not path.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
+def test_a_layer_no_checkpoint_can_describe_is_refused_by_path_and_nothing_is_written(tmp_path):
+    from lora_from_scratch.nn import Embedding
+
+    model = make("lora")
+    model.set_submodule("blocks.1.attn.o", Embedding(64, 64))
+    path = tmp_path / "odd.safetensors"
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.o: a Embedding is not a layer a checkpoint can describe"):
+        checkpoint.save_checkpoint(model, str(path))
+    assert not os.listdir(tmp_path)
+
+
 def test_reserved_metadata_keys_are_refused(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         checkpoint.save_checkpoint(make("plain"), str(tmp_path / "x.safetensors"), metadata={"layers": "mine"})
