@@ -46,13 +46,13 @@ import numpy as np  # noqa: E402
 from lora_step import peft_step as torch_step  # noqa: E402  (a torch training step, any model)
 from timing import alternate, alternate_rounds, load_average, ratio_spread  # noqa: E402
 
+from lora_from_scratch.adapter import TARGETS  # noqa: E402
 from lora_from_scratch.hf_io import load_hf_gpt2  # noqa: E402
 from lora_from_scratch.lora import apply_lora  # noqa: E402
 from lora_from_scratch.memory import format_bytes  # noqa: E402
 from lora_from_scratch.optim import AdamW  # noqa: E402
 from lora_from_scratch.qalora import apply_qalora  # noqa: E402
 from lora_from_scratch.qlora import apply_qlora  # noqa: E402
-from lora_from_scratch.targets import TARGETS  # noqa: E402
 from lora_from_scratch.train import train_step  # noqa: E402
 
 RANK, ALPHA, BITS, GROUP = 8, 16, 4, 32

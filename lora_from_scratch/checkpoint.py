@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 
-from .adapter import AdaptedLinear, LoRALinear, LowRankAdapter
+from .adapter import TARGETS, AdaptedLinear, LoRALinear, LowRankAdapter, resolve_targets
 from .backend import get_xp, like_of
 from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_writer: re-exported for callers)
     CHECKSUM_KEY,
@@ -65,7 +65,6 @@ from .qalora import GroupwiseLinear, QALoRALinear
 from .qlora import NF4Linear, QLoRALinear
 from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE, Quantized4bit
 from .quant.groupwise import GroupwiseQuantized, pack_codes
-from .targets import TARGETS, resolve_targets
 
 FORMAT = "lora_from_scratch.gpt"
 ADAPTER_FORMAT = "lora_from_scratch.adapter"

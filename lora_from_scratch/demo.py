@@ -54,6 +54,7 @@ import time
 import numpy as np
 
 from . import data, train
+from .adapter import TARGETS, resolve_targets
 from .backend import get_backend_name, to_numpy
 from .checkpoint import BASE_CHECKPOINT, json_writer, load_checkpoint
 from .checks import check_choice, check_int, check_number
@@ -64,7 +65,6 @@ from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
 from .methods import METHODS, adapt
 from .nn import Linear
 from .outputs import check_output_path, write_set
-from .targets import TARGETS, resolve_targets
 
 # eval_per_task: held-out rows of desc; each pretrain task gets half as many
 FULL = {"steps": 300, "batch_size": 32, "eval_per_task": 256, "bits": (4, 3, 2)}

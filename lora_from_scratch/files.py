@@ -47,7 +47,7 @@ from numbers import Real
 
 import numpy as np
 
-from .adapter import INITS
+from .adapter import INITS, parse_path
 from .backend import to_numpy
 from .checks import is_int
 from .model import GPTConfig
@@ -55,7 +55,6 @@ from .nn import FLOAT_DTYPES, check_float_dtype
 from .qalora import check_bits, check_group_size
 from .qlora import check_blocksize
 from .quant.tables import CODES
-from .targets import parse_path
 
 CHECKSUM_KEY = "lora_from_scratch.sha256"
 # safetensors' dtype names -> NumPy's

@@ -209,10 +209,10 @@ def attach_adapter(model, path: str) -> str:
     file's A and B are loaded (``checkpoint.load_adapter``). A PEFT folder: ``peft_io.load_peft_adapter``
     (LoRA over the float base). Every adapter parameter is left frozen.
     """
+    from .adapter import parse_path
     from .checkpoint import load_adapter
     from .methods import adapt
     from .peft_io import load_peft_adapter
-    from .targets import parse_path
 
     if adapter_kind(path) == "peft":
         load_peft_adapter(model, path)

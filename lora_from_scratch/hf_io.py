@@ -9,7 +9,7 @@ about the model's own bytes (``benchmarks/hf_load.py`` measures it).
 
 GPT-2 (Radford et al., 2019) stores its linear layers as ``Conv1D`` with weights of shape (in, out),
 so each is transposed to the paper's (out, in) on the way in and back on the way out; the fused
-attention projection ``c_attn`` (C, 3C) is Wq, Wk, Wv side by side (``targets.TARGET_TABLE`` says
+attention projection ``c_attn`` (C, 3C) is Wq, Wk, Wv side by side (``adapter.TARGET_TABLE`` says
 which third is which, and which GPT-2 module each of our six matrices belongs to).
 
 ``save_hf_gpt2(model, directory)`` writes ``config.json`` (a ``GPT2Config``: model_type "gpt2",
@@ -83,7 +83,7 @@ import os
 
 import numpy as np
 
-from .adapter import AdaptedLinear, QuantizedLinear
+from .adapter import HF_MODULES, TARGET_TABLE, AdaptedLinear, QuantizedLinear
 from .backend import asarray, to_numpy
 from .files import host_tensors, json_writer, write_folder
 from .hf_folder import folder_tensors, read_gpt2_config, read_tensor
@@ -94,7 +94,6 @@ from .qlora import NF4Linear
 from .quant import Quantized4bit, dequantize_blockwise_8bit, quantize_4bit, quantize_blockwise_8bit
 from .quant.blockwise import DOUBLE_QUANT_BLOCKSIZE
 from .quant.tables import CODES, DYNAMIC_MAP
-from .targets import HF_MODULES, TARGET_TABLE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

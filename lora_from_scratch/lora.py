@@ -9,7 +9,7 @@ Everything here takes a model and works for every adapter kind (an adapted layer
 adapters, whatever the base), or raises a ValueError that says why:
 
 - ``apply_lora`` (and ``qlora.apply_qlora``, ``qalora.apply_qalora``, through ``replace_targets``):
-  put adapters on the targeted matrices (``targets.TARGETS``: Wq, Wk, Wv, Wo, MLP up and down;
+  put adapters on the targeted matrices (``adapter.TARGETS``: Wq, Wk, Wv, Wo, MLP up and down;
   section 4.2 and 7.1 study which to adapt) and freeze everything else (``adapter.py``).
 - ``lora_state_dict`` / ``load_lora_state_dict``: one adapter's A and B, the per-task file of
   section 4.2 ("we only need to store and load ... the LoRA weights").

@@ -16,7 +16,7 @@ sets ``fan_in_fan_out`` for them; that flag only tells PEFT how to add B A
 to the stored base weight when merging: A and B themselves are (r, in) and
 (out, r) either way, the orientation this package uses. We write it as true.
 
-Which of our matrices is which GPT-2 module comes from ``targets.TARGET_TABLE``.
+Which of our matrices is which GPT-2 module comes from ``adapter.TARGET_TABLE``.
 GPT-2 fuses Wq, Wk, Wv into one ``c_attn`` (C -> 3C); this package keeps them
 separate. The two describe the same function exactly:
 
@@ -87,7 +87,7 @@ from collections import Counter
 
 import numpy as np
 
-from .adapter import AdaptedLinear, check_adapter_args
+from .adapter import FUSED, HF_MODULES, AdaptedLinear, check_adapter_args, parse_path
 from .backend import global_rng, like_of, to_numpy
 from .backend import rng as host_rng
 from .files import (
@@ -105,7 +105,6 @@ from .lora import LoRALinear, _adapter_of, lora_layers, lora_scaling, mark_only_
 from .nn import Linear
 from .qalora import GroupwiseLinear, QALoRALinear
 from .qlora import NF4Linear, QLoRALinear
-from .targets import FUSED, HF_MODULES, parse_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

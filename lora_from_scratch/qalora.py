@@ -44,7 +44,16 @@ disabling, named adapters and files are ``lora``'s, the same for every kind.
 """
 from __future__ import annotations
 
-from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
+from .adapter import (
+    DEFAULT_ADAPTER,
+    RANDOM_INITS,
+    TARGETS,
+    AdaptedLinear,
+    LowRankAdapter,
+    QuantizedLinear,
+    check_adapter_args,
+    resolve_targets,
+)
 from .backend import global_rng, xp_of
 from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
@@ -59,7 +68,6 @@ from .quant.groupwise import (
     quantize_groupwise,
     unpack,
 )
-from .targets import TARGETS, resolve_targets
 
 __all__ = [
     "GroupwiseLinear",

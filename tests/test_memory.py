@@ -14,6 +14,7 @@ import pytest
 
 from lora_from_scratch import lora
 from lora_from_scratch import memory as M
+from lora_from_scratch.adapter import TARGET_TABLE
 from lora_from_scratch.backend import asarray, get_backend_name
 from lora_from_scratch.functional import cross_entropy
 from lora_from_scratch.model import GPT, GPTConfig
@@ -21,7 +22,6 @@ from lora_from_scratch.nn import Buffer, Linear, Module, Parameter
 from lora_from_scratch.optim import SGD, AdamW
 from lora_from_scratch.qalora import apply_qalora
 from lora_from_scratch.qlora import apply_qlora
-from lora_from_scratch.targets import TARGET_TABLE
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from lora_from_scratch import data, experiments, quant, train
+from lora_from_scratch.adapter import TARGETS, resolve_targets
 from lora_from_scratch.exercises import get
 from lora_from_scratch.experiments import common
 from lora_from_scratch.experiments import quantized_base as qb
 from lora_from_scratch.functional import cross_entropy
 from lora_from_scratch.qalora import GroupwiseLinear
 from lora_from_scratch.qlora import NF4Linear
-from lora_from_scratch.targets import TARGETS, resolve_targets
 
 matplotlib.use("Agg")
 

@@ -18,11 +18,11 @@ import math
 import numpy as np
 
 from .. import data, train
+from ..adapter import TARGETS
 from ..backend import to_numpy
 from ..checkpoint import BASE_CHECKPOINT, load_checkpoint
 from ..functional import cross_entropy
 from ..methods import adapt
-from ..targets import TARGETS
 
 
 def base_model(path: str = BASE_CHECKPOINT):

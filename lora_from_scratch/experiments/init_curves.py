@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import data, rank, train
+from ..adapter import TARGETS
 from ..backend import to_numpy
 from ..lora import lora_layers
 from ..methods import adapt
-from ..targets import TARGETS
 from .common import base_model, desc_config, eval_sets, progress_bar, spread
 
 TITLE = "Initialization: Gaussian A, kaiming-uniform A and PiSSA on the fine-tuning task"

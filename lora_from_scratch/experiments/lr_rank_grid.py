@@ -28,11 +28,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import data, train
-from ..adapter import lora_scaling
+from ..adapter import TARGETS, lora_scaling
 from ..backend import to_numpy
 from ..lora import lora_layers
 from ..methods import adapt
-from ..targets import TARGETS
 from ..train import held_out_loss
 from .common import base_model, desc_config, eval_sets, progress_bar
 from .init_curves import train_and_watch

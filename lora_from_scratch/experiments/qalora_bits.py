@@ -32,12 +32,12 @@ import copy
 import numpy as np
 
 from .. import data
+from ..adapter import TARGETS
 from ..backend import to_numpy
 from ..lora import lora_layers, merge_and_unload
 from ..methods import NAMES
 from ..qalora import GroupwiseLinear, quantize_model_groupwise
 from ..qlora_vs_qalora import deploy_qlora
-from ..targets import TARGETS
 from .common import base_model, finetune, measure, pretrain_mean, progress_bar
 from .qlora_vs_lora import all_eval_sets
 

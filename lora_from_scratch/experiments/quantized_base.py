@@ -35,10 +35,10 @@ import math
 import numpy as np
 
 from .. import data
+from ..adapter import TARGETS, resolve_targets
 from ..backend import to_numpy
 from ..qalora import GroupwiseLinear
 from ..qlora import NF4Linear
-from ..targets import TARGETS, resolve_targets
 from .common import base_model, eval_sets, progress_bar
 
 TITLE = "The base model in 4 bits: NF4 vs FP4 vs INT4 at equal bits"

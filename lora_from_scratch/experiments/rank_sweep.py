@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..adapter import TARGETS
 from ..memory import lora_trainable_parameters
-from ..targets import TARGETS
 from .common import eval_sets, progress_bar
 from .which_matrices import BASE_SIZE, best_lr, key, label, summarize, train_and_score
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import data, train
+from ..adapter import TARGETS
 from ..lora import count_parameters
 from ..memory import PRESETS, lora_trainable_parameters
 from ..methods import adapt
-from ..targets import TARGETS
 from ..train import held_out_loss
 from .common import base_model, eval_sets, finetune, progress_bar, spread
 

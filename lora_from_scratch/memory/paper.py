@@ -7,7 +7,7 @@ section 3 (double quantization: 4.127 bits per parameter).
 Nothing is allocated here: the parameter counts of a GPT-2-architecture transformer follow from
 its sizes, and the memory a training run needs for its *state* (weights, gradients, optimizer
 moments) follows from a stated number of bytes per value. The matrices LoRA can adapt, and their
-shapes, come from ``targets.TARGET_TABLE`` (the table the model, ``lora`` and the checkpoint
+shapes, come from ``adapter.TARGET_TABLE`` (the table the model, ``lora`` and the checkpoint
 code read too); its MLP width 4 * n_embd stands for ``TransformerSize.d_ff``, so a model with
 another MLP width is counted right.
 
@@ -30,9 +30,9 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
+from ..adapter import TARGET_TABLE, TARGETS
 from ..functional import lm_head_chunk_rows
 from ..quant.groupwise import GroupwiseLayout
-from ..targets import TARGET_TABLE, TARGETS
 
 # ----------------------------------------------------------------------------------------------
 # sizes and parameter counts
@@ -104,13 +104,13 @@ def _width(cfg: TransformerSize, mult: int) -> int:
         return cfg.d_model
     if mult == _MLP_MULT:
         return cfg.d_ff
-    raise ValueError(f"targets.TARGET_TABLE has a width of {mult} * n_embd, which TransformerSize does not know")
+    raise ValueError(f"adapter.TARGET_TABLE has a width of {mult} * n_embd, which TransformerSize does not know")
 
 
 def target_shapes(cfg: TransformerSize) -> dict:
     """(d_out, d_in) of each adaptable matrix in one block, in the paper's orientation W0: (d, k).
 
-    From ``targets.TARGET_TABLE``: q, k, v, o are (d, d), fc is (d_ff, d), proj is (d, d_ff).
+    From ``adapter.TARGET_TABLE``: q, k, v, o are (d, d), fc is (d_ff, d), proj is (d, d_ff).
     """
     return {name: (_width(cfg, t.out_mult), _width(cfg, t.in_mult)) for name, t in TARGET_TABLE.items()}
 
