@@ -34,7 +34,15 @@ from __future__ import annotations
 import json
 import os
 
-from .adapter import TARGETS, AdaptedLinear, LoRALinear, LowRankAdapter, resolve_targets
+from .adapter import (
+    TARGETS,
+    AdaptedLinear,
+    LoRALinear,
+    LowRankAdapter,
+    lora_layers,
+    refuse_while_disabled,
+    resolve_targets,
+)
 from .backend import get_xp, like_of
 from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_writer: re-exported for callers)
     CHECKSUM_KEY,
@@ -58,6 +66,7 @@ from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_
 )
 from .files import read_safetensors as read_checkpoint
 from .hf_io import load_hf_gpt2, save_hf_gpt2, to_hf_gpt2_state_dict  # noqa: F401  (GPT-2, see ``hf_io``)
+from .lora import _adapter_of, active_adapter, lora_state_dict, set_adapter
 from .model import GPT
 from .nn import Linear, check_float_dtype
 from .peft_io import load_peft_adapter, save_peft_adapter  # noqa: F401  (PEFT, see ``peft_io``)
@@ -297,7 +306,6 @@ def save_adapter(model, path: str, adapter: str | None = None) -> None:
     """
     from safetensors.numpy import save_file
 
-    from .lora import _adapter_of, active_adapter, lora_layers, lora_state_dict
 
     state = lora_state_dict(model, adapter)
     layers = lora_layers(model)
@@ -316,8 +324,6 @@ def load_adapter(model, path: str, name: str | None = None, activate: bool = Tru
     is overwritten (same shapes required); ``activate`` makes it the active one. Everything is
     checked before the model changes.
     """
-    from .lora import lora_layers, refuse_while_disabled, set_adapter
-
     meta, header = read_header(path)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not a lora_from_scratch adapter file (metadata keys: {sorted(meta)})")

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 
-from .adapter import (  # the path of one training step lives in adapter.py; its public names are also here
+# the path of one training step lives in adapter.py; its public names are also this module's: the notebooks,
+# experiments and benchmarks call lora.apply_lora, lora.lora_layers, lora.LoRALinear, lora.TARGETS
+from .adapter import (
     _DISABLED,
     INITS,
     TARGETS,

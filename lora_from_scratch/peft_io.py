@@ -87,7 +87,17 @@ from collections import Counter
 
 import numpy as np
 
-from .adapter import FUSED, HF_MODULES, AdaptedLinear, check_adapter_args, parse_path
+from .adapter import (
+    FUSED,
+    HF_MODULES,
+    AdaptedLinear,
+    LoRALinear,
+    check_adapter_args,
+    lora_layers,
+    lora_scaling,
+    mark_only_lora_as_trainable,
+    parse_path,
+)
 from .backend import global_rng, like_of, to_numpy
 from .backend import rng as host_rng
 from .files import (
@@ -101,7 +111,7 @@ from .files import (
     write_folder,
 )
 from .hf_io import MODULE_TARGETS, module_shape, target_rows
-from .lora import LoRALinear, _adapter_of, lora_layers, lora_scaling, mark_only_lora_as_trainable
+from .lora import _adapter_of
 from .nn import Linear
 from .qalora import GroupwiseLinear, QALoRALinear
 from .qlora import NF4Linear, QLoRALinear

@@ -52,12 +52,12 @@ from .adapter import (
     LowRankAdapter,
     QuantizedLinear,
     check_adapter_args,
+    replace_targets,
     resolve_targets,
 )
 from .backend import global_rng, xp_of
 from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
-from .lora import replace_targets
 from .nn import Buffer, Linear
 from .quant.groupwise import (
     GroupwiseLayout,
