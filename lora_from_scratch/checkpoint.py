@@ -15,8 +15,8 @@
 - ``save_adapter`` / ``load_adapter``: one adapter of every adapted layer, the per-task file of
   the LoRA paper (Hu et al., 2021, section 4.2: only A and B differ between tasks).
 - Writing is atomic: a file goes to a temporary name in the same folder and is renamed over the
-  target only when complete, so a crash or Ctrl-C never leaves half a checkpoint (``atomic_write``;
-  ``write_json`` for results). Files and folders get the usual umask-based mode (``usual_mode``).
+  target only when complete, so a crash or Ctrl-C never leaves half a checkpoint (``files.atomic_write``;
+  ``files.write_json`` for results). Files and folders get the usual umask-based mode (``files.usual_mode``).
 - Both files carry a SHA-256 of their metadata and tensors (safetensors has no checksum of its
   own), verified on load: a damaged byte is refused, not loaded as a different weight. Files
   written before the checksum existed load without verification.
@@ -44,7 +44,7 @@ from .adapter import (
     resolve_targets,
 )
 from .backend import get_xp, like_of
-from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_writer: re-exported for callers)
+from .files import (
     CHECKSUM_KEY,
     FileFormatError,
     atomic_write,
@@ -54,15 +54,12 @@ from .files import (  # noqa: F401  (atomic_write, write_json, usual_mode, json_
     gpt_config,
     host_tensors,
     json_field,
-    json_writer,
     quant_tables,
     read_header,
     stored_layer_specs,
     trainable_names,
-    usual_mode,
     verify_checksum,
     with_checksum,
-    write_json,
 )
 from .files import read_safetensors as read_checkpoint
 from .hf_io import load_hf_gpt2, save_hf_gpt2, to_hf_gpt2_state_dict  # noqa: F401  (GPT-2, see ``hf_io``)

@@ -56,10 +56,11 @@ import numpy as np
 from . import data, train
 from .adapter import TARGETS, resolve_targets
 from .backend import get_backend_name, to_numpy
-from .checkpoint import BASE_CHECKPOINT, json_writer, load_checkpoint
+from .checkpoint import BASE_CHECKPOINT, load_checkpoint
 from .checks import check_choice, check_int, check_number
 from .experiments.common import desc_config, finetune
 from .experiments.common import percent as _pct
+from .files import json_writer
 from .lora import count_parameters, disable_adapters
 from .memory import format_bytes, parameter_bytes, resident_bytes, step_memory
 from .methods import METHODS, adapt

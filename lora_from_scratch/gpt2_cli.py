@@ -220,7 +220,8 @@ def finetune_main(args) -> int:
 
 def write_result(out: str, model, method: str, model_dir: str, summary: dict) -> list:
     """Write ``out`` whole or not at all (a temporary folder beside it, renamed); returns what was written."""
-    from .checkpoint import save_adapter, usual_mode, write_json
+    from .checkpoint import save_adapter
+    from .files import usual_mode, write_json
     from .finetune import ADAPTER_FILE, PEFT_FOLDER, SUMMARY_FILE
     from .hf_io import save_hf_gpt2
     from .peft_io import save_peft_adapter

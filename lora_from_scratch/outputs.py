@@ -27,7 +27,7 @@ import signal
 import tempfile
 import threading
 
-from .checkpoint import usual_mode
+from .files import usual_mode
 
 _WRITTEN: list[str] = []  # every file this process put in place, in order
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from lora_from_scratch import checkpoint, lora
+from lora_from_scratch import checkpoint, files, lora
 from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.qalora import apply_qalora
@@ -243,14 +243,14 @@ def test_save_adapter_refuses_layers_with_different_active_adapters(tmp_path):
 def test_write_json_bytes_folders_and_nan(tmp_path):
     obj = {"b": [1, 2.5, {"z": None, "a": "x"}], "a": float("nan"), "c": float("inf"), "é": "ü"}
     path = tmp_path / "new" / "folder" / "result.json"
-    checkpoint.write_json(str(path), obj)
+    files.write_json(str(path), obj)
     expected = json.dumps(obj, indent=1, sort_keys=True) + "\n"
     assert path.read_bytes() == expected.encode("ascii")  # ensure_ascii: \u escapes, whatever the locale
     assert '"a": NaN' in expected and '"c": Infinity' in expected
-    assert os.stat(path).st_mode & 0o777 == checkpoint.usual_mode()
+    assert os.stat(path).st_mode & 0o777 == files.usual_mode()
     assert os.listdir(path.parent) == ["result.json"]
     with pytest.raises(TypeError):
-        checkpoint.write_json(str(tmp_path / "other" / "bad.json"), {"x": object()})
+        files.write_json(str(tmp_path / "other" / "bad.json"), {"x": object()})
     assert not (tmp_path / "other").exists()  # refused before any folder or file was made
 
 
@@ -259,6 +259,6 @@ def test_written_files_get_the_mode_open_gives(tmp_path):
     plain.write_text("x")
     path = tmp_path / "ckpt.safetensors"
     checkpoint.save_checkpoint(make("plain"), str(path))
-    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == checkpoint.usual_mode()
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777 == files.usual_mode()
     os.makedirs(tmp_path / "d")
-    assert os.stat(tmp_path / "d").st_mode & 0o777 == checkpoint.usual_mode(folder=True)
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == files.usual_mode(folder=True)

@@ -306,7 +306,7 @@ def test_an_empty_path_is_refused_before_anything(tmp_path):
 
     model = make("lora")
     for call in (lambda: checkpoint.save_checkpoint(model, ""), lambda: checkpoint.save_adapter(model, ""),
-                 lambda: checkpoint.write_json("", {}), lambda: save_peft_adapter(model, ""),
+                 lambda: files.write_json("", {}), lambda: save_peft_adapter(model, ""),
                  lambda: save_hf_gpt2(model, "", base_only=True)):
         with pytest.raises(ValueError, match="empty path"):
             call()

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from lora_from_scratch import checkpoint
+from lora_from_scratch import files
 from lora_from_scratch.hf_io import save_hf_gpt2
 from lora_from_scratch.lora import apply_lora, lora_layers
 from lora_from_scratch.model import GPT, GPTConfig
@@ -33,7 +33,7 @@ def test_a_new_folder_gets_the_mode_makedirs_gives(tmp_path, save):
     os.makedirs(plain)
     out = tmp_path / "out"
     save(adapted(), str(out))
-    assert _mode(out) == _mode(plain) == checkpoint.usual_mode(folder=True)  # not mkdtemp's private 0700
+    assert _mode(out) == _mode(plain) == files.usual_mode(folder=True)  # not mkdtemp's private 0700
     plain_file = plain / "f.txt"
     plain_file.write_text("x")
     assert all(_mode(out / name) == _mode(plain_file) for name in os.listdir(out))

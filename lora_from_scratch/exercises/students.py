@@ -98,7 +98,7 @@ def teacher_notebooks(folder: str = NOTEBOOKS) -> list[str]:
 
 def write_student_notebooks(src: str = NOTEBOOKS, out: str = STUDENT) -> list[str]:
     """Write the student copy of every notebook with exercises into ``out``; returns the paths written."""
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     written = []
     for path in teacher_notebooks(src):

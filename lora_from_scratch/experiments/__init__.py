@@ -68,7 +68,7 @@ def save_result(result: dict, out_dir: str = FIGURES) -> tuple[str, str]:
     """Write ``NAME.json`` and ``NAME.png`` into ``out_dir`` as one set (both or neither). Returns the two paths."""
     import matplotlib.pyplot as plt
 
-    from ..checkpoint import json_writer
+    from ..files import json_writer
     from ..outputs import write_set
 
     name = result["experiment"]

@@ -37,7 +37,7 @@ if (sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not o
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..checkpoint import atomic_write  # noqa: E402
+from ..files import atomic_write  # noqa: E402
 from .diagrams import plot_attention_heads, plot_lora_diagram, plot_transformer_architecture
 from .quant import CODE_TITLES, plot_quantization_levels, quantize_roundtrip
 from .rank_and_math import example_low_rank_matrices, plot_singular_values, plot_subspace_similarity
