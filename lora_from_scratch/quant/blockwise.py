@@ -22,9 +22,10 @@ Dequantizing reverses it: ``x_i ~ level[index_i] * c`` (Eq. 2).
 How the work is done (the results do not depend on it): ``quantize_4bit`` runs the four steps
 as written (``_quantize_blocks``); from ``FAST_QUANTIZE_FROM`` values on (GPT-2's matrices) NumPy
 takes a faster route to the same bytes (``_quantize_4bit_fast``, which a reader may skip).
-Dequantizing goes through the data in cache-sized chunks on NumPy and looks every packed byte up
-in a (256, 2) table of the levels of its two nibbles, so the nibbles are never unpacked, and
-multiplies by the block constants.
+Dequantizing unpacks the nibbles, looks up their levels and multiplies by the block constants;
+from ``_DEQUANTIZE_FAST_MIN`` values on NumPy goes through the data in cache-sized pieces and
+looks every packed byte up in a (256, 2) table of the levels of its two nibbles
+(``_dequantize_4bit_fast``, the same bits; a reader may skip it too).
 
 Double quantization stores the block constants themselves in 8 bits: subtract their mean (the
 *offset*), cut the centred values into blocks of 256, and quantize each block with its own
@@ -82,7 +83,7 @@ __all__ = [
 QUANT_TYPES = ("nf4", "fp4", "int4")
 DOUBLE_QUANT_BLOCKSIZE = 256
 _TINY = 1e-38  # the smallest absmax used as a divisor (bitsandbytes' clamp)
-_CHUNK_ELEMENTS = 1 << 17  # NumPy works through the data in chunks of this many values (cache)
+_CHUNK_ELEMENTS = 1 << 17  # the fast quantizer works through the data in chunks of this many values (cache)
 # From this many values on, NumPy quantizes through ``_quantize_4bit_fast``: measured on two cores, the
 # plain route takes under 2 ms below it (1.5x the fast one), 6 ms at 2^18 and 13 ms at GPT-2's 768 x 768
 # (3-4x the fast one). The classroom model's matrices (at most 128 x 512) take the plain route.
@@ -90,44 +91,8 @@ FAST_QUANTIZE_FROM = 1 << 18
 
 
 # --------------------------------------------------------------------------------------------
-# Tables on the data's backend
+# Checks
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Table4:
-    """What the 4-bit lookup of dequantization needs, on one backend."""
-
-    byte_levels: object  # (256, 2) float32, packed byte -> (level of its high nibble, level of its low nibble)
-
-
-_CACHE: dict = {}
-
-
-def _table4(xp, quant_type: str) -> _Table4:
-    key = (xp.__name__, quant_type)
-    if key not in _CACHE:
-        levels = xp.asarray(tables.CODES[quant_type])  # (16,) float32
-        byte = xp.arange(256, dtype=xp.uint8)  # (256,) every possible packed byte
-        high, low = byte >> 4, byte & 15  # (256,) its first and second 4-bit code
-        byte_levels = xp.stack([xp.take(levels, high), xp.take(levels, low)], axis=1)  # 2 x (256,) -> (256, 2)
-        _CACHE[key] = _Table4(byte_levels=byte_levels)
-    return _CACHE[key]
-
-
-def _dynamic_levels(xp):
-    """The 256 levels of the dynamic map, float32 ascending, on ``xp``."""
-    key = (xp.__name__, "dynamic")
-    if key not in _CACHE:
-        _CACHE[key] = xp.asarray(tables.DYNAMIC_MAP)  # (256,) float32
-    return _CACHE[key]
-
-
-def _chunk_rows(xp, blocksize: int, nblocks: int) -> int:
-    """How many blocks to process at once: cache-sized chunks on NumPy, everything on a GPU."""
-    if xp.__name__ == "numpy":
-        return max(1, _CHUNK_ELEMENTS // blocksize)
-    return max(1, nblocks)
 
 
 def check_blocksize(blocksize) -> int:
@@ -531,7 +496,7 @@ def quantize_blockwise_8bit(values, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
 def dequantize_blockwise_8bit(codes, absmax2, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     """Inverse of ``quantize_blockwise_8bit``: ``level[code] * absmax2`` per block, ``(m,)`` float32."""
     xp = xp_of(codes, absmax2)
-    levels = _dynamic_levels(xp)
+    levels = xp.asarray(tables.DYNAMIC_MAP)  # (256,) float32, on the codes' backend
     m = codes.size
     per_value = xp.repeat(absmax2, blocksize)[:m]  # (nblocks,) -> (m,)
     return xp.take(levels, codes.reshape(-1)) * per_value  # (m,) float32
