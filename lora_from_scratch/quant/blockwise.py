@@ -253,17 +253,16 @@ def _quantize_blocks(flat, blocksize: int, quant_type: str):
     last block by a division: bitsandbytes' arithmetic, so that the codes are its codes.
     """
     xp = xp_of(flat)
-    nfull = flat.size // blocksize
-    blocks = flat[: nfull * blocksize].reshape(nfull, blocksize)  # (n,) -> (nfull, blocksize) complete blocks
-    tail = flat[nfull * blocksize :]  # (rem,) the short last block, empty if there is none
-    absmax = xp.abs(blocks).max(axis=1)  # (nfull,) Eq. 1: c = max |x| of each block
-    if tail.size:
-        absmax = xp.concatenate([absmax, xp.abs(tail).max(keepdims=True)])  # (nfull,) -> (nblocks,)
+    n = flat.size
+    blocks = xp.pad(flat, (0, -n % blocksize)).reshape(-1, blocksize)  # (n,) -> (nblocks, blocksize), zeros after
+    absmax = xp.abs(blocks).max(axis=1)  # (nblocks,) Eq. 1: c = max |x| of each block (the zeros change none)
     if not bool(xp.isfinite(absmax).all()):
         _raise_not_finite(flat, xp)
-    c = xp.maximum(absmax, _TINY)  # (nblocks,) an all-zero block is divided by 1e-38, not by 0
-    scaled = xp.concatenate([(blocks * (1 / c[:nfull, None])).reshape(-1), tail / c[nfull:]])  # (n,) in [-1, 1]
-    scaled = xp.pad(scaled, (0, scaled.size % 2))  # (n,) -> (n + 1,) padded with 0.0 when n is odd
+    c = xp.maximum(absmax, _TINY)[:, None]  # (nblocks, 1) an all-zero block is divided by 1e-38, not by 0
+    scaled = blocks * (1 / c)  # (nblocks, blocksize) in [-1, 1]
+    if n % blocksize:
+        scaled[-1] = blocks[-1] / c[-1]  # (blocksize,) the short last block is divided
+    scaled = scaled.reshape(-1)[: n + n % 2]  # (n,), or (n + 1,) ending in one padded 0.0 when n is odd
     order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
     position = sum((scaled > m).astype(xp.uint8) for m in midpoints)  # (n,) midpoints below: the nearest level
     codes = xp.take(xp.asarray(order.astype(xp.uint8)), position)  # (n,) sorted position -> code index
