@@ -143,10 +143,7 @@ def unpack_nibbles(packed, n: int):
     packed = packed.reshape(-1)  # (m,)
     if not 0 <= n <= 2 * packed.size:
         raise ValueError(f"cannot unpack {n} codes from {packed.size} bytes (at most {2 * packed.size})")
-    codes = xp.empty(2 * packed.size, dtype=xp.uint8)  # (2m,)
-    codes[0::2] = packed >> 4  # (m,) high nibbles
-    codes[1::2] = packed & 15  # (m,) low nibbles
-    return codes[:n]  # (2m,) -> (n,)
+    return xp.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]  # (m, 2) each byte's high, low nibble -> (n,)
 
 
 # --------------------------------------------------------------------------------------------
