@@ -46,13 +46,14 @@ from __future__ import annotations
 
 from .adapter import DEFAULT_ADAPTER, RANDOM_INITS, AdaptedLinear, LowRankAdapter, QuantizedLinear, check_adapter_args
 from .backend import get_xp, global_rng, xp_of
-from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
 from .lora import replace_targets
 from .nn import Buffer, Linear
 from .quant.groupwise import (
     GroupwiseLayout,
     GroupwiseQuantized,
+    check_bits,
+    check_group_size,
     dequantize,
     pack,
     pack_codes,
@@ -69,20 +70,6 @@ __all__ = [
     "group_mean_forward",
     "quantize_model_groupwise",
 ]
-
-
-# ---------------------------------------------------------------- checks
-def check_bits(bits) -> int:
-    """bits must be an integer from 2 to 8 (QA-LoRA studies INT4, INT3 and INT2)."""
-    return check_int("bits", bits, 2, 8)
-
-
-def check_group_size(group_size, in_features: int) -> int:
-    """group_size must be a positive integer that divides the number of input channels."""
-    group_size = check_int("group_size", group_size, 1)
-    if in_features % group_size:
-        raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
-    return group_size
 
 
 # ---------------------------------------------------------------- the frozen group-wise base
