@@ -239,7 +239,30 @@ def pack_codes(codes, bits: int):
 
 
 def pack(codes, bits: int):
-    """``pack_codes`` unchecked (codes known to fit, as the quantizer's): a unit at a time (c codes in b bytes)."""
+    """``pack_codes`` unchecked (codes known to fit, as the quantizer's): the layout as it is defined, bit by bit.
+
+    Every code is written as its 8 binary digits, most significant first; its last ``bits`` digits are the
+    code, and these, all in a row, are cut into bytes (the last one padded with zero bits).
+    """
+    xp = xp_of(codes)
+    if codes.size >= PACK_UNITS_FROM:
+        return _pack_units(codes, bits)  # the same bytes, faster on a large matrix: a reader may skip it
+    digits = xp.unpackbits(codes.reshape(-1).astype(xp.uint8, copy=False)).reshape(-1, 8)  # (n,) -> (n, 8)
+    return xp.packbits(digits[:, 8 - bits :].reshape(-1))  # (n, bits) in a row, 8 per byte -> (ceil(n * bits / 8),)
+
+
+# From this many codes on ``pack`` takes ``_pack_units``: measured on one core, 2,359,296 codes (a GPT-2 MLP
+# matrix) pack in 2-6 ms that way against 20-40 ms bit by bit (5-15x), 65,536 in 0.1 ms against 0.5-0.9 ms.
+# The classroom model's matrices (at most 65,536 weights) take the bit form.
+PACK_UNITS_FROM = 1 << 18
+
+
+def _pack_units(codes, bits: int):
+    """``pack`` a unit at a time (c codes in b bytes, ``_UNITS``), the same bytes: a reader may skip it.
+
+    The c codes of a unit go side by side into one integer, the first in the high bits, and the integer's
+    b bytes are written big-endian. No (n, 8) array of binary digits is made.
+    """
     xp = xp_of(codes)
     c, b, word = _UNITS[bits]
     n = codes.size
