@@ -237,7 +237,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     if not double_quant:
         return Quantized4bit(packed, absmax, x.shape, x.dtype, blocksize, quant_type)
     # QLoRA "Double Quantization": centre the block constants on their mean, then 8 bits in blocks of 256.
-    offset = xp.asarray(offset_mean(to_numpy(absmax))).reshape(1)  # (1,) float32 mean of the constants
+    offset = xp.asarray(offset_mean(absmax)).reshape(1)  # (1,) float32 mean of the constants (on the host)
     qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)  # (nblocks,), (nblocks/256,)
     return Quantized4bit(packed, None, x.shape, x.dtype, blocksize, quant_type, qabsmax, offset, absmax2)
 
