@@ -238,12 +238,11 @@ class QALoRALinear(AdaptedLinear):
                  init: str = "kaiming", use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
         if isinstance(base, Linear):  # quantize_groupwise checks bits and group size
             base = GroupwiseLinear.from_linear(base, bits, group_size)
-        elif isinstance(base, GroupwiseLinear):
-            if (base.bits, base.group_size) != (bits, group_size):
-                raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
-                                 f"got bits={bits!r}, group_size={group_size!r}")
-        else:
+        elif not isinstance(base, GroupwiseLinear):
             raise ValueError(f"QALoRALinear wraps an nn.Linear or a GroupwiseLinear, got {type(base).__name__}")
+        elif (base.bits, base.group_size) != (bits, group_size):
+            raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
+                             f"got bits={bits!r}, group_size={group_size!r}")
         check_qalora_args(r, alpha, dropout, init)
         rng = global_rng() if rng is None else rng
         adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,
