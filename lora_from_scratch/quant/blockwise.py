@@ -320,23 +320,18 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
     return packed, absmax  # (ceil(n/2),) uint8, (nblocks,) float32
 
 
-def _block_constants(q: Quantized4bit):
-    """The float32 block constants of ``q``, dequantizing them first if double-quantized."""
-    if not q.double_quant:
-        return q.absmax  # (nblocks,)
-    centred = dequantize_blockwise_8bit(q.qabsmax, q.absmax2, DOUBLE_QUANT_BLOCKSIZE)  # (nblocks,)
-    return centred + q.offset  # (nblocks,) + (1,) -> (nblocks,)  (QLoRA Eq. 6, inner part)
-
-
 def dequantize_4bit(q: Quantized4bit):
     """Dequantize a ``Quantized4bit``: float32 array of the original shape, on the arrays' backend.
 
-    Each code is replaced by its level and multiplied by its block's constant (QLoRA Eq. 2).
+    Each code is replaced by its level and multiplied by its block's constant (QLoRA Eq. 2), the
+    constants dequantized first when they are double-quantized.
     """
     if not isinstance(q, Quantized4bit):
         raise ValueError(f"dequantize_4bit needs a Quantized4bit, got {type(q).__name__}")
     xp = xp_of(q.packed)
-    absmax = _block_constants(q)  # (nblocks,)
+    absmax = q.absmax  # (nblocks,) float32 block constants c
+    if q.double_quant:  # c stored in 8 bits: c = dequant(qabsmax, absmax2) + offset (QLoRA Eq. 6, inner part)
+        absmax = dequantize_blockwise_8bit(q.qabsmax, q.absmax2, DOUBLE_QUANT_BLOCKSIZE) + q.offset  # (nblocks,)
     if q.numel >= _DEQUANTIZE_FAST_MIN and xp.__name__ == "numpy":  # a large host matrix: the same bits, faster
         return _dequantize_4bit_fast(q, absmax)
     levels = xp.asarray(tables.CODES[q.quant_type])  # (16,) float32, the levels of the code
