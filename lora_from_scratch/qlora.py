@@ -158,7 +158,9 @@ class QLoRALinear(AdaptedLinear):
     ``QLoRALinear(base, r, alpha, blocksize=64, double_quant=True, dropout=0.0, init="kaiming",
     use_rslora=False, rng=None)``: ``base`` is an ``nn.Linear`` (its weight is quantized here and the
     float copy dropped with it) or an ``NF4Linear``. A (r, in) and B (out, r) are made in the float
-    weight's dtype (float32 for an NF4Linear base), with the same draws as ``LoRALinear``'s.
+    weight's dtype (an NF4Linear's ``weight_dtype``, the dtype of the weight it was quantized from) on
+    the base's backend, with the same draws as ``LoRALinear``'s: a Linear and its ``NF4Linear.from_linear``
+    give the same layer.
     """
 
     kind = "qlora"
@@ -168,16 +170,14 @@ class QLoRALinear(AdaptedLinear):
                  dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, *, quant_type: str = "nf4",
                  rng=None, adapter_name: str = DEFAULT_ADAPTER):
         if isinstance(base, Linear):
-            ref = base.weight.data  # (out, in), the float weight: its dtype and backend go to A and B
             base = NF4Linear.from_linear(base, blocksize, double_quant, quant_type)  # W0 -> NF4; the bias stays float
-        elif isinstance(base, NF4Linear):
-            ref = xp_of(base.packed.data).zeros(1, dtype="float32")  # (1,) float32 on the base's backend
-        else:
+        elif not isinstance(base, NF4Linear):
             raise ValueError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
         check_qlora_args(r, alpha, dropout, init, base.blocksize, base.in_features, base.out_features)
         rng = global_rng() if rng is None else rng
         adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,
-                                        use_rslora=use_rslora, rng=rng, like_array=ref)
+                                        use_rslora=use_rslora, rng=rng,
+                                        like_array=xp_of(base.packed.data).zeros(1, dtype=base.weight_dtype))
         super().__init__(base, adapter, adapter_name)
 
     @property
