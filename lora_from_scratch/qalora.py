@@ -56,12 +56,13 @@ from .adapter import (
     resolve_targets,
 )
 from .backend import global_rng, xp_of
-from .checks import check_int
 from .functional import group_mean_backward, group_mean_forward
 from .nn import Buffer, Linear
 from .quant.groupwise import (
     GroupwiseLayout,
     GroupwiseQuantized,
+    check_bits,
+    check_group_size,
     dequantize,
     pack,
     pack_codes,
@@ -77,20 +78,6 @@ __all__ = [
     "group_mean_forward",
     "quantize_model_groupwise",
 ]
-
-
-# ---------------------------------------------------------------- checks
-def check_bits(bits) -> int:
-    """bits must be an integer from 2 to 8 (QA-LoRA studies INT4, INT3 and INT2)."""
-    return check_int("bits", bits, 2, 8)
-
-
-def check_group_size(group_size, in_features: int) -> int:
-    """group_size must be a positive integer that divides the number of input channels."""
-    group_size = check_int("group_size", group_size, 1)
-    if in_features % group_size:
-        raise ValueError(f"in_features {in_features} is not divisible by group_size {group_size}")
-    return group_size
 
 
 # ---------------------------------------------------------------- the frozen group-wise base
@@ -217,12 +204,11 @@ class QALoRALinear(AdaptedLinear):
                  init: str = "kaiming", use_rslora: bool = False, *, rng=None, adapter_name: str = DEFAULT_ADAPTER):
         if isinstance(base, Linear):  # quantize_groupwise checks bits and group size
             base = GroupwiseLinear.from_linear(base, bits, group_size)
-        elif isinstance(base, GroupwiseLinear):
-            if (base.bits, base.group_size) != (bits, group_size):
-                raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
-                                 f"got bits={bits!r}, group_size={group_size!r}")
-        else:
+        elif not isinstance(base, GroupwiseLinear):
             raise ValueError(f"QALoRALinear wraps an nn.Linear or a GroupwiseLinear, got {type(base).__name__}")
+        elif (base.bits, base.group_size) != (bits, group_size):
+            raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
+                             f"got bits={bits!r}, group_size={group_size!r}")
         check_qalora_args(r, alpha, dropout, init)
         rng = global_rng() if rng is None else rng
         adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,

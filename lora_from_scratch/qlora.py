@@ -86,11 +86,11 @@ class NF4Linear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: Linear, blocksize: int = 64, double_quant: bool = True,
                     quant_type: str = "nf4") -> NF4Linear:
-        """Quantize an ``nn.Linear``'s weight (its bias array is shared, not copied)."""
+        """Quantize an ``nn.Linear``'s weight (its bias array is shared, not copied), as ``from_weight``."""
         if not isinstance(linear, Linear):
             raise ValueError(f"NF4Linear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         bias = linear.bias.data if linear.bias is not None else None
-        return cls.from_weight(linear.weight.data, bias, blocksize, double_quant, quant_type)
+        return cls(quantize_4bit(linear.weight.data, blocksize, quant_type, double_quant), bias)  # (out, in) -> NF4
 
     @property
     def quantized(self) -> Quantized4bit:
@@ -117,7 +117,9 @@ class QLoRALinear(AdaptedLinear):
     ``QLoRALinear(base, r, alpha, blocksize=64, double_quant=True, dropout=0.0, init="kaiming",
     use_rslora=False, rng=None)``: ``base`` is an ``nn.Linear`` (its weight is quantized here and the
     float copy dropped with it) or an ``NF4Linear``. A (r, in) and B (out, r) are made in the float
-    weight's dtype (float32 for an NF4Linear base), with the same draws as ``LoRALinear``'s.
+    weight's dtype (an NF4Linear's ``weight_dtype``, the dtype of the weight it was quantized from) on
+    the base's backend, with the same draws as ``LoRALinear``'s: a Linear and its ``NF4Linear.from_linear``
+    give the same layer.
     """
 
     kind = "qlora"
@@ -127,18 +129,15 @@ class QLoRALinear(AdaptedLinear):
                  dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False, *, quant_type: str = "nf4",
                  rng=None, adapter_name: str = DEFAULT_ADAPTER):
         if isinstance(base, Linear):
-            check_qlora_args(r, alpha, dropout, init, blocksize, base.in_features, base.out_features)
-            ref = base.weight.data  # (out, in), the float weight: its dtype and backend go to A and B
-            nf4 = NF4Linear.from_linear(base, blocksize, double_quant, quant_type)  # W0 -> NF4; the bias stays float
-        elif isinstance(base, NF4Linear):
-            check_qlora_args(r, alpha, dropout, init, base.blocksize, base.in_features, base.out_features)
-            ref, nf4 = xp_of(base.packed.data).zeros(1, dtype="float32"), base  # (1,) float32 on the base's backend
-        else:
+            base = NF4Linear.from_linear(base, blocksize, double_quant, quant_type)  # W0 -> NF4; the bias stays float
+        elif not isinstance(base, NF4Linear):
             raise ValueError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
+        check_qlora_args(r, alpha, dropout, init, base.blocksize, base.in_features, base.out_features)
         rng = global_rng() if rng is None else rng
-        adapter = LowRankAdapter.create(nf4.in_features, nf4.out_features, r, alpha, init=init, dropout=dropout,
-                                        use_rslora=use_rslora, rng=rng, like_array=ref)
-        super().__init__(nf4, adapter, adapter_name)
+        adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,
+                                        use_rslora=use_rslora, rng=rng,
+                                        like_array=xp_of(base.packed.data).zeros(1, dtype=base.weight_dtype))
+        super().__init__(base, adapter, adapter_name)
 
     @property
     def weight_q(self) -> Quantized4bit:

@@ -114,6 +114,20 @@ def test_dtype_policy_and_quantized_weight():
     assert np.array_equal(to_numpy(layer.dequantized_weight()), to_numpy(deq))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_linear_and_its_nf4_base_give_the_same_layer(dtype):
+    # The adapter takes the float weight's dtype either way: an NF4Linear remembers it as weight_dtype.
+    lin = Linear(IN, OUT, rng=np.random.default_rng(5), dtype=dtype)
+    from_linear = QLoRALinear(lin, R, 4.0, rng=np.random.default_rng(6))
+    from_nf4 = QLoRALinear(NF4Linear.from_linear(lin), R, 4.0, rng=np.random.default_rng(6))
+    for name in ("lora_A", "lora_B"):
+        a, b = getattr(from_linear, name), getattr(from_nf4, name)
+        assert a.dtype == b.dtype == np.dtype(dtype)
+        assert np.array_equal(to_numpy(a.data), to_numpy(b.data))  # the same draws
+    x = asarray(np.random.default_rng(7).standard_normal((2, IN)).astype(dtype))  # (2, IN)
+    assert np.array_equal(to_numpy(from_linear(x)), to_numpy(from_nf4(x)))
+
+
 def test_same_adapter_init_as_lora():
     for init in ("kaiming", "gaussian"):
         W = np.random.default_rng(0).standard_normal((OUT, IN)).astype("float32")  # (OUT, IN)

@@ -12,6 +12,7 @@ from lora_from_scratch.backend import asarray, to_numpy
 from lora_from_scratch.quant import (
     GroupwiseQuantized,
     dequantize_groupwise,
+    groupwise,
     groupwise_bits_per_parameter,
     pack_codes,
     pack_nibbles,
@@ -137,6 +138,31 @@ def test_pack_unpack_codes_exact(bits, n, seed):
     # The bit stream, read bit by bit with NumPy, spells the codes most significant bit first.
     stream = np.unpackbits(packed)[: n * bits].reshape(n, bits)
     np.testing.assert_array_equal(stream @ (1 << np.arange(bits - 1, -1, -1)), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_by_units_equals_the_bit_by_bit_form_at_the_threshold(bits):
+    # ``pack`` writes the stream bit by bit below PACK_UNITS_FROM codes and a unit at a time from there on:
+    # both must give the same bytes, on either side of the threshold and at sizes that leave a partial unit.
+    edge = groupwise.PACK_UNITS_FROM
+    rng = np.random.default_rng(bits)
+    for n in (0, 1, 7, 9, 1001, edge - 1, edge, edge + 3):
+        codes = asarray(rng.integers(0, 2**bits, n).astype(np.uint8))
+        units = to_numpy(groupwise._pack_units(codes, bits))
+        np.testing.assert_array_equal(to_numpy(groupwise.pack(codes, bits)), units)
+        if n < edge:  # the same bytes from the bit form itself, not only through the route pack takes
+            digits = np.unpackbits(to_numpy(codes)).reshape(-1, 8)[:, 8 - bits :]  # (n, bits)
+            np.testing.assert_array_equal(np.packbits(digits), units)
+
+
+def test_pack_takes_the_unit_route_from_the_threshold_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(groupwise, "_pack_units", lambda codes, bits: calls.append(codes.size))
+    codes = asarray(np.zeros(groupwise.PACK_UNITS_FROM, np.uint8))
+    groupwise.pack(codes[:-1], 4)
+    assert calls == []  # below the threshold: the bit form
+    groupwise.pack(codes, 4)
+    assert calls == [groupwise.PACK_UNITS_FROM]
 
 
 def test_pack_codes_4bit_is_the_nibble_layout():

@@ -22,9 +22,10 @@ Dequantizing reverses it: ``x_i ~ level[index_i] * c`` (Eq. 2).
 How the work is done (the results do not depend on it): ``quantize_4bit`` runs the four steps
 as written (``_quantize_blocks``); from ``FAST_QUANTIZE_FROM`` values on (GPT-2's matrices) NumPy
 takes a faster route to the same bytes (``_quantize_4bit_fast``, which a reader may skip).
-Dequantizing goes through the data in cache-sized chunks on NumPy and looks every packed byte up
-in a (256, 2) table of the levels of its two nibbles, so the nibbles are never unpacked, and
-multiplies by the block constants.
+Dequantizing unpacks the nibbles, looks up their levels and multiplies by the block constants;
+from ``_DEQUANTIZE_FAST_MIN`` values on NumPy goes through the data in cache-sized pieces and
+looks every packed byte up in a (256, 2) table of the levels of its two nibbles
+(``_dequantize_4bit_fast``, the same bits; a reader may skip it too).
 
 Double quantization stores the block constants themselves in 8 bits: subtract their mean (the
 *offset*), cut the centred values into blocks of 256, and quantize each block with its own
@@ -82,7 +83,7 @@ __all__ = [
 QUANT_TYPES = ("nf4", "fp4", "int4")
 DOUBLE_QUANT_BLOCKSIZE = 256
 _TINY = 1e-38  # the smallest absmax used as a divisor (bitsandbytes' clamp)
-_CHUNK_ELEMENTS = 1 << 17  # NumPy works through the data in chunks of this many values (cache)
+_CHUNK_ELEMENTS = 1 << 17  # the fast quantizer works through the data in chunks of this many values (cache)
 # From this many values on, NumPy quantizes through ``_quantize_4bit_fast``: measured on two cores, the
 # plain route takes under 2 ms below it (1.5x the fast one), 6 ms at 2^18 and 13 ms at GPT-2's 768 x 768
 # (3-4x the fast one). The classroom model's matrices (at most 128 x 512) take the plain route.
@@ -90,44 +91,8 @@ FAST_QUANTIZE_FROM = 1 << 18
 
 
 # --------------------------------------------------------------------------------------------
-# Tables on the data's backend
+# Checks
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Table4:
-    """What the 4-bit lookup of dequantization needs, on one backend."""
-
-    byte_levels: object  # (256, 2) float32, packed byte -> (level of its high nibble, level of its low nibble)
-
-
-_CACHE: dict = {}
-
-
-def _table4(xp, quant_type: str) -> _Table4:
-    key = (xp.__name__, quant_type)
-    if key not in _CACHE:
-        levels = xp.asarray(tables.CODES[quant_type])  # (16,) float32
-        byte = xp.arange(256, dtype=xp.uint8)  # (256,) every possible packed byte
-        high, low = byte >> 4, byte & 15  # (256,) its first and second 4-bit code
-        byte_levels = xp.stack([xp.take(levels, high), xp.take(levels, low)], axis=1)  # 2 x (256,) -> (256, 2)
-        _CACHE[key] = _Table4(byte_levels=byte_levels)
-    return _CACHE[key]
-
-
-def _dynamic_levels(xp):
-    """The 256 levels of the dynamic map, float32 ascending, on ``xp``."""
-    key = (xp.__name__, "dynamic")
-    if key not in _CACHE:
-        _CACHE[key] = xp.asarray(tables.DYNAMIC_MAP)  # (256,) float32
-    return _CACHE[key]
-
-
-def _chunk_rows(xp, blocksize: int, nblocks: int) -> int:
-    """How many blocks to process at once: cache-sized chunks on NumPy, everything on a GPU."""
-    if xp.__name__ == "numpy":
-        return max(1, _CHUNK_ELEMENTS // blocksize)
-    return max(1, nblocks)
 
 
 def check_blocksize(blocksize) -> int:
@@ -178,10 +143,7 @@ def unpack_nibbles(packed, n: int):
     packed = packed.reshape(-1)  # (m,)
     if not 0 <= n <= 2 * packed.size:
         raise ValueError(f"cannot unpack {n} codes from {packed.size} bytes (at most {2 * packed.size})")
-    codes = xp.empty(2 * packed.size, dtype=xp.uint8)  # (2m,)
-    codes[0::2] = packed >> 4  # (m,) high nibbles
-    codes[1::2] = packed & 15  # (m,) low nibbles
-    return codes[:n]  # (2m,) -> (n,)
+    return xp.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]  # (m, 2) each byte's high, low nibble -> (n,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +237,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     if not double_quant:
         return Quantized4bit(packed, absmax, x.shape, x.dtype, blocksize, quant_type)
     # QLoRA "Double Quantization": centre the block constants on their mean, then 8 bits in blocks of 256.
-    offset = xp.asarray(offset_mean(to_numpy(absmax))).reshape(1)  # (1,) float32 mean of the constants
+    offset = xp.asarray(offset_mean(absmax)).reshape(1)  # (1,) float32 mean of the constants (on the host)
     qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)  # (nblocks,), (nblocks/256,)
     return Quantized4bit(packed, None, x.shape, x.dtype, blocksize, quant_type, qabsmax, offset, absmax2)
 
@@ -288,17 +250,16 @@ def _quantize_blocks(flat, blocksize: int, quant_type: str):
     last block by a division: bitsandbytes' arithmetic, so that the codes are its codes.
     """
     xp = xp_of(flat)
-    nfull = flat.size // blocksize
-    blocks = flat[: nfull * blocksize].reshape(nfull, blocksize)  # (n,) -> (nfull, blocksize) complete blocks
-    tail = flat[nfull * blocksize :]  # (rem,) the short last block, empty if there is none
-    absmax = xp.abs(blocks).max(axis=1)  # (nfull,) Eq. 1: c = max |x| of each block
-    if tail.size:
-        absmax = xp.concatenate([absmax, xp.abs(tail).max(keepdims=True)])  # (nfull,) -> (nblocks,)
+    n = flat.size
+    blocks = xp.pad(flat, (0, -n % blocksize)).reshape(-1, blocksize)  # (n,) -> (nblocks, blocksize), zeros after
+    absmax = xp.abs(blocks).max(axis=1)  # (nblocks,) Eq. 1: c = max |x| of each block (the zeros change none)
     if not bool(xp.isfinite(absmax).all()):
         _raise_not_finite(flat, xp)
-    c = xp.maximum(absmax, _TINY)  # (nblocks,) an all-zero block is divided by 1e-38, not by 0
-    scaled = xp.concatenate([(blocks * (1 / c[:nfull, None])).reshape(-1), tail / c[nfull:]])  # (n,) in [-1, 1]
-    scaled = xp.pad(scaled, (0, scaled.size % 2))  # (n,) -> (n + 1,) padded with 0.0 when n is odd
+    c = xp.maximum(absmax, _TINY)[:, None]  # (nblocks, 1) an all-zero block is divided by 1e-38, not by 0
+    scaled = blocks * (1 / c)  # (nblocks, blocksize) in [-1, 1]
+    if n % blocksize:
+        scaled[-1] = blocks[-1] / c[-1]  # (blocksize,) the short last block is divided
+    scaled = scaled.reshape(-1)[: n + n % 2]  # (n,), or (n + 1,) ending in one padded 0.0 when n is odd
     order, _, midpoints = tables.SEARCH_TABLES[quant_type]  # (16,) code indices by level, (15,) float32
     position = sum((scaled > m).astype(xp.uint8) for m in midpoints)  # (n,) midpoints below: the nearest level
     codes = xp.take(xp.asarray(order.astype(xp.uint8)), position)  # (n,) sorted position -> code index
@@ -359,23 +320,18 @@ def _quantize_4bit_fast(flat, blocksize: int, quant_type: str):
     return packed, absmax  # (ceil(n/2),) uint8, (nblocks,) float32
 
 
-def _block_constants(q: Quantized4bit):
-    """The float32 block constants of ``q``, dequantizing them first if double-quantized."""
-    if not q.double_quant:
-        return q.absmax  # (nblocks,)
-    centred = dequantize_blockwise_8bit(q.qabsmax, q.absmax2, DOUBLE_QUANT_BLOCKSIZE)  # (nblocks,)
-    return centred + q.offset  # (nblocks,) + (1,) -> (nblocks,)  (QLoRA Eq. 6, inner part)
-
-
 def dequantize_4bit(q: Quantized4bit):
     """Dequantize a ``Quantized4bit``: float32 array of the original shape, on the arrays' backend.
 
-    Each code is replaced by its level and multiplied by its block's constant (QLoRA Eq. 2).
+    Each code is replaced by its level and multiplied by its block's constant (QLoRA Eq. 2), the
+    constants dequantized first when they are double-quantized.
     """
     if not isinstance(q, Quantized4bit):
         raise ValueError(f"dequantize_4bit needs a Quantized4bit, got {type(q).__name__}")
     xp = xp_of(q.packed)
-    absmax = _block_constants(q)  # (nblocks,)
+    absmax = q.absmax  # (nblocks,) float32 block constants c
+    if q.double_quant:  # c stored in 8 bits: c = dequant(qabsmax, absmax2) + offset (QLoRA Eq. 6, inner part)
+        absmax = dequantize_blockwise_8bit(q.qabsmax, q.absmax2, DOUBLE_QUANT_BLOCKSIZE) + q.offset  # (nblocks,)
     if q.numel >= _DEQUANTIZE_FAST_MIN and xp.__name__ == "numpy":  # a large host matrix: the same bits, faster
         return _dequantize_4bit_fast(q, absmax)
     levels = xp.asarray(tables.CODES[q.quant_type])  # (16,) float32, the levels of the code
@@ -531,7 +487,7 @@ def quantize_blockwise_8bit(values, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
 def dequantize_blockwise_8bit(codes, absmax2, blocksize: int = DOUBLE_QUANT_BLOCKSIZE):
     """Inverse of ``quantize_blockwise_8bit``: ``level[code] * absmax2`` per block, ``(m,)`` float32."""
     xp = xp_of(codes, absmax2)
-    levels = _dynamic_levels(xp)
+    levels = xp.asarray(tables.DYNAMIC_MAP)  # (256,) float32, on the codes' backend
     m = codes.size
     per_value = xp.repeat(absmax2, blocksize)[:m]  # (nblocks,) -> (m,)
     return xp.take(levels, codes.reshape(-1)) * per_value  # (m,) float32
