@@ -138,36 +138,23 @@ def layernorm_backward(dy, cache, need_params=True):
 
 # ----------------------------------------------------------------------- GELU
 def _gelu_tanh(x):
-    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU, in one new array."""
-    xp = xp_of(x)
-    # in-place steps, so that only t itself is allocated
-    t = x * x  # (...) x^2
-    t *= GELU_C * 0.044715
-    t += GELU_C
-    t *= x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
-    xp.tanh(t, out=t)  # (...) t = tanh(...)
-    return t
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU."""
+    t = (x * x * (GELU_C * 0.044715) + GELU_C) * x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
+    return xp_of(x).tanh(t, out=t)  # (...) t = tanh(...), in place
 
 
 def _gelu(x):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one new array."""
-    y = _gelu_tanh(x)  # (...) t
-    y += 1.0
-    y *= x
-    y *= 0.5  # (...) 0.5 x (1 + t)
-    return y
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return (_gelu_tanh(x) + 1.0) * x * 0.5  # (...) (1 + t) x / 2
 
 
 def _gelu_grad(dy, x):
     """dy times d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 
-    In place, so that at most three (..., 4C) arrays exist at once (t, d and t^2 - 1).
+    In place where it matters, so that at most three (..., 4C) arrays exist at once (t, d and t^2 - 1).
     """
     t = _gelu_tanh(x)  # (...) recomputed from x
-    d = x * x  # (...) x^2
-    d *= GELU_C * 3 * 0.044715
-    d += GELU_C  # (...) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    d *= x
+    d = (x * x * (GELU_C * 3 * 0.044715) + GELU_C) * x  # (...) x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     s = t * t  # (...) t^2
     s -= 1.0
     d *= s  # (...) -x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
