@@ -356,19 +356,19 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     valid = tg != ignore_index  # (N,)
     in_range = (tg >= 0) & (tg < V)  # (N,)
     bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
-    valid &= in_range  # (N,): out-of-range targets are never used as an index (NaN-poisoned below)
-    n_valid = xp.maximum(valid.sum(), 1).astype(lg.dtype)  # (): on the device, >= 1 so never 0 / 0
+    valid &= in_range  # (N,): out-of-range targets are never used as an index
+    # (): on the device, >= 1 so never 0 / 0; NaN when a target is out of range, which poisons the loss and dlogits
+    n_valid = xp.where(bad, math.nan, xp.maximum(valid.sum(), 1)).astype(lg.dtype)
     safe_t = xp.where(valid, tg, 0)  # (N,)
     rows = xp.arange(lg.shape[0])  # (N,)
     shifted = lg - lg.max(axis=-1, keepdims=True)  # (N, V)
     e = xp.exp(shifted)  # (N, V)
     s = e.sum(axis=-1, keepdims=True)  # (N, 1)
     logp_t = shifted[rows, safe_t] - xp.log(s[:, 0])  # (N,)
-    poison = xp.where(bad, math.nan, 0.0).astype(lg.dtype)  # (): NaN when a target is out of range, else 0
-    loss = -(logp_t * valid).sum() / n_valid + poison  # ()
+    loss = -(logp_t * valid).sum() / n_valid  # ()
     dl = e / s  # (N, V) softmax
     dl[rows, safe_t] -= 1.0  # (N, V) minus one-hot
-    dl *= (valid.astype(lg.dtype) / n_valid + poison)[:, None]  # (N, V), zero rows where ignored
+    dl *= (valid.astype(lg.dtype) / n_valid)[:, None]  # (N, V), zero rows where ignored
     return loss, dl.reshape(logits.shape)
 
 
@@ -387,8 +387,6 @@ def lm_head_cross_entropy(x, W, targets, ignore_index=IGNORE_INDEX, need_dW=True
     the same numbers come from ``_lm_head_cross_entropy_chunked``, which never holds the (N, V)
     logits whole.
     """
-    if targets.shape != x.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
     if rows is not None or targets.size * W.shape[0] > _WHOLE_LOGITS:
         return _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows)
     logits, cache = linear_forward(x, W)  # (..., C) @ (C, V) -> (..., V)
@@ -422,6 +420,8 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
     """
     xp = xp_of(x, W)
     V, C = W.shape
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
     x2 = x.reshape(-1, C)  # (..., C) -> (N, C)
     tg = targets.reshape(-1)  # (...) -> (N,)
     N = x2.shape[0]
@@ -430,9 +430,8 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
     in_range = (tg >= 0) & (tg < V)  # (N,)
     bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
     valid &= in_range  # (N,)
-    n_valid = xp.maximum(valid.sum(), 1).astype(x2.dtype)  # (): >= 1, so never 0 / 0
-    poison = xp.where(bad, math.nan, 0.0).astype(x2.dtype)  # (): NaN when a target is out of range
-    weight = valid.astype(x2.dtype) / n_valid + poison  # (N,) each position's share of the mean
+    n_valid = xp.where(bad, math.nan, xp.maximum(valid.sum(), 1)).astype(x2.dtype)  # (): >= 1, or NaN (poison)
+    weight = valid.astype(x2.dtype) / n_valid  # (N,) each position's share of the mean
     safe_t = xp.where(valid, tg, 0)  # (N,)
     dx = xp.empty_like(x2)  # (N, C)
     dW = xp.zeros_like(W) if need_dW else None  # (V, C)
@@ -455,7 +454,7 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
         dx[start:stop] = lg @ W  # (n, V) @ (V, C) -> (n, C)
         if need_dW:
             dW += lg.T @ xc  # (V, n) @ (n, C) -> (V, C)
-    loss = total / n_valid + poison  # ()
+    loss = total / n_valid  # ()
     return loss, dx.reshape(x.shape), dW
 
 
