@@ -61,11 +61,8 @@ def make_optimizer(model, cfg) -> AdamW:
     ``cfg``: a ``train.TrainConfig`` (its ``lr``, ``betas`` and ``weight_decay``).
     """
     params = model.trainable_parameters()
-    decay = [p for p in params if p.data.ndim >= 2]  # matrices
-    no_decay = [p for p in params if p.data.ndim < 2]  # biases, gains, vectors
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = [{"params": [p for p in params if p.data.ndim >= 2]},  # matrices: cfg.weight_decay
+              {"params": [p for p in params if p.data.ndim < 2], "weight_decay": 0.0}]  # biases, gains (may be none)
     return AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
