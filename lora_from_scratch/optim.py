@@ -227,16 +227,17 @@ def _adamw_threaded(work) -> None:
 
 
 def _global_norm(grads):
-    """sqrt(sum of every squared entry) of ``grads`` (a non-empty list): a 0-d float64 array on their device."""
-    xp = xp_of(grads[0])
-    total = sum((g.astype("float64") ** 2).sum() for g in grads)  # each (shape of g) -> (), summed in order
+    """sqrt(sum of every squared entry) of ``grads``: a 0-d float64 array on their device (0 on the default
+    backend when the list is empty)."""
+    xp = xp_of(*grads) if grads else get_xp()
+    zero = xp.zeros((), dtype="float64")  # (), so that an empty list sums to a 0-d array too
+    total = sum(((g.astype("float64") ** 2).sum() for g in grads), zero)  # each (shape of g) -> (), summed in order
     return xp.asarray(xp.sqrt(total))  # ()
 
 
 def grad_norm(params) -> float:
     """The global L2 norm of all gradients, as a Python float (one host synchronization; 0.0 with no gradient)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(_global_norm(grads)) if grads else 0.0
+    return float(_global_norm([p.grad for p in params if p.grad is not None]))
 
 
 def clip_grad_norm(params, max_norm: float):
@@ -259,10 +260,8 @@ def clip_grad_norm(params, max_norm: float):
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return get_xp().zeros((), dtype="float64")  # ()
-    xp = xp_of(params[0].grad)
     norm = _global_norm([p.grad for p in params])  # ()
+    xp = xp_of(norm)
     clip = xp.isfinite(norm) & (norm > max_norm)  # () bool, on the device
     scale = xp.where(clip, max_norm / (norm + 1e-6), 1.0)  # () float64
     for p in params:
