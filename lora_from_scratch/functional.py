@@ -354,11 +354,10 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     lg = logits.reshape(-1, V)  # (..., V) -> (N, V)
     tg = targets.reshape(-1)  # (...) -> (N,)
     valid = tg != ignore_index  # (N,)
-    in_range = (tg >= 0) & (tg < V)  # (N,)
-    bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
-    valid &= in_range  # (N,): out-of-range targets are never used as an index
+    bad = valid & ((tg < 0) | (tg >= V))  # (N,): neither ignored nor a class
+    valid &= ~bad  # (N,): an out-of-range target is never used as an index
     # (): on the device, >= 1 so never 0 / 0; NaN when a target is out of range, which poisons the loss and dlogits
-    n_valid = xp.where(bad, math.nan, xp.maximum(valid.sum(), 1)).astype(lg.dtype)
+    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(lg.dtype)
     safe_t = xp.where(valid, tg, 0)  # (N,)
     rows = xp.arange(lg.shape[0])  # (N,)
     shifted = lg - lg.max(axis=-1, keepdims=True)  # (N, V)
@@ -427,10 +426,9 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
     N = x2.shape[0]
     rows = rows or lm_head_chunk_rows(V)  # (rows, V) logits per chunk
     valid = tg != ignore_index  # (N,)
-    in_range = (tg >= 0) & (tg < V)  # (N,)
-    bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
-    valid &= in_range  # (N,)
-    n_valid = xp.where(bad, math.nan, xp.maximum(valid.sum(), 1)).astype(x2.dtype)  # (): >= 1, or NaN (poison)
+    bad = valid & ((tg < 0) | (tg >= V))  # (N,): neither ignored nor a class
+    valid &= ~bad  # (N,)
+    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(x2.dtype)  # (): >= 1, or NaN (poison)
     weight = valid.astype(x2.dtype) / n_valid  # (N,) each position's share of the mean
     safe_t = xp.where(valid, tg, 0)  # (N,)
     dx = xp.empty_like(x2)  # (N, C)
