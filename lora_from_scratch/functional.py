@@ -173,14 +173,14 @@ def gelu_forward(x):
     (..., 4C) array per block alive from the forward to the backward.
     """
     if x.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(x):  # a large host array: two cores, same numbers
-        return fast.elementwise(_gelu, x), x
+        return fast.elementwise(fast.gelu_in_place, x), x
     return _gelu(x), x
 
 
 def gelu_backward(dy, cache):
     """d/dx GELU times the upstream gradient dy (``_gelu_grad``)."""
     if dy.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(dy):  # a large host array: two cores, same numbers
-        return fast.elementwise(_gelu_grad, dy, cache)
+        return fast.elementwise(fast.gelu_grad_in_place, dy, cache)
     return _gelu_grad(dy, cache)
 
 
