@@ -505,10 +505,9 @@ def group_mean_forward(x, group_size: int):
     return p, group_size
 
 
-def group_mean_backward(dp, cache):
-    """dx[..., i] = dp[..., g(i)] / group_size: every channel of a group gets an equal share. (..., L) -> (..., in)."""
-    group_size = cache
-    xp = xp_of(dp)
-    share = dp[..., None] * (1.0 / group_size)  # (..., L) -> (..., L, 1)
-    dx = xp.broadcast_to(share, (*dp.shape, group_size))  # (..., L, 1) -> (..., L, gs), a view
-    return dx.reshape(*dp.shape[:-1], dp.shape[-1] * group_size)  # (..., L, gs) -> (..., in), a copy
+def group_mean_backward(dp, group_size: int):
+    """dx[..., i] = dp[..., g(i)] / group_size: every channel of a group gets an equal share. (..., L) -> (..., in).
+
+    ``group_size`` is the cache of ``group_mean_forward``.
+    """
+    return xp_of(dp).repeat(dp * (1.0 / group_size), group_size, axis=-1)  # (..., L) -> (..., L * group_size)
