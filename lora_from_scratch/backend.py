@@ -86,17 +86,12 @@ def is_cupy_array(a) -> bool:
 
 def xp_of(*arrays) -> types.ModuleType:
     """The array module of the inputs: ``cupy`` if any is a CuPy array, else ``numpy``."""
-    for a in arrays:
-        if is_cupy_array(a):
-            return _cupy()
-    return np
+    return _cupy() if any(is_cupy_array(a) for a in arrays) else np
 
 
 def to_numpy(a) -> np.ndarray:
     """A NumPy copy (or view) of an array of either backend; Python scalars pass through ``np.asarray``."""
-    if is_cupy_array(a):
-        return a.get()
-    return np.asarray(a)
+    return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
 def asarray(a, dtype=None):

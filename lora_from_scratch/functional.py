@@ -138,36 +138,23 @@ def layernorm_backward(dy, cache, need_params=True):
 
 # ----------------------------------------------------------------------- GELU
 def _gelu_tanh(x):
-    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU, in one new array."""
-    xp = xp_of(x)
-    # in-place steps, so that only t itself is allocated
-    t = x * x  # (...) x^2
-    t *= GELU_C * 0.044715
-    t += GELU_C
-    t *= x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
-    xp.tanh(t, out=t)  # (...) t = tanh(...)
-    return t
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU."""
+    t = (x * x * (GELU_C * 0.044715) + GELU_C) * x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
+    return xp_of(x).tanh(t, out=t)  # (...) t = tanh(...), in place
 
 
 def _gelu(x):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one new array."""
-    y = _gelu_tanh(x)  # (...) t
-    y += 1.0
-    y *= x
-    y *= 0.5  # (...) 0.5 x (1 + t)
-    return y
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return (_gelu_tanh(x) + 1.0) * x * 0.5  # (...) (1 + t) x / 2
 
 
 def _gelu_grad(dy, x):
     """dy times d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 
-    In place, so that at most three (..., 4C) arrays exist at once (t, d and t^2 - 1).
+    In place where it matters, so that at most three (..., 4C) arrays exist at once (t, d and t^2 - 1).
     """
     t = _gelu_tanh(x)  # (...) recomputed from x
-    d = x * x  # (...) x^2
-    d *= GELU_C * 3 * 0.044715
-    d += GELU_C  # (...) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    d *= x
+    d = (x * x * (GELU_C * 3 * 0.044715) + GELU_C) * x  # (...) x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     s = t * t  # (...) t^2
     s -= 1.0
     d *= s  # (...) -x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -186,14 +173,14 @@ def gelu_forward(x):
     (..., 4C) array per block alive from the forward to the backward.
     """
     if x.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(x):  # a large host array: two cores, same numbers
-        return fast.elementwise(_gelu, x), x
+        return fast.elementwise(fast.gelu_in_place, x), x
     return _gelu(x), x
 
 
 def gelu_backward(dy, cache):
     """d/dx GELU times the upstream gradient dy (``_gelu_grad``)."""
     if dy.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(dy):  # a large host array: two cores, same numbers
-        return fast.elementwise(_gelu_grad, dy, cache)
+        return fast.elementwise(fast.gelu_grad_in_place, dy, cache)
     return _gelu_grad(dy, cache)
 
 
@@ -367,21 +354,20 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     lg = logits.reshape(-1, V)  # (..., V) -> (N, V)
     tg = targets.reshape(-1)  # (...) -> (N,)
     valid = tg != ignore_index  # (N,)
-    in_range = (tg >= 0) & (tg < V)  # (N,)
-    bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
-    valid &= in_range  # (N,): out-of-range targets are never used as an index (NaN-poisoned below)
-    n_valid = xp.maximum(valid.sum(), 1).astype(lg.dtype)  # (): on the device, >= 1 so never 0 / 0
+    bad = valid & ((tg < 0) | (tg >= V))  # (N,): neither ignored nor a class
+    valid &= ~bad  # (N,): an out-of-range target is never used as an index
+    # (): on the device, >= 1 so never 0 / 0; NaN when a target is out of range, which poisons the loss and dlogits
+    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(lg.dtype)
     safe_t = xp.where(valid, tg, 0)  # (N,)
     rows = xp.arange(lg.shape[0])  # (N,)
     shifted = lg - lg.max(axis=-1, keepdims=True)  # (N, V)
     e = xp.exp(shifted)  # (N, V)
     s = e.sum(axis=-1, keepdims=True)  # (N, 1)
     logp_t = shifted[rows, safe_t] - xp.log(s[:, 0])  # (N,)
-    poison = xp.where(bad, math.nan, 0.0).astype(lg.dtype)  # (): NaN when a target is out of range, else 0
-    loss = -(logp_t * valid).sum() / n_valid + poison  # ()
+    loss = -(logp_t * valid).sum() / n_valid  # ()
     dl = e / s  # (N, V) softmax
     dl[rows, safe_t] -= 1.0  # (N, V) minus one-hot
-    dl *= (valid.astype(lg.dtype) / n_valid + poison)[:, None]  # (N, V), zero rows where ignored
+    dl *= (valid.astype(lg.dtype) / n_valid)[:, None]  # (N, V), zero rows where ignored
     return loss, dl.reshape(logits.shape)
 
 
@@ -400,8 +386,6 @@ def lm_head_cross_entropy(x, W, targets, ignore_index=IGNORE_INDEX, need_dW=True
     the same numbers come from ``_lm_head_cross_entropy_chunked``, which never holds the (N, V)
     logits whole.
     """
-    if targets.shape != x.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
     if rows is not None or targets.size * W.shape[0] > _WHOLE_LOGITS:
         return _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows)
     logits, cache = linear_forward(x, W)  # (..., C) @ (C, V) -> (..., V)
@@ -435,17 +419,17 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
     """
     xp = xp_of(x, W)
     V, C = W.shape
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape)}")
     x2 = x.reshape(-1, C)  # (..., C) -> (N, C)
     tg = targets.reshape(-1)  # (...) -> (N,)
     N = x2.shape[0]
     rows = rows or lm_head_chunk_rows(V)  # (rows, V) logits per chunk
     valid = tg != ignore_index  # (N,)
-    in_range = (tg >= 0) & (tg < V)  # (N,)
-    bad = (valid & ~in_range).any()  # (): some target is neither ignored nor a class
-    valid &= in_range  # (N,)
-    n_valid = xp.maximum(valid.sum(), 1).astype(x2.dtype)  # (): >= 1, so never 0 / 0
-    poison = xp.where(bad, math.nan, 0.0).astype(x2.dtype)  # (): NaN when a target is out of range
-    weight = valid.astype(x2.dtype) / n_valid + poison  # (N,) each position's share of the mean
+    bad = valid & ((tg < 0) | (tg >= V))  # (N,): neither ignored nor a class
+    valid &= ~bad  # (N,)
+    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(x2.dtype)  # (): >= 1, or NaN (poison)
+    weight = valid.astype(x2.dtype) / n_valid  # (N,) each position's share of the mean
     safe_t = xp.where(valid, tg, 0)  # (N,)
     dx = xp.empty_like(x2)  # (N, C)
     dW = xp.zeros_like(W) if need_dW else None  # (V, C)
@@ -468,7 +452,7 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
         dx[start:stop] = lg @ W  # (n, V) @ (V, C) -> (n, C)
         if need_dW:
             dW += lg.T @ xc  # (V, n) @ (n, C) -> (V, C)
-    loss = total / n_valid + poison  # ()
+    loss = total / n_valid  # ()
     return loss, dx.reshape(x.shape), dW
 
 
@@ -521,10 +505,9 @@ def group_mean_forward(x, group_size: int):
     return p, group_size
 
 
-def group_mean_backward(dp, cache):
-    """dx[..., i] = dp[..., g(i)] / group_size: every channel of a group gets an equal share. (..., L) -> (..., in)."""
-    group_size = cache
-    xp = xp_of(dp)
-    share = dp[..., None] * (1.0 / group_size)  # (..., L) -> (..., L, 1)
-    dx = xp.broadcast_to(share, (*dp.shape, group_size))  # (..., L, 1) -> (..., L, gs), a view
-    return dx.reshape(*dp.shape[:-1], dp.shape[-1] * group_size)  # (..., L, gs) -> (..., in), a copy
+def group_mean_backward(dp, group_size: int):
+    """dx[..., i] = dp[..., g(i)] / group_size: every channel of a group gets an equal share. (..., L) -> (..., in).
+
+    ``group_size`` is the cache of ``group_mean_forward``.
+    """
+    return xp_of(dp).repeat(dp * (1.0 / group_size), group_size, axis=-1)  # (..., L) -> (..., L * group_size)

@@ -45,13 +45,12 @@ def adapt(model, method: str, r: int = 8, alpha: float = 16, targets=TARGETS, *,
         raise ValueError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
     if method == "full":
         return model.unfreeze()  # every parameter trains
+    adapter = dict(dropout=dropout, init=init, use_rslora=use_rslora, seed=seed)  # the same for every method
     if method == "lora":
-        return apply_lora(model, r, alpha, targets, dropout=dropout, init=init, use_rslora=use_rslora, seed=seed)
+        return apply_lora(model, r, alpha, targets, **adapter)
     if method == "qlora":
-        return apply_qlora(model, r, alpha, targets, blocksize=blocksize, double_quant=double_quant,
-                           dropout=dropout, init=init, use_rslora=use_rslora, seed=seed)
-    return apply_qalora(model, r, alpha, targets, bits=bits, group_size=group_size, dropout=dropout,
-                        init=init, use_rslora=use_rslora, seed=seed)
+        return apply_qlora(model, r, alpha, targets, blocksize=blocksize, double_quant=double_quant, **adapter)
+    return apply_qalora(model, r, alpha, targets, bits=bits, group_size=group_size, **adapter)
 
 
 # ---------------------------------------------------------------- one training step, the same for every method
@@ -61,11 +60,8 @@ def make_optimizer(model, cfg) -> AdamW:
     ``cfg``: a ``train.TrainConfig`` (its ``lr``, ``betas`` and ``weight_decay``).
     """
     params = model.trainable_parameters()
-    decay = [p for p in params if p.data.ndim >= 2]  # matrices
-    no_decay = [p for p in params if p.data.ndim < 2]  # biases, gains, vectors
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = [{"params": [p for p in params if p.data.ndim >= 2]},  # matrices: cfg.weight_decay
+              {"params": [p for p in params if p.data.ndim < 2], "weight_decay": 0.0}]  # biases, gains (may be none)
     return AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 

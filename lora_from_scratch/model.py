@@ -241,26 +241,30 @@ class GPT(Module):
         return self.ln_f(x)  # (B, T, C)
 
     def backward(self, dlogits=None):
-        """Fills ``.grad`` of every trainable parameter: from d(loss)/d(logits) after ``forward``, or
-        with no argument after ``loss`` (whose head gradients are already computed)."""
-        cache, wte = _need_cache(self._cache, "GPT"), self.wte.weight
-        if isinstance(cache, _HeadGradients):
-            if dlogits is not None:
-                raise ValueError("after GPT.loss call backward() without dlogits: the loss's gradient is already in")
-            dx, dW_head = cache
-        else:
-            if dlogits is None:
-                raise ValueError("GPT.backward needs dlogits (B, T, V) after a forward; only GPT.loss needs none")
-            dx, dW_head, _ = F.linear_backward(dlogits, cache, need_dW=wte.trainable, need_db=False)
-        self._cache = None  # (B, T, V) -> (B, T, C); dW_head (V, C) when the embedding trains
+        """Fills ``.grad`` of every trainable parameter: with no argument after ``loss`` (whose head gradients
+        are already computed), or from d(loss)/d(logits) (B, T, V) after ``forward``."""
+        cache = _need_cache(self._cache, "GPT")
+        if dlogits is not None or not isinstance(cache, _HeadGradients):
+            cache = self._head_gradients(cache, dlogits)  # after forward: the LM head's backward first
+        dx, dW_head = cache  # (B, T, C) below the head; (V, C) when the embedding trains, else None
+        self._cache = None
         if dW_head is not None:
-            wte.accumulate(dW_head)
+            self.wte.weight.accumulate(dW_head)
         dx = self.ln_f.backward(dx)  # (B, T, C)
         for block in reversed(list(self.blocks)):
             dx = block.backward(dx)  # (B, T, C)
         dx = self.drop.backward(dx)  # (B, T, C)
         self.wpe.backward(dx.sum(axis=0, keepdims=True))  # (B, T, C) -> (1, T, C)
         self.wte.backward(dx)  # scatter-add into (V, C)
+
+    def _head_gradients(self, cache, dlogits) -> _HeadGradients:
+        """The LM head's backward after ``forward``: dx = dlogits wte (B, T, C) and dW = dlogits^T x (V, C)."""
+        if isinstance(cache, _HeadGradients):
+            raise ValueError("after GPT.loss call backward() without dlogits: the loss's gradient is already in")
+        if dlogits is None:
+            raise ValueError("GPT.backward needs dlogits (B, T, V) after a forward; only GPT.loss needs none")
+        dx, dW, _ = F.linear_backward(dlogits, cache, need_dW=self.wte.weight.trainable, need_db=False)
+        return _HeadGradients(dx, dW)  # (B, T, V) -> (B, T, C); dW (V, C) or None
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, use_cache: bool = True):

@@ -328,9 +328,7 @@ class ModuleDict(Module):
         yield from self._modules.items()
 
     def __getitem__(self, name: str) -> Module:
-        if name not in self._modules:
-            raise KeyError(f"no entry {name!r}; entries: {list(self._modules)}")
-        return self._modules[name]
+        return self._modules[name]  # KeyError naming it, as a dict (the model-level tools name the layer's entries)
 
     def __setitem__(self, name: str, m: Module) -> None:
         if not isinstance(m, Module):

@@ -18,9 +18,9 @@ allocated for the small A and B matrices alone; Hu et al., 2021, section 4.2
 Host synchronization: none. ``step`` and ``clip_grad_norm`` never read a
 device value on the host; only ``grad_norm`` (a Python float) does, once.
 
-Backends: the state follows its parameters. ``Optimizer.to(backend)`` moves
-every state array, and ``step`` moves a state array whose backend differs
-from its parameter's (after ``model.to("cupy")``, say) before using it.
+Backends: the state lives on its parameters' backend. ``Optimizer.to(backend)`` moves
+every state array: call it with ``model.to(backend)``. A ``step`` that finds a state array
+on another backend than its parameter raises a ValueError saying so (it does not move it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 
 from . import fast
-from .backend import asarray, get_backend_name, get_xp, is_cupy_array, like, set_backend, xp_of
+from .backend import asarray, get_backend_name, get_xp, is_cupy_array, set_backend, xp_of
 
 
 def _groups(params, defaults: dict) -> list[dict]:
@@ -76,7 +76,7 @@ class Optimizer:
     def to(self, backend: str):
         """Move every state array (moments, momentum buffers) to ``"numpy"`` or ``"cupy"``; returns self.
 
-        Call it with ``model.to(backend)``; ``step`` would also move each array on first use.
+        Call it with ``model.to(backend)``: ``step`` refuses state left on another backend than its parameter.
         """
         previous = get_backend_name()
         set_backend(backend)
@@ -88,17 +88,6 @@ class Optimizer:
         finally:
             set_backend(previous)
         return self
-
-    def _state_for(self, p, new) -> dict:
-        """The state of ``p``, made by ``new()`` on first use; an array left on another backend (after
-        ``model.to(...)`` without ``opt.to(...)``) is first moved to ``p``'s."""
-        st = self.state.get(id(p))
-        if st is None:
-            st = self.state[id(p)] = new()
-        for key, a in st.items():
-            if _is_array(a) and is_cupy_array(a) != is_cupy_array(p.data):
-                st[key] = like(p.data, a)  # (shape of p): a copy on the parameter's backend
-        return st
 
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (momenta), measured from the arrays."""
@@ -112,6 +101,11 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     def step(self) -> None:
+        for p in self.params:  # every state checked first: a refused step changes nothing
+            buf = self.state.get(id(p), {}).get("momentum")
+            if buf is not None and is_cupy_array(buf) != is_cupy_array(p.data):
+                raise ValueError(f"SGD's momentum of a parameter {p.shape} is on another backend than the "
+                                 "parameter: after model.to(backend) call opt.to(backend)")
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -120,7 +114,7 @@ class SGD(Optimizer):
                 if g["weight_decay"]:
                     d = d + g["weight_decay"] * p.data  # (shape of p)
                 if g["momentum"]:
-                    st = self._state_for(p, dict)
+                    st = self.state.setdefault(id(p), {})
                     buf = st.get("momentum")
                     buf = d.copy() if buf is None else buf * g["momentum"] + d  # (shape of p)
                     st["momentum"] = buf
@@ -140,6 +134,8 @@ class AdamW(Optimizer):
 
     def step(self) -> None:
         work = [(p, self._moments(p), g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for _, st, _ in work:  # every state checked first: a refused step changes nothing
+            st["step"] += 1
         if sum(p.data.size for p, _, _ in work) >= _THREADED_ELEMENTS and _threadable(work):
             _adamw_threaded(work)  # the same update in chunks on two threads (a whole GPT-2; a reader may skip it)
             return
@@ -147,10 +143,17 @@ class AdamW(Optimizer):
             _adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], g)
 
     def _moments(self, p) -> dict:
-        """The state of ``p`` one step further: {"step": t, "exp_avg": m, "exp_avg_sq": v}, m = v = 0 at first."""
-        zeros = xp_of(p.data).zeros_like
-        st = self._state_for(p, lambda: {"step": 0, "exp_avg": zeros(p.data), "exp_avg_sq": zeros(p.data)})
-        st["step"] += 1
+        """The state of ``p``: {"step": t, "exp_avg": m, "exp_avg_sq": v}, made with t = 0, m = v = 0 at first.
+
+        ValueError if it is on another backend than ``p`` (``model.to(...)`` without ``opt.to(...)``).
+        """
+        if id(p) not in self.state:
+            zeros = xp_of(p.data).zeros_like
+            self.state[id(p)] = {"step": 0, "exp_avg": zeros(p.data), "exp_avg_sq": zeros(p.data)}
+        st = self.state[id(p)]
+        if is_cupy_array(st["exp_avg"]) != is_cupy_array(p.data):
+            raise ValueError(f"AdamW's moments of a parameter {p.shape} are on another backend than the parameter: "
+                             "after model.to(backend) call opt.to(backend)")
         return st
 
 
@@ -224,16 +227,17 @@ def _adamw_threaded(work) -> None:
 
 
 def _global_norm(grads):
-    """sqrt(sum of every squared entry) of ``grads`` (a non-empty list): a 0-d float64 array on their device."""
-    xp = xp_of(grads[0])
-    total = sum((g.astype("float64") ** 2).sum() for g in grads)  # each (shape of g) -> (), summed in order
+    """sqrt(sum of every squared entry) of ``grads``: a 0-d float64 array on their device (0 on the default
+    backend when the list is empty)."""
+    xp = xp_of(*grads) if grads else get_xp()
+    zero = xp.zeros((), dtype="float64")  # (), so that an empty list sums to a 0-d array too
+    total = sum(((g.astype("float64") ** 2).sum() for g in grads), zero)  # each (shape of g) -> (), summed in order
     return xp.asarray(xp.sqrt(total))  # ()
 
 
 def grad_norm(params) -> float:
     """The global L2 norm of all gradients, as a Python float (one host synchronization; 0.0 with no gradient)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(_global_norm(grads)) if grads else 0.0
+    return float(_global_norm([p.grad for p in params if p.grad is not None]))
 
 
 def clip_grad_norm(params, max_norm: float):
@@ -256,10 +260,8 @@ def clip_grad_norm(params, max_norm: float):
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return get_xp().zeros((), dtype="float64")  # ()
-    xp = xp_of(params[0].grad)
     norm = _global_norm([p.grad for p in params])  # ()
+    xp = xp_of(norm)
     clip = xp.isfinite(norm) & (norm > max_norm)  # () bool, on the device
     scale = xp.where(clip, max_norm / (norm + 1e-6), 1.0)  # () float64
     for p in params:

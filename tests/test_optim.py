@@ -179,9 +179,9 @@ class FakeDeviceArray:
     """A stand-in for a CuPy array on a machine without one: ``backend.is_cupy_array`` says yes (its class
     lives in a module named ``cupy...``) and ``.get()`` copies it to the host, as CuPy's does.
 
-    What a CPU test can show with it: that ``Optimizer.to("numpy")`` and ``step`` notice state on
-    another backend than its parameter, move it with ``backend.like`` / ``asarray`` (calling ``.get()``),
-    and go on from the same values. What it cannot show: the real CuPy copies, and the direction
+    What a CPU test can show with it: that ``step`` refuses state on another backend than its parameter
+    (changing nothing), and that ``Optimizer.to("numpy")`` moves it with ``asarray`` (calling ``.get()``)
+    so that the run goes on from the same values. What it cannot show: the real CuPy copies, and the direction
     NumPy -> CuPy, which needs a GPU (``test_state_follows_parameters_to_cupy`` does that, marked gpu).
     """
 
@@ -213,16 +213,29 @@ def _foreign_state(opt):
     (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.05), lambda ts: torch.optim.AdamW(ts, lr=1e-2, weight_decay=0.05)),
     (lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ts: torch.optim.SGD(ts, lr=0.1, momentum=0.9)),
 ], ids=["AdamW", "SGD"])
-def test_step_moves_state_that_is_on_another_backend(make):
-    """As after ``model.to(...)`` without ``opt.to(...)``: step brings the state over and goes on from it."""
+def test_step_refuses_state_on_another_backend_and_changes_nothing(make):
+    """As after ``model.to(...)`` without ``opt.to(...)``: step names the fix and changes nothing; after
+    ``opt.to(...)`` the run goes on from the same state, as torch's."""
     rng, ours, theirs = make_pair(10)
     opt, ref = make[0](ours), make[1](theirs)
     run_steps(opt, ref, ours, theirs, rng, steps=2, tol=1e-12)
-    fakes = _foreign_state(opt)
+    _foreign_state(opt)
+    first = opt.state[id(ours[0])]  # the first parameter's state stays on its backend: checked and passed
+    for k, a in first.items():
+        first[k] = to_numpy(a) if hasattr(a, "shape") else a
+    data = [p.data.copy() for p in ours]
+    state = [{k: to_numpy(a).copy() if hasattr(a, "shape") else a for k, a in st.items()} for st in opt.state.values()]
+    for p in ours:
+        p.grad = np.ones(p.shape)  # shape of p
+    with pytest.raises(ValueError, match=r"another backend.*opt\.to\(backend\)"):
+        opt.step()
+    assert all(np.array_equal(p.data, d) for p, d in zip(ours, data))  # no parameter moved
+    for st, before in zip(opt.state.values(), state):  # no step counted, no moment or momentum changed
+        assert st.keys() == before.keys()
+        assert all(np.array_equal(to_numpy(a), before[k]) if hasattr(a, "shape") else a == before[k]
+                   for k, a in st.items())
+    opt.to("numpy")
     run_steps(opt, ref, ours, theirs, rng, steps=3, tol=1e-12)  # the same trajectory as torch: state kept
-    assert all(f.gets == 1 for f in fakes)  # each moved once, with backend.like
-    for st in opt.state.values():
-        assert all(type(a) is np.ndarray for a in st.values() if hasattr(a, "shape"))
 
 
 def test_optimizer_to_moves_every_state_array_and_keeps_the_step_count():
@@ -267,7 +280,11 @@ def test_state_follows_parameters_to_cupy():  # pragma: no cover - needs a GPU
     steps(2, np.asarray)
     for p in ours:  # what model.to("cupy") does to each parameter
         p.data = cupy.asarray(to_numpy(p.data))
-    steps(1, cupy.asarray)  # step moved the state to the GPU and went on from it
+        p.grad = cupy.zeros(p.shape)  # shape of p
+    with pytest.raises(ValueError, match="another backend"):
+        opt.step()  # the state is still on the host: refused, nothing changed
+    opt.to("cupy")
+    steps(1, cupy.asarray)  # the moved state goes on as torch's
     assert all(isinstance(a, cupy.ndarray) for st in opt.state.values() for a in st.values() if hasattr(a, "shape"))
     opt.to("numpy")
     assert all(type(a) is np.ndarray for st in opt.state.values() for a in st.values() if hasattr(a, "shape"))
