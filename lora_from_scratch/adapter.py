@@ -636,7 +636,7 @@ FUSED = ("q", "k", "v")  # the three thirds of GPT-2's c_attn, in order
 HF_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 _PATH = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.([a-z]+)$")
-_BLOCK_TARGET = re.compile(r"^blocks\.(\d+)\.([a-z]+)$")
+_TARGET = re.compile(r"(?:blocks\.(\d+)\.)?([a-z]+)")  # a short name, optionally after "blocks.{i}."
 
 
 def parse_path(path: str) -> tuple[int, Target]:
@@ -659,16 +659,14 @@ def resolve_targets(n_layer: int, targets) -> list[tuple[int, Target]]:
         raise ValueError(f"at least one target is needed; valid targets: {list(TARGETS)}")
     chosen = set()  # (block, name)
     for t in targets:
-        m = _BLOCK_TARGET.match(t) if isinstance(t, str) else None
-        if isinstance(t, str) and t in TARGET_TABLE:
-            chosen.update((i, t) for i in range(n_layer))
-        elif m is None or m.group(2) not in TARGET_TABLE:
+        m = _TARGET.fullmatch(t) if isinstance(t, str) else None  # groups: the block (None: every block), the name
+        if m is None or m.group(2) not in TARGET_TABLE:
             raise ValueError(f"unknown target {t!r}; valid targets: {list(TARGETS)} or 'blocks.<i>.<name>'")
-        elif int(m.group(1)) >= n_layer:
+        if m.group(1) is not None and int(m.group(1)) >= n_layer:
             raise ValueError(f"target {t!r} names block {int(m.group(1))}, but the model has {n_layer} blocks "
                              f"(0..{n_layer - 1})")
-        else:
-            chosen.add((int(m.group(1)), m.group(2)))
+        blocks = range(n_layer) if m.group(1) is None else [int(m.group(1))]
+        chosen.update((i, m.group(2)) for i in blocks)
     return [(i, TARGET_TABLE[name]) for i in range(n_layer) for name in TARGETS if (i, name) in chosen]
 
 

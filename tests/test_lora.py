@@ -248,6 +248,9 @@ def test_bad_arguments():
                             "or 'blocks.<i>.<name>'")
     with pytest.raises(ValueError, match="valid targets"):
         apply_lora(model, 4, 8, ["blocks.0.Wq"])
+    for whole_name_only in ("q\n", "blocks.0.q\n", "blocks.0.attn.q"):  # the name must be the whole string
+        with pytest.raises(ValueError, match="unknown target"):
+            apply_lora(model, 4, 8, [whole_name_only])
     with pytest.raises(ValueError, match="block 5.*2 blocks"):
         apply_lora(model, 4, 8, ["blocks.5.q"])
     with pytest.raises(ValueError, match="alpha"):
