@@ -56,11 +56,12 @@ import math
 import re
 import weakref
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 
 from . import functional as F
 from .backend import global_rng, xp_of
 from .backend import rng as host_rng
+from .checks import check_int
 from .nn import Dropout, Linear, Module, ModuleDict, Parameter, _need_cache
 from .quant.blockwise import Quantized4bit
 from .quant.groupwise import GroupwiseLayout
@@ -77,11 +78,7 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 def check_adapter_args(r, alpha, dropout, init, *, max_rank: int | None, shape: tuple, inits=INITS) -> None:
     """Raise ValueError naming the first bad hyperparameter of an adapter for a weight of ``shape`` (out, in)."""
-    if isinstance(r, bool) or not isinstance(r, Integral):
-        raise ValueError(f"LoRA rank r must be an integer, got {r!r}")
-    if r < 1 or (max_rank is not None and r > max_rank):
-        bound = f"1 <= r <= min(in, out) = {max_rank}" if max_rank is not None else "r >= 1"
-        raise ValueError(f"LoRA rank r={r} must satisfy {bound} for a weight of shape {shape}")
+    check_int(f"LoRA rank r for a weight of shape {shape}", r, 1, max_rank)  # max_rank: min(in, out), or None
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
