@@ -111,12 +111,13 @@ class LowRankAdapter(Module):
 
     @classmethod
     def create(cls, in_features: int, out_features: int, r: int, alpha: float, *, init: str = "kaiming",
-               dropout: float = 0.0, use_rslora: bool = False, group_size: int | None = None, rng, like_array):
+               dropout: float = 0.0, use_rslora: bool = False, group_size: int | None = None, rng=None, like_array):
         """A fresh adapter: A random (``init``), B = 0, so B A = 0 and the layer starts as its base.
 
-        ``rng`` is a host NumPy generator (the draws are made on the host, then moved to the backend
-        and dtype of ``like_array``); it also gives the dropout its own seed.
+        ``rng`` is a host NumPy generator, ``backend.global_rng()`` if None (the draws are made on the
+        host, then moved to the backend and dtype of ``like_array``); it also gives the dropout its own seed.
         """
+        rng = global_rng() if rng is None else rng
         k = in_features // group_size if group_size else in_features
         if init == "kaiming":  # kaiming_uniform_(a=sqrt(5)) gives the bound 1/sqrt(fan_in)
             bound = 1.0 / math.sqrt(k)
@@ -550,7 +551,6 @@ class LoRALinear(AdaptedLinear):
         if not isinstance(base, Linear):
             raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         check_lora_args(r, alpha, dropout, init, base.in_features, base.out_features)
-        rng = global_rng() if rng is None else rng
         if init == "pissa":
             adapter = _pissa_adapter(base, r, alpha, dropout, use_rslora, rng)
         else:
@@ -579,6 +579,7 @@ def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslor
     # the residual from the rounded factors, so that W_res + s B A reproduces W0 as closely as possible
     residual = W64 - s * (B.astype("float64") @ A.astype("float64"))  # (out, r) @ (r, in) -> (out, in)
     base.weight.data = residual.astype(W.dtype)  # (out, in)
+    rng = global_rng() if rng is None else rng  # the dropout's seed, as LowRankAdapter.create takes it
     return LowRankAdapter(A, B, alpha, dropout=dropout, use_rslora=use_rslora, init="pissa",
                           dropout_seed=int(rng.integers(0, 2**31 - 1)))
 

@@ -55,7 +55,7 @@ from .adapter import (
     replace_targets,
     resolve_targets,
 )
-from .backend import global_rng, xp_of
+from .backend import xp_of
 from .functional import group_mean_backward, group_mean_forward
 from .nn import Buffer, Linear
 from .quant.groupwise import (
@@ -210,7 +210,6 @@ class QALoRALinear(AdaptedLinear):
             raise ValueError(f"the GroupwiseLinear base has bits={base.bits}, group_size={base.group_size}; "
                              f"got bits={bits!r}, group_size={group_size!r}")
         check_qalora_args(r, alpha, dropout, init)
-        rng = global_rng() if rng is None else rng
         adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,
                                         use_rslora=use_rslora, group_size=base.group_size, rng=rng,
                                         like_array=xp_of(base.packed.data).zeros(1, dtype=base.weight_dtype))

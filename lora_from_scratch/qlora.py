@@ -40,7 +40,7 @@ from .adapter import (
     check_adapter_args,
     replace_targets,
 )
-from .backend import global_rng, xp_of
+from .backend import xp_of
 from .nn import Buffer, Linear
 from .quant import Quantized4bit, dequantize_4bit, quantize_4bit
 from .quant.blockwise import check_blocksize
@@ -133,7 +133,6 @@ class QLoRALinear(AdaptedLinear):
         elif not isinstance(base, NF4Linear):
             raise ValueError(f"QLoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
         check_qlora_args(r, alpha, dropout, init, base.blocksize, base.in_features, base.out_features)
-        rng = global_rng() if rng is None else rng
         adapter = LowRankAdapter.create(base.in_features, base.out_features, r, alpha, init=init, dropout=dropout,
                                         use_rslora=use_rslora, rng=rng,
                                         like_array=xp_of(base.packed.data).zeros(1, dtype=base.weight_dtype))
