@@ -141,23 +141,21 @@ class LowRankAdapter(Module):
     def forward(self, x, dropout_mask=None):
         """s * pool(dropout(x)) A^T B^T: (..., k) -> (..., d). ``dropout_mask`` fixes dropout (gradient checks)."""
         xd = self.dropout(x, mask=dropout_mask)  # (..., k): the adapter's input only; the base sees x
-        pool_cache = None
-        if self.group_size:
-            xd, pool_cache = F.group_mean_forward(xd, self.group_size)  # (..., k) -> (..., k / group_size)
-        y, cache = F.lowrank_forward(xd, self.A.data, self.B.data, self.scaling)  # (..., k') -> (..., d)
-        self._cache = (cache, pool_cache)
+        if self.group_size:  # the pooling's cache is the group size, which the adapter keeps anyway
+            xd, _ = F.group_mean_forward(xd, self.group_size)  # (..., k) -> (..., k / group_size)
+        y, self._cache = F.lowrank_forward(xd, self.A.data, self.B.data, self.scaling)  # (..., k') -> (..., d)
         return y
 
     def backward(self, dy):
         """Accumulates dA and dB; returns the adapter's share of dx (..., k)."""
-        (cache, pool_cache), self._cache = _need_cache(self._cache, "LowRankAdapter"), None
+        cache, self._cache = _need_cache(self._cache, "LowRankAdapter"), None
         dxa, dA, dB = F.lowrank_backward(dy, cache, need_dA=self.A.trainable, need_dB=self.B.trainable)
         if dA is not None:
             self.A.accumulate(dA)  # (r, k')
         if dB is not None:
             self.B.accumulate(dB)  # (d, r)
-        if pool_cache is not None:
-            dxa = F.group_mean_backward(dxa, pool_cache)  # (..., k') -> (..., k)
+        if self.group_size:
+            dxa = F.group_mean_backward(dxa, self.group_size)  # (..., k') -> (..., k)
         return self.dropout.backward(dxa)  # (..., k): through the dropout mask
 
     def delta_weight(self):
