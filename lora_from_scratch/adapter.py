@@ -435,7 +435,7 @@ class AdaptedLinear(Module):
     def forward(self, x, dropout_mask=None):
         """h = base(x) + s * pool(dropout(x)) A^T B^T (base(x) alone when merged or disabled)."""
         y = self.base(x)  # (..., in) -> (..., out), the frozen path (the base checks x's last dimension)
-        used = None if (self.merged or self.active is None) else self.active
+        used = None if self.merged else self.active  # None: merged, or adapters disabled
         if used is not None:
             y += self.adapters[used](x, dropout_mask)  # (..., out) += (..., out), the adapter's path
         self._cache = {"adapter": used}
