@@ -18,7 +18,7 @@ from conftest import rel
 from lora_from_scratch import checkpoint, lora
 from lora_from_scratch import functional as F
 from lora_from_scratch.adapter import AdaptedLinear, QuantizedLinear, base_merges_in_place, merged_copy
-from lora_from_scratch.backend import asarray, to_numpy
+from lora_from_scratch.backend import asarray, global_rng, manual_seed, to_numpy
 from lora_from_scratch.model import GPT, GPTConfig
 from lora_from_scratch.nn import Buffer, Linear
 from lora_from_scratch.optim import AdamW
@@ -475,3 +475,25 @@ def test_merges_in_place_is_the_bases_and_says_what_merge_does(kind):
         with pytest.raises(ValueError, match="cannot merge in place"):
             layer.merge()
         assert not layer.merged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_layer_without_rng_draws_from_the_global_generator(kind, init):
+    """No ``rng``: every layer kind draws A and its dropout seed from ``backend.global_rng()``, as with it passed."""
+    kw = {"qalora": dict(bits=4, group_size=8)}.get(kind, {})
+    saved = global_rng().bit_generator.state
+    layers = []
+    try:
+        for pass_rng in (False, True):
+            manual_seed(11)
+            base = Linear(32, 16, rng=np.random.default_rng(0))
+            extra = {"rng": global_rng()} if pass_rng else {}
+            layers.append(LAYER_CLASS[kind](base, 4, 8, init=init, dropout=0.1, **kw, **extra))
+            # the draws moved the global generator on
+            assert global_rng().bit_generator.state != np.random.default_rng(11).bit_generator.state
+    finally:
+        global_rng().bit_generator.state = saved
+    a, b = layers
+    np.testing.assert_array_equal(to_numpy(a.lora_A.data), to_numpy(b.lora_A.data))
+    assert a.dropout.seed == b.dropout.seed and not to_numpy(a.lora_B.data).any()
