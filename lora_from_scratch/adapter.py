@@ -76,9 +76,12 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def check_adapter_args(r, alpha, dropout, init, *, max_rank: int | None, shape: tuple, inits=INITS) -> None:
-    """Raise ValueError naming the first bad hyperparameter of an adapter for a weight of ``shape`` (out, in)."""
-    check_int(f"LoRA rank r for a weight of shape {shape}", r, 1, max_rank)  # max_rank: min(in, out), or None
+def check_adapter_args(r, alpha, dropout, init, shape, *, pooled: bool = False, inits=INITS) -> None:
+    """Raise ValueError naming the first bad hyperparameter of an adapter for a weight of ``shape`` (out, in).
+
+    The rank is at most min(in, out), except for a ``pooled`` adapter (QA-LoRA), whose r may exceed L.
+    """
+    check_int(f"LoRA rank r for a weight of shape {shape}", r, 1, None if pooled else min(shape))
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
@@ -415,9 +418,8 @@ class AdaptedLinear(Module):
 
     def check_args(self, r, alpha, dropout, init) -> None:
         """Raise ValueError naming the problem with an adapter of these hyperparameters for this layer."""
-        max_rank = None if self.pooled else min(self.in_features, self.out_features)
-        check_adapter_args(r, alpha, dropout, init, max_rank=max_rank,
-                           shape=(self.out_features, self.in_features), inits=self.inits)
+        check_adapter_args(r, alpha, dropout, init, (self.out_features, self.in_features), pooled=self.pooled,
+                           inits=self.inits)
 
     def new_adapter(self, r: int, alpha: float, *, dropout: float = 0.0, init: str = "kaiming",
                     use_rslora: bool = False, rng) -> LowRankAdapter:
@@ -560,8 +562,7 @@ class LoRALinear(AdaptedLinear):
 
 def check_lora_args(r, alpha, dropout, init, in_features: int, out_features: int) -> None:
     """LoRA's checks for a float weight (out, in): 1 <= r <= min(in, out), alpha > 0, dropout, an init of ``INITS``."""
-    check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
-                       shape=(out_features, in_features), inits=INITS)
+    check_adapter_args(r, alpha, dropout, init, (out_features, in_features))
 
 
 def _pissa_adapter(base: Linear, r: int, alpha: float, dropout: float, use_rslora: bool, rng) -> LowRankAdapter:

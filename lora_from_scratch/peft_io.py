@@ -418,8 +418,7 @@ def load_peft_adapter(model, directory: str, seed: int | None = None):
         A_held = _target_A(layer, path, key, A)  # (r, k'): folded for QA-LoRA
         pooled = isinstance(layer, (GroupwiseLinear, QALoRALinear))  # a pooled adapter's rank may exceed in / group
         try:  # the same checks for a new adapter and for one loaded into an existing adapted layer
-            check_adapter_args(rank, alpha, dropout, "kaiming", shape=(layer.out_features, layer.in_features),
-                               max_rank=None if pooled else min(layer.in_features, layer.out_features))
+            check_adapter_args(rank, alpha, dropout, "kaiming", (layer.out_features, layer.in_features), pooled=pooled)
         except ValueError as e:
             raise ValueError(f"{key}: adapter has shape {tuple(A.shape)}; {path}: {e}") from None
         checked.append((path, layer, A_held, B, rank, alpha))

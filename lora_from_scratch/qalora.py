@@ -271,7 +271,7 @@ class QALoRALinear(AdaptedLinear):
 
 def check_qalora_args(r, alpha, dropout=0.0, init="kaiming") -> None:
     """The adapter's hyperparameters for QA-LoRA: r >= 1 (it may exceed L), alpha > 0, dropout, a random init."""
-    check_adapter_args(r, alpha, dropout, init, max_rank=None, shape="(out, in)", inits=RANDOM_INITS)
+    check_adapter_args(r, alpha, dropout, init, "(out, in)", pooled=True, inits=RANDOM_INITS)
 
 
 # ---------------------------------------------------------------- model level

@@ -153,8 +153,7 @@ def check_qlora_args(r, alpha, dropout, init, blocksize, in_features: int, out_f
 
     PiSSA is refused with the other unknown inits (its residual W0 - s B A would be the matrix to quantize).
     """
-    check_adapter_args(r, alpha, dropout, init, max_rank=min(in_features, out_features),
-                       shape=(out_features, in_features), inits=QLORA_INITS)
+    check_adapter_args(r, alpha, dropout, init, (out_features, in_features), inits=QLORA_INITS)
     check_blocksize(blocksize)
 
 
