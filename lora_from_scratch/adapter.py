@@ -241,11 +241,10 @@ class QuantizedLinear(Module):
 def merged_float_copy(base: Linear, delta) -> Linear:
     """A new frozen Linear computing x (W + delta)^T + b: how an update merges into a float weight.
 
-    The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes).
+    The bias array is shared. Raises ValueError if W + delta is not finite (nothing changes). ``delta``
+    has W's shape (``merged_copy`` checks it).
     """
     W = base.weight.data  # (out, in)
-    if tuple(delta.shape) != tuple(W.shape):
-        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight {tuple(W.shape)}")
     merged = W + delta.astype(W.dtype, copy=False)  # (out, in)
     if not bool(xp_of(merged).isfinite(merged).all()):
         raise ValueError("merge refused: W + update has NaN or inf entries; the weight is left unchanged")
@@ -259,9 +258,6 @@ def merged_nf4_copy(base, delta, requantize: bool = False):
     the 4-bit format (float), or is rounded onto the NF4 grid again and loses part of the update
     (QLoRA's deployment weakness). The sum is formed in delta's dtype. ValueError if it is not finite.
     """
-    if tuple(delta.shape) != (base.out_features, base.in_features):
-        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
-                         f"{(base.out_features, base.in_features)}")
     W = base.dequantized_weight().astype(delta.dtype, copy=False) + delta  # (out, in)
     if not bool(xp_of(W).isfinite(W).all()):
         raise ValueError("merge refused: dequant(W0) + update has NaN or inf entries")
@@ -280,9 +276,6 @@ def merged_groupwise_copy(base, delta):
     directly (``QALoRALinear.merged_zeros``).
     """
     out_features, L, gs = base.out_features, base.n_groups, base.group_size
-    if tuple(delta.shape) != (out_features, base.in_features):
-        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
-                         f"{(out_features, base.in_features)}")
     grouped = delta.reshape(out_features, L, gs)  # (out, in) -> (out, L, gs)
     if not bool((grouped.max(axis=2) == grouped.min(axis=2)).all()):
         raise ValueError("a group-wise weight can only absorb an update that is constant within each group "
@@ -311,9 +304,13 @@ def merged_copy(base, delta, requantize: bool = False):
     Float base: a Linear holding W0 + delta. NF4 base: a float Linear of dequant(W0) + delta, or with
     ``requantize=True`` that sum quantized to NF4 again. Group-wise base: the same codes and scales
     with merged zero points, for an update constant within each group (``requantize`` matters only
-    to an NF4 base; the others ignore it). ValueError if the result would not be finite.
+    to an NF4 base; the others ignore it). ValueError if ``delta`` is not (out, in) or the result would
+    not be finite.
     """
     kind = base_format(base)
+    if tuple(delta.shape) != (base.out_features, base.in_features):
+        raise ValueError(f"update of shape {tuple(delta.shape)} does not fit the weight "
+                         f"{(base.out_features, base.in_features)}")
     if kind == "float":
         return merged_float_copy(base, delta)
     if kind == "nf4":

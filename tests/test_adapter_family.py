@@ -255,6 +255,15 @@ def test_group_wise_base_refuses_an_update_that_varies_within_a_group():
         merged_copy(layer.base, delta)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_base_refuses_an_update_of_another_shape(kind):
+    layer = adapt(kind).get_submodule("blocks.0.attn.q")
+    base = layer.base
+    delta = asarray(np.zeros((base.out_features, base.in_features + 1)), dtype="float32")
+    with pytest.raises(ValueError, match=r"update of shape \(\d+, \d+\) does not fit the weight"):
+        merged_copy(base, delta)
+
+
 def test_a_merge_into_a_base_of_no_known_format_is_refused_by_name():
     from lora_from_scratch.nn import Embedding
 

@@ -7,7 +7,7 @@
    asked per matrix, so that mistakes giving the same total (B only; fc taken as square) differ.
 3. ``03.merged_weight``: the merged weight W0 + (alpha / r) B A that makes the adapted layer one
    ordinary matrix again ("No Additional Inference Latency", section 4.1); the reference is what
-   ``LoRALinear.merge`` does (``adapter.merged_float_copy`` of ``LowRankAdapter.delta_weight``).
+   ``LoRALinear.merge`` does (``adapter.merged_copy`` of ``LowRankAdapter.delta_weight``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from .. import memory
-from ..adapter import LowRankAdapter, merged_float_copy
+from ..adapter import LowRankAdapter, merged_copy
 from ..nn import Linear
 from . import Exercise, Mistake
 
@@ -74,7 +74,7 @@ assert COUNT[-1] == memory.lora_trainable_parameters(BASE, R_COUNT, TARGETS_COUN
 def merged_weight(W0, A, B, alpha: float):
     """W0 + (alpha / r) B A with r = A.shape[0]: the weight a merged LoRALinear holds."""
     adapter = LowRankAdapter(A, B, alpha)  # A (r, k), B (d, r), s = alpha / r
-    return merged_float_copy(Linear.from_weight(W0, trainable=False), adapter.delta_weight()).weight.data  # (d, k)
+    return merged_copy(Linear.from_weight(W0, trainable=False), adapter.delta_weight()).weight.data  # (d, k)
 
 
 def _merge_alpha(W0, A, B, alpha):
