@@ -89,6 +89,13 @@ class Optimizer:
             set_backend(previous)
         return self
 
+    def _check_backend(self, p) -> None:
+        """ValueError if a state array of ``p`` is on another backend than ``p`` (``model.to(...)`` without
+        ``opt.to(...)``); ``step`` calls it for every parameter before it changes anything."""
+        if any(_is_array(a) and is_cupy_array(a) != is_cupy_array(p.data) for a in self.state.get(id(p), {}).values()):
+            raise ValueError(f"{type(self).__name__}'s state of a parameter {p.shape} is on another backend than the "
+                             "parameter: after model.to(backend) call opt.to(backend)")
+
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (momenta), measured from the arrays."""
         return sum(int(a.nbytes) for s in self.state.values() for a in s.values() if hasattr(a, "nbytes"))
@@ -102,10 +109,7 @@ class SGD(Optimizer):
 
     def step(self) -> None:
         for p in self.params:  # every state checked first: a refused step changes nothing
-            buf = self.state.get(id(p), {}).get("momentum")
-            if buf is not None and is_cupy_array(buf) != is_cupy_array(p.data):
-                raise ValueError(f"SGD's momentum of a parameter {p.shape} is on another backend than the "
-                                 "parameter: after model.to(backend) call opt.to(backend)")
+            self._check_backend(p)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -134,7 +138,7 @@ class AdamW(Optimizer):
 
     def step(self) -> None:
         work = [(p, self._moments(p), g) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for _, st, _ in work:  # every state checked first: a refused step changes nothing
+        for _, st, _ in work:  # every state passed _moments' check: only now does anything change
             st["step"] += 1
         if sum(p.data.size for p, _, _ in work) >= _THREADED_ELEMENTS and _threadable(work):
             _adamw_threaded(work)  # the same update in chunks on two threads (a whole GPT-2; a reader may skip it)
@@ -150,11 +154,8 @@ class AdamW(Optimizer):
         if id(p) not in self.state:
             zeros = xp_of(p.data).zeros_like
             self.state[id(p)] = {"step": 0, "exp_avg": zeros(p.data), "exp_avg_sq": zeros(p.data)}
-        st = self.state[id(p)]
-        if is_cupy_array(st["exp_avg"]) != is_cupy_array(p.data):
-            raise ValueError(f"AdamW's moments of a parameter {p.shape} are on another backend than the parameter: "
-                             "after model.to(backend) call opt.to(backend)")
-        return st
+        self._check_backend(p)
+        return self.state[id(p)]
 
 
 def _adamw_update(p, gr, m, v, t: int, g: dict) -> None:
