@@ -328,6 +328,21 @@ def check_targets(targets, n_classes, ignore_index=IGNORE_INDEX):
         raise ValueError(f"target id {first} is out of range for {n_classes} classes")
 
 
+def _scored_targets(tg, n_classes: int, ignore_index, dtype):
+    """``(valid, n_valid, safe_t)`` of flat targets tg (N,): the positions that are scored (N,) bool, their count
+    () in ``dtype`` and the targets with every unscored one replaced by class 0 (N,), safe to index with.
+
+    n_valid stays on the device, at least 1 (an all-ignored batch: never 0 / 0), and is NaN when a target is
+    neither ``ignore_index`` nor a class, which then poisons the loss and every gradient entry.
+    """
+    xp = xp_of(tg)
+    valid = tg != ignore_index  # (N,)
+    bad = valid & ((tg < 0) | (tg >= n_classes))  # (N,): neither ignored nor a class
+    valid &= ~bad  # (N,): an out-of-range target is never used as an index
+    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(dtype)  # ()
+    return valid, n_valid, xp.where(valid, tg, 0)
+
+
 def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     """Mean cross-entropy over the positions whose target is not ``ignore_index``.
 
@@ -352,13 +367,7 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, check=True):
     if check:
         check_targets(targets, V, ignore_index)
     lg = logits.reshape(-1, V)  # (..., V) -> (N, V)
-    tg = targets.reshape(-1)  # (...) -> (N,)
-    valid = tg != ignore_index  # (N,)
-    bad = valid & ((tg < 0) | (tg >= V))  # (N,): neither ignored nor a class
-    valid &= ~bad  # (N,): an out-of-range target is never used as an index
-    # (): on the device, >= 1 so never 0 / 0; NaN when a target is out of range, which poisons the loss and dlogits
-    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(lg.dtype)
-    safe_t = xp.where(valid, tg, 0)  # (N,)
+    valid, n_valid, safe_t = _scored_targets(targets.reshape(-1), V, ignore_index, lg.dtype)  # (N,), (), (N,)
     rows = xp.arange(lg.shape[0])  # (N,)
     shifted = lg - lg.max(axis=-1, keepdims=True)  # (N, V)
     e = xp.exp(shifted)  # (N, V)
@@ -425,12 +434,8 @@ def _lm_head_cross_entropy_chunked(x, W, targets, ignore_index, need_dW, rows=No
     tg = targets.reshape(-1)  # (...) -> (N,)
     N = x2.shape[0]
     rows = rows or lm_head_chunk_rows(V)  # (rows, V) logits per chunk
-    valid = tg != ignore_index  # (N,)
-    bad = valid & ((tg < 0) | (tg >= V))  # (N,): neither ignored nor a class
-    valid &= ~bad  # (N,)
-    n_valid = xp.where(bad.any(), math.nan, xp.maximum(valid.sum(), 1)).astype(x2.dtype)  # (): >= 1, or NaN (poison)
+    valid, n_valid, safe_t = _scored_targets(tg, V, ignore_index, x2.dtype)  # (N,), (): >= 1, or NaN (poison), (N,)
     weight = valid.astype(x2.dtype) / n_valid  # (N,) each position's share of the mean
-    safe_t = xp.where(valid, tg, 0)  # (N,)
     dx = xp.empty_like(x2)  # (N, C)
     dW = xp.zeros_like(W) if need_dW else None  # (V, C)
     buf = xp.empty((min(rows, N), V), dtype=xp.result_type(x2, W))  # (rows, V), reused by every chunk
