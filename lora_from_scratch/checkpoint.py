@@ -303,7 +303,6 @@ def save_adapter(model, path: str, adapter: str | None = None) -> None:
     """
     from safetensors.numpy import save_file
 
-
     state = lora_state_dict(model, adapter)
     layers = lora_layers(model)
     name = adapter if adapter is not None else active_adapter(model)

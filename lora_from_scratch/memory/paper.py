@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 from ..adapter import TARGET_TABLE, TARGETS
 from ..functional import lm_head_chunk_rows
-from ..quant.groupwise import GroupwiseLayout
+from ..quant.groupwise import GroupwiseLayout, check_group_size
 
 # ----------------------------------------------------------------------------------------------
 # sizes and parameter counts
@@ -157,12 +157,11 @@ def lora_trainable_parameters(cfg: TransformerSize, r: int, targets=("q", "v"), 
 
 
 def _groups(d_in: int, group_size, target: str) -> int:
-    from ..checks import check_int
-
-    group_size = check_int("group_size", group_size, 1)
-    if d_in % group_size:
-        raise ValueError(f"group_size {group_size} does not divide d_in = {d_in} of target {target!r}")
-    return d_in // group_size
+    """d_in / group_size, the groups of one target's input (``quant.check_group_size``'s rule, the target named)."""
+    try:
+        return d_in // check_group_size(group_size, d_in)
+    except ValueError as e:
+        raise ValueError(f"target {target!r}: {e}") from None
 
 
 def linear_parameters(cfg: TransformerSize) -> int:
