@@ -10,8 +10,8 @@ Two tricks, both standard in production kernels:
 
 - **element-wise work on two threads** (``elementwise``): NumPy runs an element-wise operation on
   one core, but it releases Python's global lock inside the loop, so two threads that each take
-  cache-sized pieces use both cores. Each piece runs the plain function's operations in the same
-  order (GELU's written in place, ``gelu_in_place``), so the numbers are the same, bit for bit.
+  cache-sized pieces use both cores. The plain function itself runs on each piece (GELU's is written
+  in place, so a piece allocates one array), so the numbers are the same, bit for bit.
 - **causal attention by query blocks** (``causal_attention_heads``, ``causal_attention_heads_backward``):
   position t attends to positions 0..t only, so the scores above the diagonal are -inf and their
   probabilities 0. Cut the queries into blocks of ``ATTENTION_BLOCK`` rows; block [s, e) needs the
@@ -32,7 +32,6 @@ keeps everything on the calling thread (the same numbers).
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 from functools import partial
@@ -108,50 +107,6 @@ def elementwise(fn, *arrays):
 
     run_threads(piece, -(-n // step) - 1)
     return out.reshape(arrays[0].shape)  # (n,) -> the arrays' shape
-
-
-# GELU and its derivative for ``elementwise``'s pieces: what ``functional._gelu`` and ``functional._gelu_grad``
-# compute, the same operations in the same order (so the same numbers, bit for bit), written in place. On
-# cache-sized pieces a new temporary for every operation, as the plain forms make, costs about 7% of GELU's
-# time on GPT-2 small's MLP activations; in place, a piece allocates one array (the derivative: three).
-_GELU_C = math.sqrt(2.0 / math.pi)  # functional.GELU_C
-
-
-def _gelu_tanh_in_place(x):
-    np = xp_of(x)  # NumPy: only host arrays come here
-    t = x * x  # (n,) x^2
-    t *= _GELU_C * 0.044715
-    t += _GELU_C
-    t *= x  # (n,) sqrt(2/pi) (x + 0.044715 x^3)
-    np.tanh(t, out=t)  # (n,) t
-    return t
-
-
-def gelu_in_place(x):
-    """``functional._gelu(x)``, bit for bit, with one new array."""
-    y = _gelu_tanh_in_place(x)  # (n,) t
-    y += 1.0
-    y *= x
-    y *= 0.5  # (n,) 0.5 x (1 + t)
-    return y
-
-
-def gelu_grad_in_place(dy, x):
-    """``functional._gelu_grad(dy, x)``, bit for bit, with at most three new arrays at once."""
-    t = _gelu_tanh_in_place(x)  # (n,)
-    d = x * x  # (n,) x^2
-    d *= _GELU_C * 3 * 0.044715
-    d += _GELU_C
-    d *= x  # (n,) x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    s = t * t  # (n,) t^2
-    s -= 1.0
-    d *= s
-    del s
-    d -= t
-    d -= 1.0
-    d *= -0.5  # (n,) the derivative
-    d *= dy  # (n,) chain rule
-    return d
 
 
 def _each_head(fn, *arrays) -> None:

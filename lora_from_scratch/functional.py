@@ -138,23 +138,36 @@ def layernorm_backward(dy, cache, need_params=True):
 
 # ----------------------------------------------------------------------- GELU
 def _gelu_tanh(x):
-    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU."""
-    t = (x * x * (GELU_C * 0.044715) + GELU_C) * x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
-    return xp_of(x).tanh(t, out=t)  # (...) t = tanh(...), in place
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the inner term of GELU, in one new array."""
+    xp = xp_of(x)
+    # in-place steps, so that only t itself is allocated
+    t = x * x  # (...) x^2
+    t *= GELU_C * 0.044715
+    t += GELU_C
+    t *= x  # (...) sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(t, out=t)  # (...) t = tanh(...)
+    return t
 
 
 def _gelu(x):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return (_gelu_tanh(x) + 1.0) * x * 0.5  # (...) (1 + t) x / 2
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in one new array."""
+    y = _gelu_tanh(x)  # (...) t
+    y += 1.0
+    y *= x
+    y *= 0.5  # (...) 0.5 x (1 + t)
+    return y
 
 
 def _gelu_grad(dy, x):
     """dy times d/dx GELU = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
 
-    In place where it matters, so that at most three (..., 4C) arrays exist at once (t, d and t^2 - 1).
+    In place, so that at most three (..., 4C) arrays exist at once (t, d and t^2 - 1).
     """
     t = _gelu_tanh(x)  # (...) recomputed from x
-    d = (x * x * (GELU_C * 3 * 0.044715) + GELU_C) * x  # (...) x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    d = x * x  # (...) x^2
+    d *= GELU_C * 3 * 0.044715
+    d += GELU_C  # (...) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    d *= x
     s = t * t  # (...) t^2
     s -= 1.0
     d *= s  # (...) -x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -173,14 +186,14 @@ def gelu_forward(x):
     (..., 4C) array per block alive from the forward to the backward.
     """
     if x.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(x):  # a large host array: two cores, same numbers
-        return fast.elementwise(fast.gelu_in_place, x), x
+        return fast.elementwise(_gelu, x), x
     return _gelu(x), x
 
 
 def gelu_backward(dy, cache):
     """d/dx GELU times the upstream gradient dy (``_gelu_grad``)."""
     if dy.size >= fast.ELEMENTWISE_MIN and not is_cupy_array(dy):  # a large host array: two cores, same numbers
-        return fast.elementwise(fast.gelu_grad_in_place, dy, cache)
+        return fast.elementwise(_gelu_grad, dy, cache)
     return _gelu_grad(dy, cache)
 
 
