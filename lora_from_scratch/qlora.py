@@ -90,7 +90,7 @@ class NF4Linear(QuantizedLinear):
         if not isinstance(linear, Linear):
             raise ValueError(f"NF4Linear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         bias = linear.bias.data if linear.bias is not None else None
-        return cls(quantize_4bit(linear.weight.data, blocksize, quant_type, double_quant), bias)  # (out, in) -> NF4
+        return cls.from_weight(linear.weight.data, bias, blocksize, double_quant, quant_type)  # (out, in) -> NF4
 
     @property
     def quantized(self) -> Quantized4bit:
