@@ -226,7 +226,10 @@ def nf4_parity_and_dequantize(folder: str, reps: int) -> dict:
 
 # ---------------------------------------------------------------- memory
 def child(kind: str, folder: str, b: int, t: int) -> None:
-    """In its own process: build ``kind``, take one step, reset the peak RSS, take another; print the peak."""
+    """In its own process: build ``kind``, take one step, reset the peak RSS, take another; print the peak,
+    and the second step's minor page faults and system CPU seconds (what fetching fresh memory pages cost it)."""
+    import resource
+
     side = "ref" if kind in REF_KINDS else "ours"
     if side == "ours":
         model, opt = ours(kind, folder)
@@ -245,10 +248,12 @@ def child(kind: str, folder: str, b: int, t: int) -> None:
     step()  # the optimizer state now exists
     with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak resident set size (VmHWM)
         f.write("5")
+    before = resource.getrusage(resource.RUSAGE_SELF)
     step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
     status = open("/proc/self/status").read()
     hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
-    print(f"RSS_PEAK {hwm}")
+    print(f"RSS_PEAK {hwm} FAULTS {after.ru_minflt - before.ru_minflt} SYS {after.ru_stime - before.ru_stime:.3f}")
 
 
 def rss_peaks(folder: str, b: int, t: int) -> dict:
@@ -258,7 +263,8 @@ def rss_peaks(folder: str, b: int, t: int) -> dict:
                                "--batch", str(b), "--seq", str(t)], capture_output=True, text=True, timeout=1200)
         if proc.returncode:
             raise RuntimeError(f"child {kind} failed:\n{proc.stderr[-3000:]}")
-        out[kind] = int(proc.stdout.split("RSS_PEAK")[1].split()[0])
+        words = proc.stdout.split("RSS_PEAK")[1].split()  # peak, "FAULTS", count, "SYS", seconds
+        out[kind] = dict(peak=int(words[0]), faults=int(words[2]), sys=float(words[4]))
     return out
 
 
@@ -349,10 +355,15 @@ def main() -> None:
             return
         b, t = plan["shapes"][0]
         peaks = rss_peaks(folder, b, t)
-        print(f"\npeak RSS of a training step at {b} x {t}, each in its own process:")
+        print(f"\npeak RSS of a training step at {b} x {t}, each in its own process (with the step's minor page "
+              "faults and system CPU time):")
+
+        def rss(m):
+            return f"{format_bytes(m['peak']):>10} ({m['faults']:,} faults, {m['sys']:.2f} s)"
+
         for kind, label in (("lora", "peft"), ("qlora", "bnb"), ("full", "torch"), ("qalora", None)):
-            ref = f"; reference ({label}) {format_bytes(peaks[label])}" if label else ""
-            print(f"  ours {kind:<7} {format_bytes(peaks[kind]):>10}{ref}")
+            ref = f"; reference ({label}) {rss(peaks[label])}" if label else ""
+            print(f"  ours {kind:<7} {rss(peaks[kind])}{ref}")
 
         print_memory_account(folder, b, t)
 
